@@ -1,0 +1,145 @@
+"""The ``img`` command line.
+
+    img data sample --out data/sample --pairs 2000 --seed 0
+    img profile check tiny
+    img sql --lake lake "select count(*) from pairs"
+    img jobs embed --dataset pickapic --source data/sample --profile tiny --lake lake
+    img jobs train --lake lake --profile tiny --steps 200 --run-dir runs/r1
+    img infer --profile tiny --prompt "a red circle" --out out
+
+Every command has ``--help``. A user's mistake raises ``UserError``; ``main``
+prints it as one line and exits 2, with no traceback.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from img.errors import UserError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="IMG: Implicit Multimodal Guidance - embed, train, infer, query.")
+data_app = typer.Typer(no_args_is_help=True, help="Input data: the bundled Pick-a-Pic-format sample.")
+profile_app = typer.Typer(no_args_is_help=True, help="Model profiles: what every job loads.")
+jobs_app = typer.Typer(no_args_is_help=True, help="Batch jobs: embed (Ray Data) and train (DeepSpeed).")
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON.")
+app.add_typer(data_app, name="data")
+app.add_typer(profile_app, name="profile")
+app.add_typer(jobs_app, name="jobs")
+app.add_typer(bench_app, name="bench")
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        datefmt="%H:%M:%S",
+    )
+    for noisy in ("httpx", "urllib3", "filelock", "ray", "diffusers", "transformers", "DeepSpeed"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@app.callback()
+def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug logging.")) -> None:
+    _setup_logging(verbose)
+
+
+# ---------------------------------------------------------------- data
+@data_app.command("sample")
+def data_sample(
+    out: Path = typer.Option(..., "--out", help="Folder to write parquet shards into (created)."),
+    pairs: int = typer.Option(2000, "--pairs", help="Number of rows (pairs) to draw."),
+    seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
+    corrupt: float = typer.Option(0.0, "--corrupt", help="Fraction of rows whose JPEG bytes are corrupted."),
+    ties: float = typer.Option(0.1, "--ties", help="Fraction of rows that are ties (label_0 = 0.5)."),
+    shard_rows: int = typer.Option(500, "--shard-rows", help="Rows per parquet shard."),
+) -> None:
+    """Write a procedurally drawn shapes-world sample with Pick-a-Pic v2 columns."""
+    from img.sample import write_sample
+
+    summary = write_sample(out, pairs=pairs, seed=seed, corrupt=corrupt, ties=ties, shard_rows=shard_rows)
+    typer.echo(summary)
+
+
+# ---------------------------------------------------------------- profile
+@profile_app.command("check")
+def profile_check(
+    name: str = typer.Argument(..., help="Profile name: tiny, sdxl, sdxl-dpo, flux, qwen, ..."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Build real-size architectures on the meta device; no weights."),
+) -> None:
+    """Report, component by component, what a profile resolves to."""
+    from img.profile_check import check
+
+    raise typer.Exit(check(name, dry_run=dry_run))
+
+
+@profile_app.command("list")
+def profile_list() -> None:
+    """List the known profiles."""
+    from img.profiles import PROFILES
+
+    for name, p in PROFILES.items():
+        typer.echo(f"{name:10s} {p.description}")
+
+
+# ---------------------------------------------------------------- sql
+@app.command("sql")
+def sql(
+    query: str = typer.Argument(..., help="A read-only SQL query (DuckDB dialect)."),
+    lake: Path = typer.Option(Path("lake"), "--lake", help="Lake folder whose Lance tables become views."),
+    as_json: bool = typer.Option(False, "--json", help="Print a JSON array of row objects."),
+    source: Optional[Path] = typer.Option(None, "--source", help="Also expose these parquet shards as view `source`."),
+) -> None:
+    """Run a read-only DuckDB query over every table in the lake."""
+    from img.sql import run_query
+
+    typer.echo(run_query(str(lake), query, as_json=as_json, source=str(source) if source else None))
+
+
+# ---------------------------------------------------------------- jobs
+@jobs_app.command("embed")
+def jobs_embed(
+    dataset: str = typer.Option("pickapic", "--dataset", help="Dataset format of --source. Only 'pickapic'."),
+    source: str = typer.Option(..., "--source", help="Folder or URI of Pick-a-Pic v2 parquet shards."),
+    profile: str = typer.Option("tiny", "--profile", help="Model profile."),
+    lake: str = typer.Option(..., "--lake", help="Lake folder or object-store URI (Lance)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Embed at most N input rows."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Embed TOML (default: jobs/embed.toml settings)."),
+    new_table: bool = typer.Option(False, "--new-table", help="Replace tables made with a different config fingerprint."),
+) -> None:
+    """Embed every decisive preference pair once into Lance tables (Ray Data)."""
+    raise UserError("`img jobs embed` is not built yet (issue #3). Nothing was run.")
+
+
+@jobs_app.command("train")
+def jobs_train(
+    lake: str = typer.Option(..., "--lake", help="Lake written by `img jobs embed`."),
+    profile: str = typer.Option("tiny", "--profile", help="Model profile (dims)."),
+    steps: int = typer.Option(..., "--steps", help="Optimizer steps."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="Folder for checkpoints and logs."),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly from the last checkpoint in --run-dir."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Train TOML (default: jobs/train.toml settings)."),
+) -> None:
+    """Train the Implicit Aligner on cached tensors with DeepSpeed."""
+    raise UserError("`img jobs train` is not built yet (issue #4). Nothing was run.")
+
+
+def main() -> None:
+    """Console entry point: user errors become one line and exit code 2."""
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        app(standalone_mode=True)
+    except UserError as e:
+        typer.echo(f"error: {e}", err=True)
+        sys.exit(e.exit_code)
+
+
+if __name__ == "__main__":
+    main()
