@@ -49,6 +49,12 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     _setup_logging(verbose)
 
 
+def _default_config(name: str) -> Optional[Path]:
+    """``jobs/<name>`` of the checkout when it exists (settings otherwise come from dataclass defaults)."""
+    path = Path(__file__).resolve().parent.parent / "jobs" / name
+    return path if path.is_file() else None
+
+
 # ---------------------------------------------------------------- data
 @data_app.command("sample")
 def data_sample(
@@ -111,9 +117,21 @@ def jobs_embed(
     limit: Optional[int] = typer.Option(None, "--limit", help="Embed at most N input rows."),
     config: Optional[Path] = typer.Option(None, "--config", help="Embed TOML (default: jobs/embed.toml settings)."),
     new_table: bool = typer.Option(False, "--new-table", help="Replace tables made with a different config fingerprint."),
+    as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON."),
 ) -> None:
     """Embed every decisive preference pair once into Lance tables (Ray Data)."""
-    raise UserError("`img jobs embed` is not built yet (issue #3). Nothing was run.")
+    if dataset != "pickapic":
+        raise UserError(f"--dataset {dataset!r} is not supported. Use --dataset pickapic.")
+    from img.config import load_config
+    from pipelines.embed import run_embed, summary_json
+    from pipelines.embed_config import EmbedConfig
+
+    cfg = load_config(EmbedConfig, config if config is not None else _default_config("embed.toml"),
+                      overrides={"limit": limit})
+    summary = run_embed(source, lake, profile, cfg, new_table=new_table)
+    typer.echo(summary.render())
+    if as_json:
+        typer.echo(summary_json(summary))
 
 
 @jobs_app.command("train")

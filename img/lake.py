@@ -106,11 +106,14 @@ def commit_fragments(lake: str, name: str, fragments: Iterable[str],
     from lance.fragment import FragmentMetadata
 
     frags = [FragmentMetadata.from_json(f) for f in fragments]
+    ds = open_table(lake, name, storage_options)
+    if ds is None:
+        raise FileNotFoundError(f"{table_uri(lake, name)} does not exist; create it with ensure_table first")
     if not frags:
-        ds = open_table(lake, name, storage_options)
-        return ds.version if ds is not None else 0
+        return ds.version
+    # Appends never conflict in Lance, so the current version is a valid read version.
     ds = lance.LanceDataset.commit(table_uri(lake, name), lance.LanceOperation.Append(frags),
-                                   storage_options=storage_options)
+                                   read_version=ds.version, storage_options=storage_options)
     return ds.version
 
 

@@ -125,7 +125,7 @@ def run_query(lake: str, query: str, as_json: bool = False, source: str | None =
         if result is None:
             return "[]" if as_json else ""
         if as_json:
-            rows = result.fetch_arrow_table().to_pylist()
+            rows = result.to_arrow_table().to_pylist()
             return json.dumps(rows, default=_jsonable)
         return str(result)
     except duckdb.Error as e:

@@ -1,0 +1,499 @@
+"""The embed job: every decisive Pick-a-Pic pair, embedded once into Lance.
+
+    read row groups -> orient (winner, loser), drop ties -> full decode -> IP tokens actors
+      -> MLLM guidance actors [-> text guidance actors] -> fragment writer tasks -> driver commits
+
+Exactly once, resumable: workers write Lance *fragments* (invisible until
+committed) and return their small metadata; the driver commits them per table
+in the order features -> pairs -> quarantine. A pair is done when its
+``pair_id`` is in ``pairs`` or ``quarantine``. On start, ``features`` rows whose
+pair is not in ``pairs`` (a kill between the two commits) are deleted and
+redone, so after any SIGKILL the same command finishes with every good pair
+present exactly once.
+
+    summary = run_embed("data/sample", "lake", "tiny", EmbedConfig())
+
+The stages are callable classes so the tiny profile runs the same code as the
+real one. Ray starts embedded unless ``RAY_ADDRESS`` points at a cluster.
+"""
+from __future__ import annotations
+
+import io
+import json
+import logging
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+
+from img import lake as lake_mod
+from img.config import fingerprint
+from img.errors import UserError
+from pipelines.embed_config import EmbedConfig
+from pipelines.source import SourceShard, list_shards, plan_units
+from schemas import features as features_schema
+from schemas import pairs as pairs_schema
+from schemas import quarantine as quarantine_schema
+from schemas.meta import with_provenance
+
+log = logging.getLogger(__name__)
+
+TIMERS = ("t_read", "t_decode", "t_ip", "t_mllm", "t_text", "t_write")
+
+
+# ----------------------------------------------------------------------------- stages
+def read_unit(unit: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Read one unit (a row group's todo rows) and orient each pair as (winner, loser)."""
+    import pyarrow.parquet as pq
+
+    t0 = time.perf_counter()
+    shard = SourceShard(**json.loads(unit["shard"]))
+    rows = json.loads(unit["rows"])
+    pf = pq.ParquetFile(shard.open())
+    cols = ["caption", "jpg_0", "jpg_1", "label_0", "image_0_uid", "image_1_uid", "best_image_uid"]
+    if "broken" in pf.schema_arrow.names:
+        cols.append("broken")
+    rg_start = int(unit["rg_start"])
+    table = pf.read_row_group(int(unit["row_group"]), columns=cols)
+    table = table.take(pa.array([r - rg_start for r in rows]))
+    d = table.to_pydict()
+    n = table.num_rows
+    first = np.array([lab == 1.0 for lab in d["label_0"]])
+    out = {
+        "pair_id": np.array([f"{shard.name}#{r}" for r in rows], dtype=object),
+        "source": np.array([shard.uri] * n, dtype=object),
+        "row": np.array(rows, dtype=np.int64),
+        "caption": np.array([c if c is not None else "" for c in d["caption"]], dtype=object),
+        "winner_jpg": np.array([a if f else b for a, b, f in zip(d["jpg_0"], d["jpg_1"], first)], dtype=object),
+        "loser_jpg": np.array([b if f else a for a, b, f in zip(d["jpg_0"], d["jpg_1"], first)], dtype=object),
+        "winner_uid": np.array([a if f else b for a, b, f in zip(d["image_0_uid"], d["image_1_uid"], first)], dtype=object),
+        "loser_uid": np.array([b if f else a for a, b, f in zip(d["image_0_uid"], d["image_1_uid"], first)], dtype=object),
+        "best_image_uid": np.array(d["best_image_uid"], dtype=object),
+        "broken": np.array(d.get("broken", [None] * n), dtype=object),
+    }
+    out["t_read"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
+    return out
+
+
+class Decode:
+    """Fully decode both JPEGs; a row that cannot be embedded gets an ``error`` reason instead."""
+
+    def __init__(self, min_side: int, max_pixels: int, question_seed: int):
+        self.min_side, self.max_pixels, self.question_seed = min_side, max_pixels, question_seed
+
+    def _decode(self, data: Any, which: str) -> tuple[np.ndarray | None, str | None]:
+        from PIL import Image
+
+        if data is None or len(data) == 0:
+            return None, f"{which}: empty image bytes"
+        try:
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                if min(w, h) < self.min_side:
+                    return None, f"{which}: impossible image size {w}x{h} (min side {self.min_side})"
+                if w * h > self.max_pixels:
+                    return None, f"{which}: impossible image size {w}x{h} (> {self.max_pixels} pixels)"
+                im.load()
+                return np.asarray(im.convert("RGB")), None
+        except Exception as e:  # noqa: BLE001 - any decoder failure is a property of the data
+            return None, f"{which}: does not decode ({type(e).__name__}: {str(e)[:120]})"
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from img.questions import question_for
+
+        t0 = time.perf_counter()
+        n = len(batch["pair_id"])
+        winners, losers, errors, questions = [], [], [], []
+        for i in range(n):
+            err = None
+            caption = str(batch["caption"][i]).strip()
+            if not caption:
+                err = "empty caption"
+            elif batch["winner_uid"][i] != batch["best_image_uid"][i]:
+                err = "label_0 disagrees with best_image_uid"
+            w, ew = self._decode(batch["winner_jpg"][i], "winner")
+            lo, el = self._decode(batch["loser_jpg"][i], "loser")
+            err = err or ew or el
+            blank = np.zeros((1, 1, 3), np.uint8)
+            winners.append(w if err is None else blank)
+            losers.append(lo if err is None else blank)
+            errors.append(err or "")
+            questions.append(question_for(caption, str(batch["pair_id"][i]), self.question_seed) if caption else "")
+        out = {k: v for k, v in batch.items() if k not in ("winner_jpg", "loser_jpg")}
+        out["winner_image"] = _ragged(winners)
+        out["loser_image"] = _ragged(losers)
+        out["error"] = np.array(errors, dtype=object)
+        out["question"] = np.array(questions, dtype=object)
+        out["t_decode"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
+        return out
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(arrays), dtype=object)
+    for i, a in enumerate(arrays):
+        out[i] = a
+    return out
+
+
+def _to_storage(t, dtype: str) -> np.ndarray:
+    """A torch tensor as 2-byte words in the profile's storage dtype (bf16 is bit-cast into fp16 slots)."""
+    import torch
+
+    if dtype == "bfloat16":
+        return t.to(torch.bfloat16).contiguous().view(torch.int16).numpy().view(np.float16)
+    return t.to(torch.float16).contiguous().numpy()
+
+
+def _pil(arr: np.ndarray):
+    from PIL import Image
+
+    return Image.fromarray(np.asarray(arr, dtype=np.uint8))
+
+
+class _ModelStage:
+    """Base of the model actors: loads its encoder once per actor, runs only on good rows."""
+
+    timer = ""
+
+    def __init__(self, profile_name: str, device: str = "auto"):
+        import torch
+
+        from img.profiles import get_profile
+
+        self.profile = get_profile(profile_name)
+        self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.encoder = self.load()
+
+    def load(self):
+        raise NotImplementedError
+
+    def compute(self, batch: dict[str, np.ndarray], good: np.ndarray) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        good = np.array([e == "" for e in batch["error"]], dtype=bool)
+        out = dict(batch)
+        out.update(self.compute(batch, good))
+        out[self.timer] = np.full(len(good), (time.perf_counter() - t0) / max(len(good), 1))
+        return out
+
+
+class IPTokens(_ModelStage):
+    """IP-Adapter image tokens (penultimate CLIP states -> resampler -> N x D) of winner and loser."""
+
+    timer = "t_ip"
+
+    def load(self):
+        from img.features import IPTokenEncoder
+
+        return IPTokenEncoder(self.profile, device=self.device)
+
+    def compute(self, batch, good):
+        d = self.profile.dims
+        n = len(good)
+        width = d.ip_tokens * d.ip_dim
+        win = np.zeros((n, width), np.float16)
+        lose = np.zeros((n, width), np.float16)
+        idx = np.flatnonzero(good)
+        if len(idx):
+            images = [_pil(batch["winner_image"][i]) for i in idx] + [_pil(batch["loser_image"][i]) for i in idx]
+            tokens = self.encoder(images).reshape(len(images), width)
+            tokens = _to_storage(tokens, self.profile.tensor_dtype)
+            win[idx], lose[idx] = tokens[: len(idx)], tokens[len(idx):]
+        return {"winner_tokens": win, "loser_tokens": lose}
+
+
+class Guidance(_ModelStage):
+    """MLLM last-layer hidden states over (loser image + question), unpadded, with their length."""
+
+    timer = "t_mllm"
+
+    def load(self):
+        from img.features import GuidanceEncoder
+
+        return GuidanceEncoder(self.profile, device=self.device)
+
+    def compute(self, batch, good):
+        n = len(good)
+        blobs = [b""] * n
+        lens = np.zeros(n, np.int32)
+        idx = np.flatnonzero(good)
+        if len(idx):
+            hidden = self.encoder([_pil(batch["loser_image"][i]) for i in idx], [str(batch["question"][i]) for i in idx])
+            for i, h in zip(idx, hidden):
+                blobs[i] = _to_storage(h, self.profile.tensor_dtype).tobytes()
+                lens[i] = h.shape[0]
+        return {"guidance": _ragged(blobs), "guidance_len": lens}
+
+
+class TextGuidance(_ModelStage):
+    """The diffusion text encoders' caption embeddings (for the text-only guidance ablation)."""
+
+    timer = "t_text"
+
+    def load(self):
+        from img.features import TextGuidanceEncoder
+
+        return TextGuidanceEncoder(self.profile, device=self.device)
+
+    def compute(self, batch, good):
+        n = len(good)
+        blobs = [b""] * n
+        lens = np.zeros(n, np.int32)
+        idx = np.flatnonzero(good)
+        if len(idx):
+            hidden = self.encoder([str(batch["caption"][i]) for i in idx])
+            for i, h in zip(idx, hidden):
+                blobs[i] = _to_storage(h, self.profile.tensor_dtype).tobytes()
+                lens[i] = h.shape[0]
+        return {"text_guidance": _ragged(blobs), "text_guidance_len": lens}
+
+
+class WriteFragments:
+    """Write one batch as uncommitted fragments of features / pairs / quarantine; return their metadata."""
+
+    def __init__(self, lake: str, schemas: dict[str, pa.Schema], storage_options: dict[str, str]):
+        self.lake, self.schemas, self.storage_options = lake, schemas, storage_options or None
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        t0 = time.perf_counter()
+        good = np.array([e == "" for e in batch["error"]], dtype=bool)
+        gi, bi = np.flatnonzero(good), np.flatnonzero(~good)
+        fs = self.schemas["features"]
+        feat = {"pair_id": [batch["pair_id"][i] for i in gi]}
+        nbytes = 0
+        for col in ("winner_tokens", "loser_tokens"):
+            arr = np.ascontiguousarray(batch[col][gi]).reshape(-1)
+            width = fs.field(col).type.list_size
+            feat[col] = pa.FixedSizeListArray.from_arrays(pa.array(arr, pa.float16()), width)
+            nbytes += arr.nbytes
+        for col in ("guidance", "text_guidance"):
+            if col in fs.names:
+                vals = [bytes(batch[col][i]) for i in gi]
+                feat[col] = pa.array(vals, pa.large_binary())
+                feat[f"{col}_len"] = pa.array([int(batch[f"{col}_len"][i]) for i in gi], pa.int32())
+                nbytes += sum(len(v) for v in vals)
+        pairs = {k: [batch[k][i] for i in gi] for k in ("pair_id", "caption", "question", "winner_uid", "loser_uid",
+                                                        "source", "row", "broken")}
+        quarantine = {
+            "pair_id": [batch["pair_id"][i] for i in bi], "source": [batch["source"][i] for i in bi],
+            "row": [int(batch["row"][i]) for i in bi], "reason": [batch["error"][i] for i in bi],
+            "caption": [batch["caption"][i] for i in bi],
+        }
+        out = {}
+        for name, cols in (("features", feat), ("pairs", pairs), ("quarantine", quarantine)):
+            table = pa.table(cols, schema=self.schemas[name]) if len(cols["pair_id"]) else None
+            frags = lake_mod.write_fragments(self.lake, name, table, self.schemas[name], self.storage_options) \
+                if table is not None else []
+            out[name] = np.array([json.dumps(frags)], dtype=object)
+        t_write = time.perf_counter() - t0
+        out["n_good"] = np.array([len(gi)])
+        out["n_bad"] = np.array([len(bi)])
+        out["tensor_bytes"] = np.array([nbytes])
+        for t in TIMERS:
+            out[t] = np.array([float(np.sum(batch[t])) if t in batch else 0.0])
+        out["t_write"] = np.array([t_write])
+        return out
+
+
+# ----------------------------------------------------------------------------- driver
+@dataclass
+class EmbedSummary:
+    written: int = 0
+    quarantined: int = 0
+    skipped_done: int = 0
+    skipped_ties: int = 0
+    orphans_redone: int = 0
+    seconds: float = 0.0
+    bytes_per_pair: float = 0.0
+    tensor_bytes_per_pair: float = 0.0
+    time_split: dict[str, float] = field(default_factory=dict)
+    fingerprint: str = ""
+
+    def render(self) -> str:
+        split = ", ".join(f"{k[2:]} {v:.1f}s" for k, v in self.time_split.items() if v > 0)
+        return (f"embed done in {self.seconds:.1f}s: {self.written} pairs written, {self.quarantined} quarantined, "
+                f"{self.skipped_done} skipped as already done, {self.skipped_ties} ties dropped; "
+                f"{self.bytes_per_pair / 1e3:.1f} kB/pair on disk ({self.tensor_bytes_per_pair / 1e3:.1f} kB raw tensors); "
+                f"stage time (summed over workers): {split}; fingerprint {self.fingerprint}")
+
+
+def table_schemas(profile, cfg: EmbedConfig, fp: str) -> dict[str, pa.Schema]:
+    """The three tables' schemas with provenance (schema version, model ids, fingerprint)."""
+    d = profile.dims
+    ids = profile.model_ids()
+    extra = {"ip_tokens": d.ip_tokens, "ip_dim": d.ip_dim, "guidance_dim": d.mllm_hidden,
+             "dtype": profile.tensor_dtype, "profile": profile.name}
+    if cfg.text_guidance:
+        extra["text_guidance_dim"] = profile.text_guidance_dim()
+    return {
+        "features": with_provenance(features_schema.schema(d.ip_tokens, d.ip_dim, cfg.text_guidance),
+                                    table="features", version=features_schema.VERSION, model_ids=ids,
+                                    fingerprint=fp, extra=extra),
+        "pairs": with_provenance(pairs_schema.SCHEMA, table="pairs", version=pairs_schema.VERSION,
+                                 model_ids=ids, fingerprint=fp, extra={"profile": profile.name}),
+        "quarantine": with_provenance(quarantine_schema.SCHEMA, table="quarantine",
+                                      version=quarantine_schema.VERSION, model_ids=ids, fingerprint=fp),
+    }
+
+
+def embed_fingerprint(profile, cfg: EmbedConfig) -> str:
+    base = fingerprint(cfg, exclude=EmbedConfig.RUN_KNOBS)
+    import hashlib
+
+    blob = json.dumps({"cfg": base, "profile": profile.name, "models": profile.model_ids(),
+                       "dtype": profile.tensor_dtype}, sort_keys=True)
+    return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+def reconcile(lake: str, storage_options) -> tuple[set[str], int]:
+    """Delete ``features`` rows whose pair never reached ``pairs`` (a kill between commits); return done ids."""
+    feats = lake_mod.open_table(lake, "features", storage_options)
+    pairs = set(lake_mod.column_values(lake_mod.open_table(lake, "pairs", storage_options), "pair_id"))
+    quarantined = set(lake_mod.column_values(lake_mod.open_table(lake, "quarantine", storage_options), "pair_id"))
+    orphans = [p for p in lake_mod.column_values(feats, "pair_id") if p not in pairs]
+    if orphans:
+        log.info("removing %d features rows from an interrupted commit; they will be redone", len(orphans))
+        for i in range(0, len(orphans), 1000):
+            chunk = orphans[i: i + 1000]
+            feats.delete("pair_id IN (" + ", ".join("'" + p.replace("'", "''") + "'" for p in chunk) + ")")
+    return pairs | quarantined, len(orphans)
+
+
+def _init_ray() -> None:
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        log.info("connecting to Ray cluster at %s", os.environ["RAY_ADDRESS"])
+        ray.init(log_to_driver=False)
+    else:
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = False
+    ctx.print_on_execution_start = False
+    ctx.verbose_stats_logs = False
+
+
+def build_dataset(units: list[dict], lake: str, profile_name: str, cfg: EmbedConfig, schemas: dict[str, pa.Schema]):
+    """The Ray Data plan: read -> decode -> model actor pools -> fragment writers."""
+    import ray
+
+    ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
+    ds = ds.map_batches(read_unit, batch_size=1, num_cpus=cfg.decode_cpus)
+    ds = ds.map_batches(Decode, fn_constructor_args=(cfg.min_side, cfg.max_pixels, cfg.question_seed),
+                        batch_size=cfg.read_rows, num_cpus=cfg.decode_cpus, concurrency=1)
+    stages = [(IPTokens, cfg.ip), (Guidance, cfg.mllm)] + ([(TextGuidance, cfg.text)] if cfg.text_guidance else [])
+    for stage, pool in stages:
+        ds = ds.map_batches(stage, fn_constructor_args=(profile_name,), batch_size=pool.batch_size,
+                            concurrency=pool.concurrency, num_gpus=pool.num_gpus or None, num_cpus=pool.num_cpus)
+    ds = ds.map_batches(WriteFragments, fn_constructor_args=(lake, schemas, cfg.storage_options),
+                        batch_size=cfg.rows_per_fragment, num_cpus=cfg.decode_cpus, concurrency=1)
+    return ds
+
+
+def _abs_lake(lake: str) -> str:
+    return os.path.abspath(lake) if lake_mod.is_local(lake) else lake
+
+
+def _disk_bytes(path: str) -> int:
+    total = 0
+    for root, _, files in os.walk(path):
+        total += sum(os.path.getsize(os.path.join(root, f)) for f in files)
+    return total
+
+
+def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_table: bool = False,
+              progress: bool = True) -> EmbedSummary:
+    """Embed every not-yet-done decisive pair of ``source`` into ``lake``; see the module docstring."""
+    from img.profiles import get_profile
+
+    t_start = time.perf_counter()
+    profile = get_profile(profile_name)
+    lake = _abs_lake(lake)
+    so = cfg.storage_options or None
+    shards = list_shards(source, so)
+    fp = embed_fingerprint(profile, cfg)
+    schemas = table_schemas(profile, cfg, fp)
+    if lake_mod.is_local(lake):
+        os.makedirs(lake, exist_ok=True)
+    for name, schema in schemas.items():
+        lake_mod.ensure_table(lake, name, schema, new_table=new_table, storage_options=so)
+    done, orphans = reconcile(lake, so)
+    units, counts = plan_units(shards, done, cfg.limit)
+    summary = EmbedSummary(skipped_done=counts["done"], skipped_ties=counts["ties"], orphans_redone=orphans,
+                           fingerprint=fp)
+    todo = counts["todo"]
+    log.info("plan: %d rows in %d shards: %d to embed, %d already done, %d ties dropped",
+             counts["rows"], len(shards), todo, counts["done"], counts["ties"])
+    timers = {t: 0.0 for t in TIMERS}
+    tensor_bytes = 0
+    if todo:
+        _init_ray()
+        ds = build_dataset(units, lake, profile_name, cfg, schemas)
+        with _Progress(todo, enabled=progress) as bar:
+            for row in ds.iter_rows():
+                for name in ("features", "pairs", "quarantine"):  # pairs is the commit marker
+                    lake_mod.commit_fragments(lake, name, json.loads(row[name]), so)
+                summary.written += int(row["n_good"])
+                summary.quarantined += int(row["n_bad"])
+                tensor_bytes += int(row["tensor_bytes"])
+                for t in TIMERS:
+                    timers[t] += float(row[t])
+                bar.advance(int(row["n_good"]) + int(row["n_bad"]))
+    summary.seconds = time.perf_counter() - t_start
+    summary.time_split = timers
+    feats = lake_mod.open_table(lake, "features", so)
+    n_feat = feats.count_rows() if feats is not None else 0
+    if n_feat and lake_mod.is_local(lake):
+        summary.bytes_per_pair = _disk_bytes(lake_mod.table_uri(lake, "features")) / n_feat
+    if summary.written:
+        summary.tensor_bytes_per_pair = tensor_bytes / summary.written
+    return summary
+
+
+class _Progress:
+    """A live line with pairs/s and ETA on a terminal; a log line every 10 s otherwise."""
+
+    def __init__(self, total: int, enabled: bool = True):
+        self.total, self.enabled, self.done = total, enabled, 0
+        self.t0 = self.last_log = time.perf_counter()
+        self.bar = None
+
+    def __enter__(self):
+        if self.enabled and sys.stderr.isatty():
+            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                       TimeElapsedColumn, TimeRemainingColumn)
+
+            self.bar = Progress(TextColumn("embed"), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]:.1f} pairs/s"), TimeElapsedColumn(),
+                                TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+            self.bar.start()
+            self.task = self.bar.add_task("embed", total=self.total, rate=0.0)
+        return self
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        now = time.perf_counter()
+        rate = self.done / max(now - self.t0, 1e-9)
+        if self.bar is not None:
+            self.bar.update(self.task, advance=n, rate=rate)
+        elif self.enabled and (now - self.last_log > 10 or self.done == self.total):
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            log.info("embed %d/%d pairs, %.1f pairs/s, ETA %.0fs", self.done, self.total, rate, eta)
+            self.last_log = now
+
+    def __exit__(self, *exc):
+        if self.bar is not None:
+            self.bar.stop()
+        return False
+
+
+def summary_json(summary: EmbedSummary) -> str:
+    return json.dumps(asdict(summary))
