@@ -9,8 +9,9 @@ sit relative to each other::
     scene.caption()                           # 'a red circle to the left of two blue squares'
     bad = break_scene(scene, "colour", rng)   # exactly one element changed
     bg = sample_background(rng)
-    good_img = render(scene, rng, background=bg)   # 128x128 RGB PIL image
-    bad_img = render(bad, rng, background=bg)
+    seed = int(rng.integers(2**63))
+    good_img = render(scene, np.random.default_rng(seed), background=bg)   # 128x128 RGB PIL image
+    bad_img = render(bad, np.random.default_rng(seed), background=bg)      # differs in the break only
     describe(good_img) == scene.canonical()   # True: read the scene back from pixels
 
 Shapes are large, axis-aligned and filled with saturated colours on dull,
@@ -229,7 +230,9 @@ def _layout(scene: Scene, rng: np.random.Generator) -> list[tuple[str, str, floa
         arrangements = ["column" if horizontal else "row"] * 2
         cross_cap = _CROSS_JITTER
     placed = []
-    for group, (x0, y0, x1, y1), arrangement in zip(scene.groups, regions, arrangements):
+    # One generator per group slot: a scene with one element broken, drawn from
+    # the same rng, keeps every other shape exactly where it was.
+    for group, (x0, y0, x1, y1), arrangement, rng in zip(scene.groups, regions, arrangements, rng.spawn(2)):
         n = group.count
         w, h = x1 - x0, y1 - y0
         cw, ch = (w / n, h) if arrangement == "row" else (w, h / n) if arrangement == "column" else (w / n, h / n)
@@ -282,7 +285,12 @@ def _draw(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, s: float,
 
 def render(scene: Scene, rng: np.random.Generator, *, background: Background | None = None,
            size: int = SIZE) -> Image.Image:
-    """Draw ``scene`` with positions and sizes jittered from ``rng``; returns an RGB image."""
+    """Draw ``scene`` with positions and sizes jittered from ``rng``; returns an RGB image.
+
+    Two scenes that differ in one element, rendered from generators in the same
+    state with the same background, differ in that element only (a relation
+    break moves the groups to the opposite sides, keeping their jitter).
+    """
     if background is None:
         background = sample_background(rng)
     big = size * _SUPERSAMPLE
