@@ -112,6 +112,15 @@ def has_weights(folder: Path) -> bool:
     return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or any(folder.glob("*.index.json"))
 
 
+def quiet_loading() -> None:
+    """Turn off the per-file "Loading weights" progress bars of transformers and diffusers (logs stay)."""
+    import diffusers
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.disable_progress_bar()
+
+
 def compute_dtype(profile: Profile, device: Any = "cpu", dtype: Any = None):
     """``dtype`` if given; float32 on CPU (half precision is slow or missing there); else the profile's dtype."""
     import torch
@@ -133,6 +142,7 @@ def clip_image_processor(image_size: int):
 
 def load_ip_image_encoder(profile: Profile, device: Any = "cpu", dtype: Any = None):
     """(``CLIPVisionModelWithProjection``, CLIP image processor sized from its config), in eval mode."""
+    quiet_loading()
     from transformers import CLIPVisionModelWithProjection
 
     loc = locate(profile, "ip_encoder")
@@ -195,6 +205,7 @@ QWEN_MAX_PIXELS = 768 * 28 * 28  # at most 768 image tokens per image for Qwen2.
 
 def load_mllm(profile: Profile, device: Any = "cpu", dtype: Any = None):
     """(MLLM, processor): ``LlavaForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``."""
+    quiet_loading()
     from transformers import AutoProcessor
 
     loc = locate(profile, "mllm")
@@ -215,6 +226,7 @@ def load_mllm(profile: Profile, device: Any = "cpu", dtype: Any = None):
 # ---------------------------------------------------------------- diffusion
 def load_text_encoders(profile: Profile, device: Any = "cpu", dtype: Any = None) -> list[tuple[Any, Any]]:
     """[(tokenizer, text encoder), ...] of the SDXL base (CLIP ViT-L then OpenCLIP bigG); no UNet/VAE."""
+    quiet_loading()
     if profile.family != "sdxl":
         raise UserError(
             f"text guidance is implemented for SDXL-family profiles; {profile.name!r} is {profile.family}. "
@@ -241,6 +253,7 @@ def load_sdxl_pipeline(profile: Profile, device: Any = "cpu", dtype: Any = None,
     With ``ip_adapter`` the image encoder is loaded from the profile and the IP-Adapter weights go through
     diffusers' real ``pipe.load_ip_adapter`` (scale left at 1.0; set it with ``pipe.set_ip_adapter_scale``).
     """
+    quiet_loading()
     if profile.family != "sdxl":
         raise UserError(f"profile {profile.name!r} is {profile.family}, not SDXL. Use load_flux_pipeline.")
     from diffusers import StableDiffusionXLPipeline, UNet2DConditionModel
@@ -248,13 +261,13 @@ def load_sdxl_pipeline(profile: Profile, device: Any = "cpu", dtype: Any = None,
     dt = compute_dtype(profile, device, dtype)
     kwargs: dict[str, Any] = {}
     if profile.unet is not None:
-        kwargs["unet"] = UNet2DConditionModel.from_pretrained(locate(profile, "unet").path, torch_dtype=dt,
+        kwargs["unet"] = UNet2DConditionModel.from_pretrained(locate(profile, "unet").path, dtype=dt,
                                                               local_files_only=True)
     if ip_adapter:
         encoder, processor = load_ip_image_encoder(profile, device, dt)
         kwargs.update(image_encoder=encoder, feature_extractor=processor)
     pipe = StableDiffusionXLPipeline.from_pretrained(
-        locate(profile, "base").path, torch_dtype=dt, local_files_only=True, **kwargs
+        locate(profile, "base").path, dtype=dt, local_files_only=True, **kwargs
     )
     if ip_adapter:
         w = locate(profile, "ip_weights").path
@@ -266,6 +279,7 @@ def load_sdxl_pipeline(profile: Profile, device: Any = "cpu", dtype: Any = None,
 
 def load_flux_pipeline(profile: Profile, device: Any = "cpu", dtype: Any = None, ip_adapter: bool = True):
     """``FluxPipeline`` with the XLabs IP-Adapter loaded through ``pipe.load_ip_adapter``."""
+    quiet_loading()
     if profile.family != "flux":
         raise UserError(f"profile {profile.name!r} is {profile.family}, not FLUX. Use load_sdxl_pipeline.")
     from diffusers import FluxPipeline
@@ -275,7 +289,7 @@ def load_flux_pipeline(profile: Profile, device: Any = "cpu", dtype: Any = None,
     if ip_adapter:
         encoder, processor = load_ip_image_encoder(profile, device, dt)
         kwargs.update(image_encoder=encoder, feature_extractor=processor)
-    pipe = FluxPipeline.from_pretrained(locate(profile, "base").path, torch_dtype=dt, local_files_only=True, **kwargs)
+    pipe = FluxPipeline.from_pretrained(locate(profile, "base").path, dtype=dt, local_files_only=True, **kwargs)
     if ip_adapter:
         w = locate(profile, "ip_weights").path
         pipe.load_ip_adapter(str(w.parent), weight_name=w.name, image_encoder_pretrained_model_name_or_path=None,

@@ -1,0 +1,435 @@
+"""``img profile check NAME [--dry-run]``: what a profile resolves to, and whether its shapes fit.
+
+Without ``--dry-run`` every component is looked up offline (local path, HF cache
+or tiny build) and reported on one line; a missing one names the env variable
+and TOML key that fix it. For ``tiny``/``bench`` every component is then loaded
+through ``from_pretrained`` and run once. Real weights are not loaded (that is a
+job's work); their configs are checked against the profile's dims.
+
+``--dry-run`` needs no weights: it builds every real-size architecture on the
+meta device from the configs shipped in ``img/model_configs/`` (or the tiny
+build's configs), prints parameter counts, and pushes a batch's *shapes*
+through image -> CLIP -> IP projection, (image, question) -> MLLM guidance ->
+aligner -> IP cross-attention of the diffusion model. Nothing is allocated::
+
+    img profile check tiny
+    img profile check sdxl            # offline, no weights: exits 1, one line per missing model
+    img profile check sdxl --dry-run  # exits 0 in seconds; aligner 195,094,528 parameters
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from img.errors import UserError
+from img.profiles import Profile, get_profile
+
+log = logging.getLogger(__name__)
+
+CONFIGS = Path(__file__).parent / "model_configs"
+DRY_BATCH = 2
+DRY_TEXT_TOKENS = 40  # prompt text around the image tokens ("USER: ... question ... ASSISTANT:"), typical
+
+
+def check(name: str, dry_run: bool = False, out: Callable[[str], Any] = print) -> int:
+    """Check profile ``name``; returns the exit code (0 ok, 1 something missing or inconsistent)."""
+    profile = get_profile(name)
+    out(f"profile {profile.name} ({profile.family}): {profile.description}")
+    if dry_run:
+        return dry_run_check(profile, out)
+    return resolve_check(profile, out)
+
+
+# ---------------------------------------------------------------- resolution
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _dims_problems(profile: Profile, found: dict[str, Path]) -> list[str]:
+    """Compare the resolved models' configs with the profile's dims (cheap JSON reads)."""
+    d = profile.dims
+    problems = []
+    if "mllm" in found:
+        cfg = _read_json(found["mllm"] / "config.json")
+        text = cfg.get("text_config") or {}
+        hidden = text.get("hidden_size", cfg.get("hidden_size"))
+        if hidden is not None and hidden != d.mllm_hidden:
+            problems.append(f"mllm hidden size is {hidden} but profile {profile.name!r} expects E={d.mllm_hidden}")
+    if "ip_encoder" in found:
+        cfg = _read_json(found["ip_encoder"] / "config.json")
+        cfg = cfg.get("vision_config", cfg)
+        if cfg.get("hidden_size") not in (None, d.clip_hidden):
+            problems.append(f"ip_encoder width is {cfg['hidden_size']}, profile expects {d.clip_hidden}")
+    if "base" in found:
+        sub = "unet" if profile.family == "sdxl" else "transformer"
+        cfg = _read_json(found["base"] / sub / "config.json")
+        key = "cross_attention_dim" if profile.family == "sdxl" else "joint_attention_dim"
+        if cfg.get(key) not in (None, d.ip_dim):
+            problems.append(f"base {sub} {key} is {cfg[key]}, profile expects D={d.ip_dim}")
+    return problems
+
+
+def resolve_check(profile: Profile, out: Callable[[str], Any] = print) -> int:
+    from img.model_loading import ModelNotFound, has_weights, locate
+
+    found: dict[str, Path] = {}
+    missing = 0
+    overridden = dict(profile.sources)
+    for comp, ref in profile.components().items():
+        t0 = time.perf_counter()
+        try:
+            loc = locate(profile, comp)
+        except ModelNotFound as e:
+            missing += 1
+            out(f"  MISSING  {comp:<10} {e}")
+            continue
+        if loc.path.is_dir() and comp != "base" and not has_weights(loc.path):
+            missing += 1
+            out(f"  MISSING  {comp:<10} {ref.id}: {loc.path} has a config but no weights. "
+                f"Set {profile.setting_for(comp)}.")
+            continue
+        found[comp] = loc.path
+        via = f", set by {overridden[comp]}" if comp in overridden else ""
+        out(f"  ok       {comp:<10} {ref.id} -> {loc.path} ({loc.source}{via}, {time.perf_counter() - t0:.2f}s)")
+    problems = _dims_problems(profile, found)
+    for p in problems:
+        out(f"  MISMATCH {p}")
+    if missing or problems:
+        out(f"FAILED: {missing} missing, {len(problems)} inconsistent. Nothing was downloaded (offline).")
+        return 1
+    if profile.tiny:
+        return _smoke_tiny(profile, out)
+    out("ok: every component resolves and its config matches the profile's dims (weights not loaded).")
+    return 0
+
+
+def _smoke_tiny(profile: Profile, out: Callable[[str], Any]) -> int:
+    """Load every tiny component through from_pretrained and run one forward of each."""
+    import torch
+    from PIL import Image
+
+    from img.aligner import ImplicitAligner
+    from img.features import GuidanceEncoder, IPTokenEncoder, TextGuidanceEncoder
+    from img.model_loading import load_sdxl_pipeline
+    from img.questions import question_for
+
+    d = profile.dims
+    image = Image.new("RGB", (128, 128), (40, 40, 60))
+    image.paste((220, 30, 30), (32, 32, 96, 96))
+    caption = "a red square"
+    question = question_for(caption, key="profile-check", seed=0)
+    failures = 0
+
+    def step(label: str, fn: Callable[[], str]) -> None:
+        nonlocal failures
+        t0 = time.perf_counter()
+        try:
+            msg = fn()
+        except Exception as e:  # noqa: BLE001 - report any failure of a component as one line
+            failures += 1
+            out(f"  FAIL     {label:<10} {type(e).__name__}: {e}")
+            return
+        out(f"  ran      {label:<10} {msg} ({time.perf_counter() - t0:.2f}s)")
+
+    state: dict[str, Any] = {}
+
+    def ip() -> str:
+        enc = IPTokenEncoder(profile)
+        c = enc([image])
+        assert c.shape == (1, d.ip_tokens, d.ip_dim), c.shape
+        state["c"] = c
+        return f"{type(enc.encoder).__name__} + {type(enc.projection).__name__}: tokens {tuple(c.shape)}"
+
+    def mllm() -> str:
+        enc = GuidanceEncoder(profile)
+        (h,) = enc([image], [question])
+        assert h.shape[1] == d.mllm_hidden, h.shape
+        state["h"] = h
+        return f"{type(enc.model).__name__}: guidance {tuple(h.shape)}"
+
+    def text() -> str:
+        (t,) = TextGuidanceEncoder(profile)([caption])
+        return f"CLIPTextModel + CLIPTextModelWithProjection: text guidance {tuple(t.shape)}"
+
+    def aligner() -> str:
+        model = ImplicitAligner(profile.aligner_config()).eval()
+        with torch.inference_mode():
+            y = model.align(state["h"][None], state["c"], passes=profile.aligner_passes)
+        assert y.shape == state["c"].shape
+        return f"ImplicitAligner x{profile.aligner_passes}: {tuple(y.shape)}"
+
+    def pipeline() -> str:
+        pipe = load_sdxl_pipeline(profile)
+        pipe.set_ip_adapter_scale(profile.ip_scale)
+        img = pipe(caption, ip_adapter_image=image, num_inference_steps=2,
+                   generator=torch.Generator().manual_seed(0)).images[0]
+        assert img.size == (d.image_size, d.image_size), img.size
+        return f"{type(pipe).__name__} + load_ip_adapter: 2 steps -> {img.size[0]}x{img.size[1]} image"
+
+    for label, fn in (("ip_tokens", ip), ("guidance", mllm), ("text", text), ("aligner", aligner),
+                      ("pipeline", pipeline)):
+        if label == "aligner" and not {"c", "h"} <= state.keys():
+            continue
+        step(label, fn)
+    if failures:
+        out(f"FAILED: {failures} component(s) did not run.")
+        return 1
+    out("ok: every component loads through from_pretrained and runs.")
+    return 0
+
+
+# ---------------------------------------------------------------- dry run
+def _count(module: Any) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+def _arch_sources(profile: Profile) -> dict[str, Path]:
+    """Config files of every architecture: shipped ones for real profiles, the tiny build's for tiny."""
+    if profile.tiny:
+        from img.tiny_models import IP_ENCODER_SUBFOLDER, tiny_root
+
+        root = tiny_root(profile.tiny)
+        return {
+            "base": root / "sdxl",
+            "ip_encoder": root / "ip_adapter" / IP_ENCODER_SUBFOLDER / "config.json",
+            "mllm": root / "llava" / "config.json",
+        }
+    refs = profile.components()
+    return {comp: CONFIGS / ref.shipped for comp, ref in refs.items() if ref.shipped}
+
+
+def _ip_projection_args(profile: Profile) -> dict[str, Any]:
+    if profile.tiny:
+        from img.tiny_models import get_spec
+
+        s = get_spec(profile.tiny)
+        return dict(embed_dims=s.ip_hidden, output_dims=s.ip_dim, hidden_dims=s.resampler_heads * 64, depth=4,
+                    dim_head=64, heads=s.resampler_heads, num_queries=s.ip_tokens, ffn_ratio=4)
+    return _read_json(CONFIGS / profile.ip_weights.shipped)["image_proj"]
+
+
+def _qwen_image_tokens(config: Any, side: int = 1024) -> int:
+    """Image tokens Qwen2.5-VL makes of a ``side`` x ``side`` image under img's max_pixels."""
+    from img.model_loading import QWEN_MAX_PIXELS
+
+    patch, merge = config.vision_config.patch_size, config.vision_config.spatial_merge_size
+    factor = patch * merge
+    h = w = round(side / factor) * factor
+    if h * w > QWEN_MAX_PIXELS:
+        beta = (side * side / QWEN_MAX_PIXELS) ** 0.5
+        h = w = int(side / beta // factor) * factor
+    return (h // patch) * (w // patch) // (merge * merge)
+
+
+def dry_run_check(profile: Profile, out: Callable[[str], Any] = print) -> int:
+    """Build real-size architectures on the meta device, count parameters, check the shapes end to end."""
+    import torch
+
+    t_start = time.perf_counter()
+    src = _arch_sources(profile)
+    d, B = profile.dims, DRY_BATCH
+    rows: list[tuple[str, int, str, str]] = []
+    with torch.device("meta"):
+        models = _build_meta(profile, src, rows)
+    width = max(len(r[0]) for r in rows)
+    out(f"architectures on the meta device (no weights), from {CONFIGS if not profile.tiny else 'the tiny build'}:")
+    for name, n, cls, where in rows:
+        out(f"  {name:<{width}}  {n:>15,}  {cls}  [{where}]")
+    total = sum(n for _, n, _, _ in rows)
+    out(f"  (IMG trains only the aligner; every other component is frozen)")
+
+    shapes: list[str] = []
+    problems: list[str] = []
+
+    def expect(label: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
+        if tuple(got) != tuple(want):
+            problems.append(f"{label}: got {tuple(got)}, expected {tuple(want)}")
+
+    with torch.device("meta"), torch.inference_mode():
+        enc = models["ip_encoder"]
+        S = enc.config.image_size
+        px = torch.empty(B, 3, S, S)
+        shapes.append(f"image {tuple(px.shape)}")
+        if profile.ip_kind == "xlabs":
+            feats = enc(px).image_embeds
+            shapes.append(f"-> CLIP image_embeds {tuple(feats.shape)}")
+        else:
+            feats = enc(px, output_hidden_states=True).hidden_states[-2]
+            shapes.append(f"-> CLIP penultimate {tuple(feats.shape)}")
+            expect("CLIP penultimate", feats.shape, (B, d.clip_tokens, d.clip_hidden))
+        c = models["ip_projection"](feats)
+        shapes.append(f"-> {type(models['ip_projection']).__name__} {tuple(c.shape)} = c_I")
+        expect("IP tokens", c.shape, (B, d.ip_tokens, d.ip_dim))
+
+        h, note = _meta_guidance(profile, models["mllm"], B)
+        shapes.append(f"(image, question) -> {type(models['mllm']).__name__} hidden_states[-1] {tuple(h.shape)} "
+                      f"[{note}]")
+        if h.shape[-1] != d.mllm_hidden:
+            problems.append(f"guidance width {h.shape[-1]} != profile E={d.mllm_hidden}")
+        aligner = models["aligner"]
+        y = c
+        for _ in range(profile.aligner_passes):
+            y = aligner(h, y)
+        shapes.append(f"-> ImplicitAligner x{profile.aligner_passes} {tuple(y.shape)} = c_I'")
+        expect("aligner output", y.shape, c.shape)
+
+        procs = models["ip_layers"]
+        cross = models["cross_attention_dim"]
+        widths = sorted({p.to_k_ip[0].out_features for p in procs})
+        for p in procs:
+            k = p.to_k_ip[0](y)
+            v = p.to_v_ip[0](y)
+            if p.to_k_ip[0].in_features != cross or k.shape[:2] != (B, d.ip_tokens) or v.shape != k.shape:
+                problems.append(f"IP layer expects width {p.to_k_ip[0].in_features}, tokens are {y.shape[-1]}")
+                break
+        shapes.append(f"-> IP-Adapter keys/values on {len(procs)} cross-attention layers "
+                      f"({B}, {d.ip_tokens}, {'/'.join(map(str, widths))}); cross-attention dim {cross}")
+        if cross != d.ip_dim:
+            problems.append(f"diffusion cross-attention dim {cross} != IP token width D={d.ip_dim}")
+
+    out("shapes (meta tensors, batch of %d):" % B)
+    for s in shapes:
+        out(f"  {s}")
+    for p in problems:
+        out(f"  MISMATCH {p}")
+    secs = time.perf_counter() - t_start
+    if problems:
+        out(f"FAILED: {len(problems)} shape mismatch(es) ({secs:.1f}s).")
+        return 1
+    out(f"ok: dry run passed in {secs:.1f}s; {total:,} parameters in all, none allocated.")
+    return 0
+
+
+def _config(path: Path) -> dict[str, Any]:
+    cfg = _read_json(path)
+    if not cfg:
+        raise UserError(f"architecture config {path} is missing or not JSON; reinstall img (package data).")
+    return {k: v for k, v in cfg.items() if not k.startswith("_comment")}
+
+
+def _build_meta(profile: Profile, src: dict[str, Path], rows: list) -> dict[str, Any]:
+    """Instantiate every architecture (under a meta device context) and record its parameter count."""
+    from diffusers import AutoencoderKL
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPTextModelWithProjection,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+    )
+
+    from img.aligner import ImplicitAligner
+
+    def rel(p: Path) -> str:
+        try:
+            return str(p.relative_to(CONFIGS.parent.parent))
+        except ValueError:
+            return str(p)
+
+    models: dict[str, Any] = {}
+    base = src["base"]
+    if profile.family == "sdxl":
+        from diffusers import UNet2DConditionModel
+        from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+        from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+        unet_cfg = base / "unet" / "config.json"
+        unet = UNet2DConditionModel.from_config(_config(unet_cfg))
+        label = "unet (DPO)" if profile.unet is not None else "unet"
+        rows.append((label, _count(unet), "UNet2DConditionModel", rel(unet_cfg)))
+        for sub, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+            p = base / sub / "config.json"
+            rows.append((sub, _count(cls(CLIPTextConfig.from_dict(_config(p)))), cls.__name__, rel(p)))
+        proj = IPAdapterPlusImageProjection(**_ip_projection_args(profile))
+        procs = []
+        for name in unet.attn_processors:
+            if name.endswith("attn2.processor"):
+                attn = unet.get_submodule(name[: -len(".processor")])
+                procs.append(IPAdapterAttnProcessor2_0(hidden_size=attn.to_k.out_features,
+                                                       cross_attention_dim=unet.config.cross_attention_dim,
+                                                       num_tokens=(profile.dims.ip_tokens,)))
+        models["cross_attention_dim"] = unet.config.cross_attention_dim
+        del unet
+    else:
+        from diffusers import FluxTransformer2DModel
+        from diffusers.models.embeddings import ImageProjection
+        from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+        from transformers import T5Config, T5EncoderModel
+
+        tcfg = base / "transformer" / "config.json"
+        tr = FluxTransformer2DModel.from_config(_config(tcfg))
+        rows.append(("transformer", _count(tr), "FluxTransformer2DModel", rel(tcfg)))
+        p = base / "text_encoder" / "config.json"
+        rows.append(("text_encoder", _count(CLIPTextModel(CLIPTextConfig.from_dict(_config(p)))), "CLIPTextModel", rel(p)))
+        p = base / "text_encoder_2" / "config.json"
+        rows.append(("text_encoder_2", _count(T5EncoderModel(T5Config.from_dict(_config(p)))), "T5EncoderModel", rel(p)))
+        proj = ImageProjection(**_ip_projection_args(profile))
+        procs = [
+            FluxIPAdapterAttnProcessor(hidden_size=tr.inner_dim, cross_attention_dim=tr.config.joint_attention_dim,
+                                       num_tokens=(profile.dims.ip_tokens,))
+            for _ in range(tr.config.num_layers)
+        ]
+        models["cross_attention_dim"] = tr.config.joint_attention_dim
+        del tr
+    vae_cfg = base / "vae" / "config.json"
+    rows.append(("vae", _count(AutoencoderKL.from_config(_config(vae_cfg))), "AutoencoderKL", rel(vae_cfg)))
+
+    enc_cfg = src["ip_encoder"]
+    enc = CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(_config(enc_cfg)))
+    rows.append(("ip_encoder", _count(enc), "CLIPVisionModelWithProjection", rel(enc_cfg)))
+    ip_src = rel(CONFIGS / profile.ip_weights.shipped) if not profile.tiny else "tiny spec"
+    rows.append(("ip_projection", _count(proj), type(proj).__name__, ip_src))
+    rows.append(("ip_layers", sum(_count(p) for p in procs), f"{len(procs)} x {type(procs[0]).__name__}", ip_src))
+
+    mcfg_path = src["mllm"]
+    if profile.mllm_kind == "qwen2_5_vl":
+        from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+        mllm = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(_config(mcfg_path)))
+    else:
+        from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+        mllm = LlavaForConditionalGeneration(LlavaConfig.from_dict(_config(mcfg_path)))
+    rows.append(("mllm", _count(mllm), type(mllm).__name__, rel(mcfg_path)))
+
+    acfg = profile.aligner_config()
+    aligner = ImplicitAligner(acfg)
+    rows.append(("aligner", _count(aligner), "ImplicitAligner(" + ", ".join(
+        f"{k}={v}" for k, v in acfg.to_dict().items()) + ")", "profile.aligner_config()"))
+    models.update(ip_encoder=enc, ip_projection=proj, ip_layers=procs, mllm=mllm, aligner=aligner)
+    return models
+
+
+def _meta_guidance(profile: Profile, mllm: Any, batch: int) -> tuple[Any, str]:
+    """Guidance shape: the MLLM's image features + text embeddings through its language model, on meta."""
+    import torch
+
+    cfg = mllm.config
+    text_ids = torch.zeros(batch, DRY_TEXT_TOKENS, dtype=torch.long)
+    text = mllm.model.get_input_embeddings()(text_ids)
+    if profile.mllm_kind == "qwen2_5_vl":
+        # Qwen's vision tower plans its windows from concrete grid sizes, which meta tensors do not have:
+        # the image-token count is computed from the processor's resize rule instead.
+        n_img = _qwen_image_tokens(cfg)
+        image = torch.empty(batch, n_img, cfg.text_config.hidden_size)
+        note = f"{n_img} image tokens for a 1024 px image (computed) + {DRY_TEXT_TOKENS} text tokens"
+    else:
+        S = cfg.vision_config.image_size
+        px = torch.empty(batch, 3, S, S)
+        feats = mllm.model.get_image_features(
+            pixel_values=px,
+            vision_feature_layer=cfg.vision_feature_layer,
+            vision_feature_select_strategy=cfg.vision_feature_select_strategy,
+        )
+        feats = getattr(feats, "pooler_output", feats)
+        image = torch.stack(list(feats)) if isinstance(feats, (list, tuple)) else feats
+        note = f"{image.shape[1]} image tokens ({S} px, patch {cfg.vision_config.patch_size}) + {DRY_TEXT_TOKENS} text tokens"
+    embeds = torch.cat([image.to(text.dtype), text], dim=1)
+    hidden = mllm.model.language_model(inputs_embeds=embeds).last_hidden_state
+    return hidden, note
