@@ -46,13 +46,19 @@ TIMERS = ("t_read", "t_decode", "t_ip", "t_mllm", "t_text", "t_write")
 
 
 # ----------------------------------------------------------------------------- stages
+def read_units(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Read a batch of units; see ``read_unit``."""
+    parts = [read_unit({k: batch[k][i] for k in batch}) for i in range(len(batch["shard"]))]
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+
+
 def read_unit(unit: dict[str, Any]) -> dict[str, np.ndarray]:
     """Read one unit (a row group's todo rows) and orient each pair as (winner, loser)."""
     import pyarrow.parquet as pq
 
     t0 = time.perf_counter()
-    shard = SourceShard(**json.loads(unit["shard"]))
-    rows = json.loads(unit["rows"])
+    shard = SourceShard(**json.loads(str(unit["shard"])))
+    rows = json.loads(str(unit["rows"]))
     pf = pq.ParquetFile(shard.open())
     cols = ["caption", "jpg_0", "jpg_1", "label_0", "image_0_uid", "image_1_uid", "best_image_uid"]
     if "broken" in pf.schema_arrow.names:
@@ -100,7 +106,8 @@ class Decode:
                 im.load()
                 return np.asarray(im.convert("RGB")), None
         except Exception as e:  # noqa: BLE001 - any decoder failure is a property of the data
-            return None, f"{which}: does not decode ({type(e).__name__}: {str(e)[:120]})"
+            detail = "not an image file" if type(e).__name__ == "UnidentifiedImageError" else str(e)[:120]
+            return None, f"{which}: does not decode ({type(e).__name__}: {detail})"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         from img.questions import question_for
@@ -375,6 +382,8 @@ def _init_ray() -> None:
         ray.init(log_to_driver=False)
     else:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+    for name in ("ray", "ray.data", "ray.data._internal.execution.streaming_executor"):
+        logging.getLogger(name).setLevel(logging.WARNING)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -386,7 +395,7 @@ def build_dataset(units: list[dict], lake: str, profile_name: str, cfg: EmbedCon
     import ray
 
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
-    ds = ds.map_batches(read_unit, batch_size=1, num_cpus=cfg.decode_cpus)
+    ds = ds.map_batches(read_units, batch_size=1, num_cpus=cfg.decode_cpus)
     ds = ds.map_batches(Decode, fn_constructor_args=(cfg.min_side, cfg.max_pixels, cfg.question_seed),
                         batch_size=cfg.read_rows, num_cpus=cfg.decode_cpus, concurrency=1)
     stages = [(IPTokens, cfg.ip), (Guidance, cfg.mllm)] + ([(TextGuidance, cfg.text)] if cfg.text_guidance else [])
