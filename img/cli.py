@@ -144,8 +144,18 @@ def jobs_train(
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps."),
     config: Optional[Path] = typer.Option(None, "--config", help="Train TOML (default: jobs/train.toml settings)."),
 ) -> None:
-    """Train the Implicit Aligner on cached tensors with DeepSpeed."""
-    raise UserError("`img jobs train` is not built yet (issue #4). Nothing was run.")
+    """Train the Implicit Aligner on cached tensors with DeepSpeed.
+
+    --steps is the run's total; with --resume the run continues from its last checkpoint up to it.
+    """
+    from img.config import load_config
+    from img.trainer import DEFAULT_CONFIG, TrainConfig, run_training
+
+    cfg_path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    cfg = load_config(TrainConfig, cfg_path, overrides={"checkpoint_every": checkpoint_every})
+    summary = run_training(lake, profile, steps, run_dir, cfg, resume=resume)
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(summary.render())
 
 
 def main() -> None:

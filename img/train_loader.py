@@ -1,0 +1,295 @@
+"""The training loader: cached tensors from ``<lake>/features.lance``, sharded, shuffled, prefetched.
+
+    loader = TrainLoader("lake", rank=0, world_size=1, batch_size=8, seed=0)
+    for batch in loader:             # endless; epochs follow each other
+        batch.loser, batch.winner    # (B, N, D) torch tensors in the lake dtype (fp16/bf16)
+        batch.guidance, batch.mask   # (B, L_max, E) padded per batch, (B, L_max) bool True = valid
+        state = loader.state_dict()  # {epoch, position, ...}: the next batch to be yielded
+    loader.load_state_dict(state)    # continue the data order exactly (``--resume``)
+
+Design (reference-facts.md, "Tooling facts"):
+- The MLLM guidance is a Lance *blob* column; it is read with the blob API
+  (``read_blobs`` / ``take_blobs``), which reads as fast as a flat memmap, then
+  ``np.frombuffer``. The small image tokens are FixedSizeList columns read with ``take``.
+- The table version is pinned when the loader starts (and saved in its state), so
+  an embed job appending to the lake never changes the order of a running or
+  resumed training run.
+- Only pairs committed to ``pairs.lance`` (the embed job's commit marker) are used.
+- Held-out split: a pair is held out when a hash of its ``pair_id`` falls below
+  ``heldout_fraction``: stable across runs, machines and table growth.
+- Each epoch is a permutation of the training pairs drawn from (seed, epoch),
+  truncated to a multiple of world_size * batch_size so all ranks step together,
+  and dealt round-robin to ranks: shards are disjoint within an epoch.
+- Prefetching uses threads (Lance releases the GIL while reading and is not
+  fork-safe), ``num_workers`` batches read in parallel, at most ``prefetch``
+  batches in flight: memory is bounded by prefetch x batch bytes.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal
+
+import numpy as np
+import torch
+
+from img import lake as lake_mod
+from img.errors import UserError
+from schemas.meta import read_provenance
+
+log = logging.getLogger(__name__)
+
+GuidanceSource = Literal["mllm", "text", "none"]
+GUIDANCE_COLUMNS = {"mllm": "guidance", "text": "text_guidance"}
+
+
+@dataclass(frozen=True)
+class LakeDims:
+    """Tensor shapes of a features table, from its schema metadata."""
+
+    ip_tokens: int  # N
+    ip_dim: int  # D
+    guidance_dim: int  # E (MLLM hidden size)
+    text_guidance_dim: int | None  # width of the text-only guidance, when stored
+    dtype: str  # "float16" | "bfloat16" (bf16 stored bit-cast in 2-byte words)
+    profile: str | None = None  # profile that wrote the table, when recorded
+
+
+@dataclass
+class Batch:
+    pair_ids: list[str]
+    winner: torch.Tensor  # (B, N, D)
+    loser: torch.Tensor  # (B, N, D)
+    guidance: torch.Tensor  # (B, L_max, E); L_max = 0 for guidance source "none"
+    mask: torch.Tensor  # (B, L_max) bool, True = valid position
+
+    def to(self, device: torch.device | str, dtype: torch.dtype) -> "Batch":
+        return Batch(self.pair_ids, self.winner.to(device, dtype), self.loser.to(device, dtype),
+                     self.guidance.to(device, dtype), self.mask.to(device))
+
+
+def lake_dims(ds: Any, uri: str = "features") -> LakeDims:
+    """Read (N, D, E, dtype) from the features table's provenance metadata."""
+    extra = read_provenance(ds.schema)["extra"]
+    missing = [k for k in ("ip_tokens", "ip_dim", "guidance_dim") if k not in extra]
+    if missing:
+        raise UserError(
+            f"{uri} has no {missing} in its schema metadata (img.extra). It was not written by `img jobs embed`; "
+            "re-run the embed job into a fresh --lake."
+        )
+    dtype = str(extra.get("dtype", "float16"))
+    if dtype not in ("float16", "bfloat16"):
+        raise UserError(f"{uri} stores tensors as {dtype!r}; the loader reads float16 or bfloat16.")
+    tg = extra.get("text_guidance_dim")
+    return LakeDims(int(extra["ip_tokens"]), int(extra["ip_dim"]), int(extra["guidance_dim"]),
+                    int(tg) if tg is not None else None, dtype, extra.get("profile"))
+
+
+def is_heldout(pair_id: str, fraction: float) -> bool:
+    """Deterministic split: blake2b(pair_id) as a number in [0, 1) below ``fraction``."""
+    h = int.from_bytes(hashlib.blake2b(pair_id.encode(), digest_size=8).digest(), "big")
+    return h / 2.0**64 < fraction
+
+
+def _two_byte_to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
+    """A uint16/float16 numpy array holding ``dtype`` values -> torch tensor of that dtype (no copy)."""
+    if dtype == "bfloat16":
+        return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(a.view(np.float16))
+
+
+def open_features(lake: str, version: int | None = None):
+    """The pinned features dataset; UserError if the lake has none."""
+    import lance
+
+    ds = lake_mod.open_table(lake, "features")
+    if ds is None:
+        raise UserError(
+            f"no features table at {lake_mod.table_uri(lake, 'features')}. "
+            f"Run `img jobs embed --lake {lake} ...` first, or pass the --lake that holds it."
+        )
+    if version is not None and version != ds.version:
+        ds = lance.dataset(lake_mod.table_uri(lake, "features"), version=version)
+    return ds
+
+
+class TrainLoader:
+    """Rank-sharded, per-epoch shuffled, prefetching iterator over training batches of a lake."""
+
+    def __init__(
+        self,
+        lake: str,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        batch_size: int = 8,
+        seed: int = 0,
+        heldout_fraction: float = 0.05,
+        guidance: GuidanceSource = "mllm",
+        num_workers: int = 2,
+        prefetch: int = 4,
+        version: int | None = None,
+        blob_api: Literal["read_blobs", "take_blobs"] = "read_blobs",
+    ) -> None:
+        if guidance not in ("mllm", "text", "none"):
+            raise UserError(f"guidance source {guidance!r} must be 'mllm', 'text' or 'none'. Set `guidance` in the train TOML.")
+        if not 0.0 <= heldout_fraction < 1.0:
+            raise UserError(f"heldout_fraction={heldout_fraction} must be in [0, 1).")
+        if batch_size < 1 or not 0 <= rank < world_size:
+            raise UserError(f"bad loader setting: batch_size={batch_size}, rank={rank}, world_size={world_size}.")
+        self.lake, self.rank, self.world_size, self.batch_size = lake, rank, world_size, batch_size
+        self.seed, self.heldout_fraction, self.guidance = seed, heldout_fraction, guidance
+        self.num_workers, self.prefetch, self.blob_api = max(0, num_workers), max(1, prefetch), blob_api
+        self.ds = open_features(lake, version)
+        self.version = self.ds.version
+        self.dims = lake_dims(self.ds, lake_mod.table_uri(lake, "features"))
+        col = GUIDANCE_COLUMNS.get(guidance)
+        if col is not None and col not in self.ds.schema.names:
+            raise UserError(
+                f"guidance source {guidance!r} needs column {col!r}, which {lake_mod.table_uri(lake, 'features')} "
+                f"lacks. Re-embed with text_guidance = true in jobs/embed.toml, or set guidance = 'mllm'."
+            )
+        self.guidance_column = col
+        self.guidance_dim = (self.dims.text_guidance_dim if guidance == "text" else self.dims.guidance_dim) or 0
+        self._storage_dtype = self.dims.dtype
+
+        pair_ids = self.ds.to_table(columns=["pair_id"]).column("pair_id").to_pylist()
+        committed = None
+        pairs = lake_mod.open_table(lake, "pairs")
+        if pairs is not None:
+            committed = set(lake_mod.column_values(pairs, "pair_id"))
+        train, held = [], []
+        skipped = 0
+        for i, pid in enumerate(pair_ids):
+            if committed is not None and pid not in committed:
+                skipped += 1
+                continue
+            (held if is_heldout(pid, heldout_fraction) else train).append(i)
+        if skipped:
+            log.warning("%d features rows have no committed pair in pairs.lance (embed still running?); skipped", skipped)
+        self.pair_ids = pair_ids
+        self.train_indices = np.asarray(train, dtype=np.int64)
+        self.heldout_indices = np.asarray(held, dtype=np.int64)
+        self.steps_per_epoch = len(self.train_indices) // (world_size * batch_size)
+        if self.steps_per_epoch == 0:
+            raise UserError(
+                f"{lake_mod.table_uri(lake, 'features')} has {len(self.train_indices)} training pairs "
+                f"(after holding out {len(self.heldout_indices)}), fewer than one global batch of "
+                f"{world_size} ranks x {batch_size}. Embed more pairs or lower batch_size."
+            )
+        self.epoch, self.position = 0, 0
+        self._pool: ThreadPoolExecutor | None = None
+
+    # ------------------------------------------------------------------ order and state
+    def epoch_order(self, epoch: int) -> np.ndarray:
+        """This rank's row indices for ``epoch``, in batch order (length steps_per_epoch * batch_size)."""
+        rng = np.random.default_rng([self.seed, epoch])
+        perm = self.train_indices[rng.permutation(len(self.train_indices))]
+        perm = perm[: self.steps_per_epoch * self.world_size * self.batch_size]
+        return perm[self.rank :: self.world_size]
+
+    def state_dict(self) -> dict[str, Any]:
+        """Where the next batch comes from; identical on every rank."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "version": self.version,
+                "world_size": self.world_size, "batch_size": self.batch_size,
+                "heldout_fraction": self.heldout_fraction, "guidance": self.guidance}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        for key in ("seed", "version", "world_size", "batch_size", "heldout_fraction", "guidance"):
+            if state[key] != getattr(self, key):
+                raise UserError(
+                    f"cannot resume: the checkpoint's loader {key} is {state[key]!r} but this run has "
+                    f"{getattr(self, key)!r}. Resume with the same config and number of ranks."
+                )
+        self.epoch, self.position = int(state["epoch"]), int(state["position"])
+
+    # ------------------------------------------------------------------ reading
+    def read(self, indices: np.ndarray | list[int]) -> Batch:
+        """Read the rows at ``indices`` (dataset offsets) into a padded batch, in that order."""
+        idx = [int(i) for i in indices]
+        n, d = self.dims.ip_tokens, self.dims.ip_dim
+        cols = ["pair_id", "winner_tokens", "loser_tokens"]
+        if self.guidance_column:
+            cols.append(f"{self.guidance_column}_len")
+        tbl = self.ds.take(idx, columns=cols)
+        pids = tbl.column("pair_id").to_pylist()
+        if pids != [self.pair_ids[i] for i in idx]:  # take must keep the requested order
+            raise RuntimeError("Lance take returned rows out of order")
+        tok = {}
+        for c in ("winner_tokens", "loser_tokens"):
+            flat = tbl.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+            flat = flat if flat.flags.writeable and flat.flags.c_contiguous else flat.copy()
+            tok[c] = _two_byte_to_torch(flat.reshape(len(idx), n, d), self._storage_dtype)
+        e = self.guidance_dim
+        if self.guidance_column is None:
+            g = np.zeros((len(idx), 0, e), np.uint16)
+            mask = torch.zeros(len(idx), 0, dtype=torch.bool)
+        else:
+            lens = tbl.column(f"{self.guidance_column}_len").to_numpy()
+            blobs = self._read_blobs(self.guidance_column, idx)
+            g = np.zeros((len(idx), int(lens.max()) if len(lens) else 0, e), np.uint16)
+            for j, (raw, ln) in enumerate(zip(blobs, lens)):
+                if len(raw) != int(ln) * e * 2:
+                    raise UserError(
+                        f"pair {pids[j]!r}: {self.guidance_column} blob has {len(raw)} bytes, expected "
+                        f"{self.guidance_column}_len {ln} x {e} x 2. The lake is corrupt; re-embed this pair."
+                    )
+                g[j, :ln] = np.frombuffer(raw, dtype=np.uint16).reshape(int(ln), e)
+            mask = torch.from_numpy(np.arange(g.shape[1])[None, :] < lens[:, None])
+        return Batch(pids, tok["winner_tokens"], tok["loser_tokens"], _two_byte_to_torch(g, self._storage_dtype), mask)
+
+    def _read_blobs(self, column: str, idx: list[int]) -> list[bytes]:
+        if self.blob_api == "take_blobs":
+            return [f.readall() if f is not None else b"" for f in self.ds.take_blobs(column, indices=idx)]
+        return [b if b is not None else b"" for _, b in self.ds.read_blobs(column, indices=idx, preserve_order=True)]
+
+    # ------------------------------------------------------------------ iteration
+    def _batch_indices(self, epoch: int, position: int, order: np.ndarray) -> np.ndarray:
+        return order[position * self.batch_size : (position + 1) * self.batch_size]
+
+    def _plan(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        epoch, pos = self.epoch, self.position
+        order = self.epoch_order(epoch)
+        while True:
+            if pos >= self.steps_per_epoch:
+                epoch, pos = epoch + 1, 0
+                order = self.epoch_order(epoch)
+            yield epoch, pos, self._batch_indices(epoch, pos, order)
+            pos += 1
+
+    def __iter__(self) -> Iterator[Batch]:
+        plan = self._plan()
+        if self.num_workers == 0:
+            for epoch, pos, idx in plan:
+                batch = self.read(idx)
+                self.epoch, self.position = (epoch, pos + 1) if pos + 1 < self.steps_per_epoch else (epoch + 1, 0)
+                yield batch
+            return
+        pool = ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix="img-loader")
+        inflight: deque[tuple[int, int, Future]] = deque()
+        try:
+            while True:
+                while len(inflight) < self.prefetch:
+                    epoch, pos, idx = next(plan)
+                    inflight.append((epoch, pos, pool.submit(self.read, idx)))
+                epoch, pos, fut = inflight.popleft()
+                batch = fut.result()
+                self.epoch, self.position = (epoch, pos + 1) if pos + 1 < self.steps_per_epoch else (epoch + 1, 0)
+                yield batch
+        finally:
+            for _, _, fut in inflight:
+                fut.cancel()
+            pool.shutdown(wait=True, cancel_futures=True)
+
+    def heldout_batches(self, batch_size: int | None = None, max_pairs: int = 0) -> Iterator[Batch]:
+        """This rank's share of the held-out pairs (round-robin, fixed order), in batches."""
+        held = self.heldout_indices
+        if max_pairs > 0:
+            held = held[:max_pairs]
+        mine = held[self.rank :: self.world_size]
+        bs = batch_size or self.batch_size
+        for s in range(0, len(mine), bs):
+            yield self.read(mine[s : s + bs])

@@ -1,0 +1,260 @@
+"""Training loader and `img jobs train` on synthetic lakes written with the real features schema.
+
+The lake target is learnable (winner = loser with some channels replaced by a
+function of the guidance), so training must beat doing nothing on held-out pairs.
+"""
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import lance
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from img.errors import UserError
+from img.train_loader import TrainLoader, is_heldout
+from synthetic_lake import tiny_dims, write_synthetic_lake
+
+REPO = Path(__file__).resolve().parents[1]
+DIMS = tiny_dims()
+
+
+@pytest.fixture(scope="module")
+def lake(tmp_path_factory) -> tuple[str, dict]:
+    root = tmp_path_factory.mktemp("lake")
+    arrays = write_synthetic_lake(str(root), n_pairs=400, uncommitted=5, text_guidance_dim=12, **DIMS)
+    return str(root), arrays
+
+
+def _row(arrays, pid):
+    return int(pid.split("#")[1])
+
+
+# ----------------------------------------------------------------------------- loader
+def test_loader_reads_exact_values_padding_and_mask(lake):
+    root, arrays = lake
+    loader = TrainLoader(root, batch_size=8, seed=0, num_workers=2, prefetch=3)
+    batch = next(iter(loader))
+    n, d, e = DIMS["ip_tokens"], DIMS["ip_dim"], DIMS["guidance_dim"]
+    assert batch.winner.shape == (8, n, d) and batch.winner.dtype == torch.float16
+    lens = [int(arrays["lens"][_row(arrays, p)]) for p in batch.pair_ids]
+    assert batch.guidance.shape == (8, max(lens), e)
+    assert batch.mask.sum(1).tolist() == lens
+    for j, pid in enumerate(batch.pair_ids):
+        i = _row(arrays, pid)
+        assert torch.equal(batch.winner[j], torch.from_numpy(arrays["winner"][i]))
+        assert torch.equal(batch.loser[j], torch.from_numpy(arrays["loser"][i]))
+        assert torch.equal(batch.guidance[j, : lens[j]], torch.from_numpy(arrays["guidance"][i]))
+        assert torch.count_nonzero(batch.guidance[j, lens[j]:]) == 0
+
+
+def test_loader_split_shards_and_uncommitted(lake):
+    root, arrays = lake
+    a = TrainLoader(root, rank=0, world_size=2, batch_size=8, heldout_fraction=0.1, num_workers=0)
+    b = TrainLoader(root, rank=1, world_size=2, batch_size=8, heldout_fraction=0.1, num_workers=0)
+    ids = arrays["pair_id"]
+    held = {ids[i] for i in a.heldout_indices}
+    assert held == {p for p in ids[:400] if is_heldout(p, 0.1)} and 20 < len(held) < 70
+    assert not ({ids[i] for i in a.train_indices} & held)
+    assert len(a.train_indices) + len(held) == 400  # the 5 uncommitted features rows are left out
+    for epoch in (0, 1):
+        ea, eb = set(a.epoch_order(epoch)), set(b.epoch_order(epoch))
+        assert not ea & eb and len(ea) == len(eb) == a.steps_per_epoch * 8
+    assert not np.array_equal(a.epoch_order(0), a.epoch_order(1))
+    # heldout is by hash, so it is independent of table order and row count
+    assert is_heldout("x#1", 0.5) == is_heldout("x#1", 0.5)
+
+
+def test_loader_state_resumes_the_exact_order(lake):
+    root, _ = lake
+    full = TrainLoader(root, batch_size=8, seed=3, num_workers=2, prefetch=2)
+    total = full.steps_per_epoch + 5  # crosses an epoch boundary
+    it = iter(full)
+    order = [next(it).pair_ids for _ in range(total)]
+    part = TrainLoader(root, batch_size=8, seed=3, num_workers=2, prefetch=4)
+    it = iter(part)
+    first = [next(it).pair_ids for _ in range(10)]
+    state = part.state_dict()
+    assert state["epoch"] == 0 and state["position"] == 10
+    again = TrainLoader(root, batch_size=8, seed=3, num_workers=0)
+    again.load_state_dict(state)
+    it = iter(again)
+    rest = [next(it).pair_ids for _ in range(total - 10)]
+    assert first + rest == order
+    bad = TrainLoader(root, batch_size=4, seed=3, num_workers=0)
+    with pytest.raises(UserError, match="batch_size"):
+        bad.load_state_dict(state)
+
+
+def test_loader_guidance_sources_and_bf16(tmp_path, lake):
+    root, arrays = lake
+    b = next(iter(TrainLoader(root, batch_size=4, guidance="text", num_workers=0)))
+    assert b.guidance.shape == (4, 5, 12)
+    assert torch.equal(b.guidance[0], torch.from_numpy(arrays["text_guidance"][_row(arrays, b.pair_ids[0])]))
+    b = next(iter(TrainLoader(root, batch_size=4, guidance="none", num_workers=0)))
+    assert b.guidance.shape == (4, 0, DIMS["guidance_dim"]) and b.mask.shape == (4, 0)
+    bf = write_synthetic_lake(str(tmp_path / "bf"), n_pairs=16, dtype="bfloat16", **DIMS)
+    b = next(iter(TrainLoader(str(tmp_path / "bf"), batch_size=4, heldout_fraction=0.0, num_workers=0,
+                              blob_api="take_blobs")))
+    i = _row(bf, b.pair_ids[0])
+    assert b.winner.dtype == torch.bfloat16
+    assert torch.equal(b.winner[0], torch.from_numpy(bf["winner"][i].astype(np.float32)).bfloat16())
+    assert torch.equal(b.guidance[0, : bf["lens"][i]], torch.from_numpy(bf["guidance"][i].astype(np.float32)).bfloat16())
+    with pytest.raises(UserError, match="no features table"):
+        TrainLoader(str(tmp_path / "nothing"))
+    nolake = tmp_path / "notext"
+    write_synthetic_lake(str(nolake), n_pairs=16, **DIMS)
+    with pytest.raises(UserError, match="text_guidance"):
+        TrainLoader(str(nolake), guidance="text")
+
+
+# ----------------------------------------------------------------------------- training
+TOML = """
+lr = 2e-3
+batch_size = {batch}
+k = 3
+heldout_fraction = 0.15
+log_every = 10
+checkpoint_every = 1000
+num_workers = 1
+prefetch = 2
+seed = 1
+"""
+
+
+def _toml(tmp_path: Path, batch: int = 8, extra: str = "") -> Path:
+    p = tmp_path / f"train_{batch}.toml"
+    p.write_text(TOML.format(batch=batch) + extra)
+    return p
+
+
+def _train(args: list[str]):
+    from img.cli import app
+
+    result = CliRunner().invoke(app, ["jobs", "train", *args])
+    if result.exception is not None and not isinstance(result.exception, SystemExit):
+        raise result.exception
+    assert result.exit_code == 0, result.output
+    return result
+
+
+def _metrics(lake: str, run_id: str) -> dict[str, dict[int, float]]:
+    t = lance.dataset(f"{lake}/metrics.lance").to_table(filter=f"run_id = '{run_id}'")
+    out: dict[str, dict[int, float]] = {}
+    for s, n, v in zip(t["step"].to_pylist(), t["name"].to_pylist(), t["value"].to_pylist()):
+        out.setdefault(n, {})[s] = v
+    return out
+
+
+def _run_id(run_dir: Path) -> str:
+    import json
+
+    return json.loads((run_dir / "run.json").read_text())["run_id"]
+
+
+@pytest.fixture(scope="module")
+def train_lake(tmp_path_factory) -> str:
+    root = tmp_path_factory.mktemp("train_lake")
+    write_synthetic_lake(str(root), n_pairs=640, seed=7, **DIMS)
+    return str(root)
+
+
+def test_training_learns_and_records_metrics(tmp_path, train_lake):
+    from img.aligner import ImplicitAligner
+
+    run = tmp_path / "run"
+    out = _train(["--lake", train_lake, "--profile", "tiny", "--steps", "300", "--run-dir", str(run),
+                  "--config", str(_toml(tmp_path))])
+    assert "trained" in out.output
+    m = _metrics(train_lake, _run_id(run))
+    assert sorted(m["loss"]) == list(range(1, 301))
+    for name in ("loss_base", "loss_pref", "d_win", "d_win_ref", "d_lose", "d_ref"):
+        assert len(m[name]) == 300
+    assert sorted(m["samples_per_s"]) == list(range(10, 301, 10))
+    assert m["ref_copy"] and max(m["ref_copy"].values()) == len(m["ref_copy"])
+    for step, v in m["loss"].items():
+        assert math.isclose(v, m["loss_base"][step] + m["loss_pref"][step], rel_tol=1e-5)
+    first = np.mean([m["loss_base"][s] for s in range(1, 21)])
+    last = np.mean([m["loss_base"][s] for s in range(281, 301)])
+    assert last < 0.6 * first
+    h = {k: v[300] for k, v in m.items() if k.startswith("heldout")}
+    assert h["heldout_pairs"] > 50
+    assert h["heldout_d_aligned"] < 0.8 * h["heldout_d_identity"], h
+    assert h["heldout_d_aligned_1pass"] < 0.8 * h["heldout_d_identity"], h
+    assert h["heldout_win_rate"] > 0.7, h
+    model = ImplicitAligner.from_pretrained(run / "aligner")
+    assert model.config.dim == DIMS["ip_dim"] and torch.count_nonzero(model.zero_linear.weight) > 0
+    assert (run / "latest_checkpoint").read_text().strip() == "step_00000300"
+    # a second start in the same folder must be explicit
+    with pytest.raises(UserError, match="--resume"):
+        _train(["--lake", train_lake, "--steps", "10", "--run-dir", str(run), "--config", str(_toml(tmp_path))])
+
+
+def test_resume_reproduces_uninterrupted_losses(tmp_path, train_lake):
+    cfg = str(_toml(tmp_path))
+    base = ["--lake", train_lake, "--profile", "tiny", "--config", cfg, "--checkpoint-every", "12"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    _train([*base, "--steps", "24", "--run-dir", str(a)])
+    _train([*base, "--steps", "12", "--run-dir", str(b)])
+    ck = b / "checkpoints" / "step_00000012"
+    assert (ck / "aligner" / "model.safetensors").is_file() and (ck / "reference" / "model.safetensors").is_file()
+    assert (ck / "state.json").is_file() and (ck / "rng_rank0.safetensors").is_file()
+    _train([*base, "--steps", "24", "--run-dir", str(b), "--resume"])
+    ma, mb = _metrics(train_lake, _run_id(a)), _metrics(train_lake, _run_id(b))
+    for name in ("loss", "loss_base", "loss_pref", "d_win_ref", "d_ref"):
+        assert sorted(mb[name]) == list(range(1, 25))
+        for s in range(1, 25):
+            assert abs(ma[name][s] - mb[name][s]) <= 1e-6, (name, s, ma[name][s], mb[name][s])
+    assert ma["ref_copy"] == mb["ref_copy"] and any(s > 12 for s in ma["ref_copy"])
+    t = lance.dataset(f"{train_lake}/metrics.lance").to_table(filter=f"run_id = '{_run_id(b)}'")
+    dup = Counter(zip(t["step"].to_pylist(), t["name"].to_pylist()))
+    assert max(dup.values()) == 1  # no row recorded twice across the resume
+    # a resume with a different config is refused, naming both fingerprints
+    with pytest.raises(UserError, match="fingerprint"):
+        _train(["--lake", train_lake, "--config", str(_toml(tmp_path, batch=4)), "--steps", "30",
+                "--run-dir", str(b), "--resume"])
+
+
+def test_profile_dims_must_match_the_lake(tmp_path):
+    pytest.importorskip("img.profiles")
+    other = tmp_path / "other"
+    write_synthetic_lake(str(other), n_pairs=32, ip_tokens=2, ip_dim=8, guidance_dim=6, profile="elsewhere")
+    with pytest.raises(UserError, match=r"profile 'tiny' has ip_tokens x ip_dim .* 2 x 8 .*--profile elsewhere"):
+        _train(["--lake", str(other), "--profile", "tiny", "--steps", "2", "--run-dir", str(tmp_path / "r")])
+
+
+def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    from img.trainer import _free_port
+
+    cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc),
+           "--master_port", str(_free_port()),
+           "-m", "img.cli", "jobs", "train", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(REPO))
+
+
+def test_two_ranks_match_one_rank_with_the_global_batch(tmp_path, train_lake):
+    """2 ranks x batch 8 see the same pairs per step as 1 rank x batch 16; DeepSpeed averages the gradients."""
+    two, one = tmp_path / "two", tmp_path / "one"
+    proc = _torchrun(["--lake", train_lake, "--profile", "tiny", "--steps", "12", "--run-dir", str(two),
+                      "--config", str(_toml(tmp_path, batch=8))])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("trained") == 1  # only rank 0 prints the summary
+    _train(["--lake", train_lake, "--profile", "tiny", "--steps", "12", "--run-dir", str(one),
+            "--config", str(_toml(tmp_path, batch=16))])
+    m2, m1 = _metrics(train_lake, _run_id(two)), _metrics(train_lake, _run_id(one))
+    assert sorted(m2["loss"]) == list(range(1, 13))
+    for s in range(1, 13):
+        assert abs(m2["loss"][s] - m1["loss"][s]) < 1e-4 * max(1.0, abs(m1["loss"][s])), (s, m2["loss"][s], m1["loss"][s])
+    assert m2["heldout_pairs"][12] == m1["heldout_pairs"][12]
+    assert abs(m2["heldout_d_aligned"][12] - m1["heldout_d_aligned"][12]) < 1e-4
+    assert (two / "checkpoints" / "step_00000012" / "rng_rank1.safetensors").is_file()
