@@ -158,6 +158,39 @@ def jobs_train(
         typer.echo(summary.render())
 
 
+@app.command("infer")
+def infer(
+    prompt: Optional[str] = typer.Option(None, "--prompt", help="One text prompt."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Text file, one prompt per line (or a JSON list)."),
+    profile: str = typer.Option(..., "--profile", help="Model profile: tiny, sdxl, sdxl-dpo, flux, ..."),
+    out: Path = typer.Option(..., "--out", help="Folder for the PNGs (created)."),
+    aligner: Optional[Path] = typer.Option(
+        None, "--aligner", help="Aligner: save_pretrained folder, .pth/.safetensors, or folder with aligner_<family>.pth. "
+        "Required except for tiny profiles (fresh aligner = identity)."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the initial image and of every regeneration."),
+    rounds: int = typer.Option(1, "--rounds", help="Analysis -> alignment -> regeneration rounds."),
+    lake: Optional[str] = typer.Option(None, "--lake", help="Lake folder/URI: one `generations` row per image."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Diffusion steps (default: profile)."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="CFG / FLUX guidance (default: profile)."),
+    ip_scale: Optional[float] = typer.Option(None, "--ip-scale", help="IP-Adapter scale at regeneration (default 0.2)."),
+    passes: Optional[int] = typer.Option(None, "--passes", help="Aligner passes (default 3)."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt of every image."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON."),
+) -> None:
+    """Generate with the base model, then regenerate with IMG (MLLM guidance -> aligner -> IP-Adapter)."""
+    from img.infer import read_prompts, run_infer
+
+    summary = run_infer(
+        read_prompts(prompt, prompts), profile, out, aligner=aligner, seed=seed, rounds=rounds, lake=lake,
+        steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale, passes=passes,
+        negative_prompt=negative_prompt, device=device, progress=True,
+    )
+    typer.echo(summary.render())
+    if as_json:
+        typer.echo(summary.to_json())
+
+
 def main() -> None:
     """Console entry point: user errors become one line and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
