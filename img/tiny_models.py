@@ -36,7 +36,7 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-TINY_VERSION = 1  # bump when the recipe below changes in a way TinySpec does not capture
+TINY_VERSION = 2  # the cache key also hashes this file's source, so any recipe change rebuilds
 
 IP_WEIGHT_NAME = "ip-adapter-plus_sdxl_vit-h.safetensors"  # h94's file name, so the loading code is the real one
 IP_WEIGHT_SUBFOLDER = "sdxl_models"
@@ -99,7 +99,7 @@ class TinySpec:
     seed: int = 0
     # IP-Adapter image encoder, CLIPVisionModelWithProjection. Real: ViT-H/14, 1280 wide, 32 layers, 224 px.
     ip_image_size: int = 64
-    ip_patch: int = 8  # 64 px / 8 = 8x8 patches + CLS = 65 tokens (real: 257)
+    ip_patch: int = 4  # 64 px / 4 = 16x16 patches + CLS = 257 tokens, as ViT-H/14 at 224 px
     ip_hidden: int = 32
     ip_layers: int = 3  # hidden_states[-2] (the IP-Adapter Plus input) is then a real mid layer
     ip_heads: int = 4
@@ -118,8 +118,8 @@ class TinySpec:
     llm_layers: int = 2
     llm_heads: int = 4
     llm_intermediate: int = 128
-    mllm_image_size: int = 32
-    mllm_patch: int = 8  # (32 / 8)^2 = 16 image tokens in the sequence (real: 576)
+    mllm_image_size: int = 64
+    mllm_patch: int = 8  # (64 / 8)^2 = 64 image tokens in the sequence (real: 576)
     mllm_vision_hidden: int = 32
     mllm_vision_layers: int = 2
 
@@ -138,7 +138,13 @@ class TinySpec:
 
     def fingerprint(self) -> str:
         blob = json.dumps(
-            {"spec": dataclasses.asdict(self), "version": TINY_VERSION, "words": vocabulary_words()}, sort_keys=True
+            {
+                "spec": dataclasses.asdict(self),
+                "version": TINY_VERSION,
+                "words": vocabulary_words(),
+                "recipe": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+            },
+            sort_keys=True,
         )
         return hashlib.sha256(blob.encode()).hexdigest()[:10]
 
@@ -217,34 +223,51 @@ def _seed(spec: TinySpec, offset: int) -> None:
     torch.manual_seed(spec.seed * 1000 + offset)
 
 
+def bpe_merges(words: list[str]) -> list[tuple[str, str]]:
+    """Byte-pair merges learned from ``words`` (each counted once) until every word is one symbol.
+
+    Plain BPE training with CLIP's end-of-word marker: repeatedly merge the most frequent adjacent pair,
+    ties broken by the pair's text, so the result never depends on hash order or library version.
+    """
+    from collections import Counter
+
+    corpus = [tuple(w[:-1]) + (w[-1] + "</w>",) for w in sorted(set(words)) if w]
+    merges: list[tuple[str, str]] = []
+    while True:
+        counts: Counter[tuple[str, str]] = Counter()
+        for sym in corpus:
+            counts.update(zip(sym, sym[1:]))
+        if not counts:
+            return merges
+        pair = min(counts, key=lambda p: (-counts[p], p))
+        merges.append(pair)
+        joined = pair[0] + pair[1]
+        new_corpus = []
+        for sym in corpus:
+            out, i = [], 0
+            while i < len(sym):
+                if i + 1 < len(sym) and (sym[i], sym[i + 1]) == pair:
+                    out.append(joined)
+                    i += 2
+                else:
+                    out.append(sym[i])
+                    i += 1
+            new_corpus.append(tuple(out))
+        corpus = new_corpus
+
+
 def build_clip_tokenizer(words: list[str]):
-    """A byte-level BPE ``CLIPTokenizer`` whose merges make every word in ``words`` one token."""
-    from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+    """A byte-level BPE ``CLIPTokenizer`` (vocab + merges made in code) in which every word of ``words`` is one token."""
+    from tokenizers import pre_tokenizers
     from transformers import CLIPTokenizer
 
-    specials = ["<|startoftext|>", "<|endoftext|>"]
-    split = pre_tokenizers.Split(
-        Regex(r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
-        behavior="removed",
-        invert=True,
-    )
-    tok = Tokenizer(models.BPE(end_of_word_suffix="</w>", continuing_subword_prefix=""))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([split, pre_tokenizers.ByteLevel(add_prefix_space=False)])
-    trainer = trainers.BpeTrainer(
-        vocab_size=100_000,
-        min_frequency=1,
-        special_tokens=specials,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        end_of_word_suffix="</w>",
-        show_progress=False,
-    )
-    tok.train_from_iterator([" ".join(sorted(set(words)))], trainer=trainer)
-    model = json.loads(tok.to_str())["model"]
-    vocab: dict[str, int] = dict(model["vocab"])
-    for ch in sorted(pre_tokenizers.ByteLevel.alphabet()):  # every single byte at a word end (e.g. "?</w>")
-        vocab.setdefault(ch + "</w>", len(vocab))
-    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    for sym in [*alphabet, *(c + "</w>" for c in alphabet)]:
+        vocab.setdefault(sym, len(vocab))
+    merges = bpe_merges([w.lower() for w in words])
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
@@ -514,6 +537,9 @@ def build_tiny(spec: TinySpec, out: str | Path) -> Path:
     import torch
     import transformers
 
+    from img.model_loading import quiet_loading
+
+    quiet_loading()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
