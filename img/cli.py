@@ -87,10 +87,12 @@ def profile_check(
 @profile_app.command("list")
 def profile_list() -> None:
     """List the known profiles."""
-    from img.profiles import PROFILES
+    from img.profiles import ALIASES, PROFILES
 
     for name, p in PROFILES.items():
-        typer.echo(f"{name:10s} {p.description}")
+        d = p.dims
+        typer.echo(f"{name:13s} {p.family:5s} N x D = {d.ip_tokens} x {d.ip_dim:<5d} E = {d.mllm_hidden:<5d} {p.description}")
+    typer.echo("aliases: " + ", ".join(f"{a} -> {b}" for a, b in ALIASES.items()))
 
 
 # ---------------------------------------------------------------- sql

@@ -1,0 +1,224 @@
+"""Shared feature code (IP tokens, MLLM guidance, text guidance) and the question pool, on the tiny profile."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import img.shapes_world as sw
+from img.profiles import get_profile
+from img.questions import QUESTIONS, question_for, question_index
+
+
+@pytest.fixture(scope="module")
+def profile():
+    return get_profile("tiny")
+
+
+@pytest.fixture(scope="module")
+def ip(profile):
+    from img.features import IPTokenEncoder
+
+    return IPTokenEncoder(profile)
+
+
+@pytest.fixture(scope="module")
+def mllm(profile):
+    from img.features import GuidanceEncoder
+
+    return GuidanceEncoder(profile)
+
+
+@pytest.fixture(scope="module")
+def scenes():
+    """Six shapes-world images (128 px, like the sample) with their captions."""
+    rng = np.random.default_rng(0)
+    out = []
+    for i in range(6):
+        scene = sw.sample_scene(rng, groups=1 + i % 2)
+        out.append((sw.render(scene, rng, background=sw.sample_background(rng)), scene.caption()))
+    return out
+
+
+# ---------------------------------------------------------------- questions
+def test_question_pool_is_large_distinct_and_deterministic():
+    assert len(QUESTIONS) >= 100 and len(set(QUESTIONS)) == len(QUESTIONS)
+    assert all(q.count("{caption}") == 1 and q.endswith("?") for q in QUESTIONS)
+    q = question_for("a red circle", key="pair-7", seed=0)
+    assert "a red circle" in q and q == question_for("a red circle", key="pair-7", seed=0)
+    picks = {question_index(f"pair-{i}", 0) for i in range(1000)}
+    assert len(picks) > 90  # keys spread over the pool
+    assert sum(question_index(f"pair-{i}", 0) != question_index(f"pair-{i}", 1) for i in range(100)) > 90
+
+
+def test_question_pick_does_not_depend_on_python_hash_seed():
+    code = "from img.questions import question_index as q; print([q(f'k{i}', 3) for i in range(20)])"
+    outs = {
+        subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={"PYTHONHASHSEED": seed, "PATH": ""}).stdout
+        for seed in ("1", "2")
+    }
+    assert len(outs) == 1 and outs.pop().strip() == str([question_index(f"k{i}", 3) for i in range(20)])
+
+
+# ---------------------------------------------------------------- IP tokens
+def test_ip_tokens_shape_dtype_and_determinism(ip, profile, scenes):
+    images = [im for im, _ in scenes]
+    t = ip(images)
+    d = profile.dims
+    assert t.shape == (len(images), d.ip_tokens, d.ip_dim) and t.device.type == "cpu"
+    assert torch.equal(t, ip(images))
+    from img.features import IPTokenEncoder
+
+    assert torch.equal(t, IPTokenEncoder(profile)(images))  # a fresh load gives the same tokens
+    assert torch.allclose(ip(images[:1])[0], t[0], atol=1e-5)  # batch-independent
+    assert ip([]).shape == (0, d.ip_tokens, d.ip_dim)
+
+
+def test_ip_tokens_of_different_images_differ(ip, scenes):
+    t = ip([im for im, _ in scenes]).flatten(1)
+    dist = torch.cdist(t, t)
+    off = dist[~torch.eye(len(t), dtype=torch.bool)]
+    assert off.min() > 1.0  # every pair of different scenes is clearly apart (token norm ~ sqrt(N*D))
+    # One element changed (same layout and background): colour and count breaks move the tokens far more
+    # than re-rendering the same scene with another jitter.
+    rng = np.random.default_rng(3)
+    gaps = {"colour": [], "count": [], "jitter": []}
+    for _ in range(5):
+        scene = sw.sample_scene(rng, groups=2)
+        bg = sw.sample_background(rng)
+        layout = int(rng.integers(1 << 30))
+        good = sw.render(scene, np.random.default_rng(layout), background=bg)
+        other = sw.render(scene, np.random.default_rng(layout + 1), background=bg)
+        col = sw.render(sw.break_scene(scene, "colour", rng), np.random.default_rng(layout), background=bg)
+        cnt = sw.render(sw.break_scene(scene, "count", rng), np.random.default_rng(layout), background=bg)
+        x = ip([good, col, cnt, other]).flatten(1)
+        gaps["colour"].append((x[0] - x[1]).norm().item())
+        gaps["count"].append((x[0] - x[2]).norm().item())
+        gaps["jitter"].append((x[0] - x[3]).norm().item())
+    assert np.mean(gaps["colour"]) > 2 * np.mean(gaps["jitter"])
+    assert np.mean(gaps["count"]) > 1.2 * np.mean(gaps["jitter"])
+
+
+def test_unconditional_tokens_are_the_all_zeros_image(ip, profile, scenes):
+    u = ip.unconditional()
+    assert u.shape == (1, profile.dims.ip_tokens, profile.dims.ip_dim)
+    size = ip.encoder.config.image_size
+    assert torch.equal(u, ip.tokens_from_pixels(torch.zeros(1, 3, size, size)))
+    assert (u - ip(scenes[0][:1])).abs().max() > 0.1
+
+
+def test_resampler_equals_the_unet_projection_loaded_by_load_ip_adapter(ip, profile, scenes):
+    """Our resampler (diffusers' conversion without a UNet) == the one pipe.load_ip_adapter put in the UNet."""
+    from img.model_loading import load_sdxl_pipeline
+
+    pipe = load_sdxl_pipeline(profile)
+    layer = pipe.unet.encoder_hid_proj.image_projection_layers[0]
+    ours = ip.projection.state_dict()
+    theirs = layer.state_dict()
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    with torch.inference_mode():
+        pixels = ip.pixel_values([im for im, _ in scenes])
+        hidden = ip.encoder(pixels, output_hidden_states=True).hidden_states[-2]
+        assert torch.allclose(layer(hidden), ip(([im for im, _ in scenes])), atol=1e-6)
+        # the pipeline's own image encoding goes through the same image encoder weights
+        assert torch.equal(pipe.image_encoder(pixels, output_hidden_states=True).hidden_states[-2], hidden)
+
+
+def test_resampler_original_format_roundtrip():
+    """The tiny IP-Adapter file is in h94's original key layout; diffusers' converter inverts our writer."""
+    from diffusers.loaders.unet import UNet2DConditionLoadersMixin
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+
+    from img.tiny_models import resampler_to_original
+
+    torch.manual_seed(0)
+    ref = IPAdapterPlusImageProjection(embed_dims=32, output_dims=48, hidden_dims=128, depth=4, heads=2,
+                                       num_queries=16)
+    original = resampler_to_original(ref.state_dict())
+    assert "layers.2.0.to_kv.weight" in original and "layers.2.1.1.weight" in original
+    back = UNet2DConditionLoadersMixin._convert_ip_adapter_image_proj_to_diffusers(None, original,
+                                                                                     low_cpu_mem_usage=False)
+    x = torch.randn(2, 17, 32)
+    assert torch.equal(back(x), ref(x))
+
+
+# ---------------------------------------------------------------- guidance
+def test_guidance_prompt_is_llava_format(mllm):
+    q = question_for("a red circle", key="k", seed=0)
+    assert mllm.prompt(q) == f"USER: <image>\n{q} ASSISTANT:"
+
+
+def test_guidance_shapes_lengths_and_full_sequence(mllm, profile, scenes):
+    images = [im for im, _ in scenes]
+    questions = [question_for(c, key=f"pair-{i}", seed=0) for i, (_, c) in enumerate(scenes)]
+    out = mllm(images, questions)
+    assert len(out) == len(images)
+    batch = mllm.inputs(images, questions)
+    n_image = (batch["input_ids"] == mllm.model.config.image_token_id).sum(1)
+    for h, mask, ni in zip(out, batch["attention_mask"], n_image):
+        assert h.shape == (int(mask.sum()), profile.dims.mllm_hidden)  # no padding in the output
+        assert int(ni) == mllm.model.config.image_seq_length and h.shape[0] > ni  # image tokens + text
+    # Longer question -> longer sequence, by exactly the extra tokens.
+    short, long_ = "how should this image change?", "how should this image change to match: a red circle?"
+    hs, hl = mllm(images[:2], [short, long_])
+    extra = len(mllm.processor.tokenizer(long_).input_ids) - len(mllm.processor.tokenizer(short).input_ids)
+    assert extra > 0 and hl.shape[0] - hs.shape[0] == extra
+
+
+def test_guidance_batched_equals_per_sample_and_is_deterministic(mllm, scenes):
+    images = [im for im, _ in scenes]
+    questions = [question_for(c, key=f"pair-{i}", seed=1) for i, (_, c) in enumerate(scenes)]
+    batched = mllm(images, questions)
+    for im, q, h in zip(images, questions, batched):
+        (single,) = mllm([im], [q])
+        assert single.shape == h.shape
+        assert (single - h).abs().max() < 1e-4
+    again = mllm(images, questions)
+    assert all(torch.equal(a, b) for a, b in zip(batched, again))
+    # The image matters: same question, different images -> different guidance.
+    a, b = mllm(images[:2], [questions[0]] * 2)
+    assert a.shape == b.shape and (a - b).abs().max() > 1e-3
+
+
+def test_guidance_is_the_last_hidden_state_after_the_final_norm(mllm, scenes):
+    images = [im for im, _ in scenes[:3]]
+    questions = ["how should this image change?", "what is missing?", "how can the picture match: a red star?"]
+    ours = mllm(images, questions)
+    batch = mllm.inputs(images, questions)
+    with torch.inference_mode():
+        full = mllm.model(**batch, output_hidden_states=True).hidden_states[-1]
+    for i, h in enumerate(ours):
+        assert torch.allclose(h, full[i][batch["attention_mask"][i].bool()], atol=1e-6)
+
+
+def test_guidance_rejects_mismatched_lists(mllm, scenes):
+    with pytest.raises(ValueError, match="one question per image"):
+        mllm([scenes[0][0]], ["a", "b"])
+    assert mllm([], []) == []
+
+
+# ---------------------------------------------------------------- text guidance
+def test_text_guidance_shapes_and_determinism(profile, scenes):
+    from img.features import TextGuidanceEncoder
+
+    enc = TextGuidanceEncoder(profile)
+    captions = [c for _, c in scenes]
+    out = enc(captions)
+    assert len(out) == len(captions)
+    assert all(t.shape == (77, profile.text_guidance_dim()) for t in out)
+    assert all(torch.equal(a, b) for a, b in zip(out, enc(captions)))
+    if captions[0] != captions[1]:
+        assert (out[0] - out[1]).abs().max() > 1e-3
+    assert not hasattr(enc, "unet")
+
+
+def test_text_guidance_is_sdxl_only():
+    from img.errors import UserError
+
+    with pytest.raises(UserError, match="SDXL"):
+        get_profile("flux").text_guidance_dim()
