@@ -222,3 +222,38 @@ def test_text_guidance_is_sdxl_only():
 
     with pytest.raises(UserError, match="SDXL"):
         get_profile("flux").text_guidance_dim()
+
+
+def test_flux_style_ip_tokens_from_an_xlabs_format_file(tmp_path, profile, scenes):
+    """The FLUX path: CLIP image_embeds -> XLabs linear projection (4 tokens), black-image negative."""
+    import dataclasses
+
+    from safetensors.torch import save_file
+
+    from img.features import IPTokenEncoder
+    from img.profiles import Dims, ModelRef
+
+    embed_dim = IPTokenEncoder(profile).encoder.config.projection_dim
+    n, d = 4, 48
+    torch.manual_seed(0)
+    save_file({"ip_adapter_proj_model.proj.weight": torch.randn(n * d, embed_dim) * 0.1,
+               "ip_adapter_proj_model.proj.bias": torch.zeros(n * d),
+               "ip_adapter_proj_model.norm.weight": torch.ones(d),
+               "ip_adapter_proj_model.norm.bias": torch.zeros(d),
+               "double_blocks.0.processor.ip_adapter_double_stream_k_proj.weight": torch.zeros(8, d)},
+              str(tmp_path / "ip_adapter.safetensors"))
+    flux_like = dataclasses.replace(
+        profile, name="tiny-flux-ip", ip_kind="xlabs",
+        ip_weights=ModelRef(str(tmp_path), filename="ip_adapter.safetensors"),
+        dims=Dims(clip_hidden=profile.dims.clip_hidden, clip_tokens=profile.dims.clip_tokens, ip_tokens=n, ip_dim=d,
+                  mllm_hidden=profile.dims.mllm_hidden, image_size=profile.dims.image_size))
+    enc = IPTokenEncoder(flux_like)
+    t = enc([im for im, _ in scenes[:3]])
+    assert t.shape == (3, n, d) and type(enc.projection).__name__ == "ImageProjection"
+    with torch.inference_mode():
+        embeds = enc.encoder(enc.pixel_values([scenes[0][0]])).image_embeds
+        assert torch.allclose(enc.projection(embeds), t[:1], atol=1e-6)
+    from PIL import Image
+
+    black = Image.new("RGB", (64, 64), (0, 0, 0))
+    assert torch.equal(enc.unconditional(), enc([black]))

@@ -334,3 +334,15 @@ def test_local_paths_resolve_and_configs_are_checked_against_dims(tmp_path, monk
     lines = []
     assert check("sdxl", out=lines.append) == 1
     assert any(line.strip().startswith("MISSING  mllm") and "no weights" in line for line in lines), lines
+
+
+def test_a_bad_local_path_is_named_with_its_fix(monkeypatch):
+    from img.model_loading import ModelNotFound, locate
+
+    monkeypatch.setenv("IMG_LLAVA_13B", "/nonexistent/llava")
+    with pytest.raises(ModelNotFound) as e:
+        locate(get_profile("sdxl"), "mllm")
+    msg = str(e.value)
+    assert "'/nonexistent/llava' does not exist" in msg and "IMG_LLAVA_13B=/path" in msg
+    with pytest.raises(UserError, match="has no component 'vae'"):
+        locate(get_profile("sdxl"), "vae")
