@@ -15,12 +15,13 @@ code on first use (``img.tiny_models``). A missing model raises
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from img.errors import UserError
 from img.profiles import Profile
@@ -119,6 +120,17 @@ def quiet_loading() -> None:
 
     transformers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.disable_progress_bar()
+
+
+@contextlib.contextmanager
+def _quiet_logger(name: str, level: int = logging.ERROR) -> Iterator[None]:
+    logger = logging.getLogger(name)
+    old = logger.level
+    logger.setLevel(level)
+    try:
+        yield
+    finally:
+        logger.setLevel(old)
 
 
 def compute_dtype(profile: Profile, device: Any = "cpu", dtype: Any = None):
@@ -271,8 +283,9 @@ def load_sdxl_pipeline(profile: Profile, device: Any = "cpu", dtype: Any = None,
     )
     if ip_adapter:
         w = locate(profile, "ip_weights").path
-        pipe.load_ip_adapter(str(w.parent), subfolder="", weight_name=w.name, image_encoder_folder=None,
-                             local_files_only=True)
+        with _quiet_logger("diffusers.models.modeling_utils"):  # a spurious "kept in float32: []" warning
+            pipe.load_ip_adapter(str(w.parent), subfolder="", weight_name=w.name, image_encoder_folder=None,
+                                 local_files_only=True)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
