@@ -231,7 +231,11 @@ def load_mllm(profile: Profile, device: Any = "cpu", dtype: Any = None):
 
         processor = AutoProcessor.from_pretrained(loc.path, local_files_only=True)
     processor.tokenizer.padding_side = "right"  # real tokens keep positions 0..L-1, so batching changes nothing
-    model = Model.from_pretrained(loc.path, dtype=dt, local_files_only=True).to(device).eval()
+    import torch
+
+    # On an accelerator, load straight onto it (a 13B model would otherwise pass through host memory).
+    placement = {} if torch.device(device).type == "cpu" else {"device_map": {"": str(torch.device(device))}}
+    model = Model.from_pretrained(loc.path, dtype=dt, local_files_only=True, **placement).to(device).eval()
     return model, processor
 
 
