@@ -497,9 +497,9 @@ class IMGPipeline:
         d = self.profile.dims
         if tokens.ndim != 3 or tuple(tokens.shape[1:]) != (d.ip_tokens, d.ip_dim):
             raise ValueError(f"tokens must be (B, {d.ip_tokens}, {d.ip_dim}), got {tuple(tokens.shape)}")
-        dtype = self._denoiser.dtype
-        pos = tokens[:, None].to(self._denoiser.device, dtype)
-        neg = self.unconditional_tokens().expand_as(tokens)[:, None].to(pos.device, dtype)
+        dtype = self._denoiser.dtype  # the pipeline moves the embeds to its execution device (offload-safe)
+        pos = tokens[:, None].to(dtype=dtype)
+        neg = self.unconditional_tokens().expand_as(tokens)[:, None].to(dtype=dtype)
         self.pipe.set_ip_adapter_scale(s.ip_scale)
         if self.profile.family == "flux":
             extra = dict(ip_adapter_image_embeds=[pos], negative_ip_adapter_image_embeds=[neg])

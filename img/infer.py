@@ -315,9 +315,12 @@ def run_infer(
     settings = default_settings(prof, steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale, passes=passes,
                                 negative_prompt=negative_prompt)
     dev = resolve_device(device)
-    aligner_model, aid = load_aligner(prof, aligner)
+    if aligner is None:  # cheap: a fresh aligner (tiny) or "pass --aligner" (real profiles)
+        aligner_model, aid = load_aligner(prof, None)
     for comp in prof.components():
         locate(prof, comp)  # ModelNotFound names the env var / TOML key to set
+    if aligner is not None:  # after the cheap checks: a real aligner is ~0.8 GB
+        aligner_model, aid = load_aligner(prof, aligner)
     if lake is not None:
         check_lake(str(lake))
     out_dir = Path(out).expanduser()
