@@ -193,6 +193,27 @@ def infer(
         typer.echo(summary.to_json())
 
 
+@bench_app.command("loader")
+def bench_loader(
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON figures."),
+    small: bool = typer.Option(False, "--small", help="Small rows (guidance 64 x 512, tokens 16 x 256) for a quick run."),
+    rows: int = typer.Option(160, "--rows", help="Rows in the temporary benchmark table."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder for the temporary table (default: system temp)."),
+) -> None:
+    """Training loader (Lance blobs) vs a raw memmap read of the same bytes, same order, batch 8."""
+    from img.bench_loader import run_bench
+
+    if rows < 8:
+        raise UserError(f"--rows must be >= 8 (one batch), got {rows}. Pass a larger row count.")
+    result = run_bench(rows=rows, small=small, workdir=str(workdir) if workdir else None)
+    if not as_json:
+        typer.echo(f"loader {result['loader_samples_per_s']} samples/s, raw memmap {result['raw_samples_per_s']} "
+                   f"samples/s, ratio {result['ratio']}")
+    import json
+
+    typer.echo(json.dumps(result, indent=2))
+
+
 def main() -> None:
     """Console entry point: user errors become one line and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

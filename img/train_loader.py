@@ -11,9 +11,9 @@ Design (reference-facts.md, "Tooling facts"):
 - The MLLM guidance is a Lance *blob* column; it is read with the blob API
   (``read_blobs`` / ``take_blobs``), which reads as fast as a flat memmap, then
   ``np.frombuffer``. The small image tokens are FixedSizeList columns read with ``take``.
-- The table version is pinned when the loader starts (and saved in its state), so
-  an embed job appending to the lake never changes the order of a running or
-  resumed training run.
+- The versions of ``features`` and ``pairs`` are pinned when the loader starts
+  (and saved in its state), so an embed job appending to the lake never changes
+  the order of a running or resumed training run.
 - Only pairs committed to ``pairs.lance`` (the embed job's commit marker) are used.
 - Held-out split: a pair is held out when a hash of its ``pair_id`` falls below
   ``heldout_fraction``: stable across runs, machines and table growth.
@@ -132,7 +132,8 @@ class TrainLoader:
         num_workers: int = 2,
         prefetch: int = 4,
         version: int | None = None,
-        blob_api: Literal["read_blobs", "take_blobs"] = "read_blobs",
+        pairs_version: int | None = None,
+        blob_api: Literal["read_blobs", "take_blobs"] = "take_blobs",
     ) -> None:
         if guidance not in ("mllm", "text", "none"):
             raise UserError(f"guidance source {guidance!r} must be 'mllm', 'text' or 'none'. Set `guidance` in the train TOML.")
@@ -159,7 +160,13 @@ class TrainLoader:
         pair_ids = self.ds.to_table(columns=["pair_id"]).column("pair_id").to_pylist()
         committed = None
         pairs = lake_mod.open_table(lake, "pairs")
+        self.pairs_version = None
         if pairs is not None:
+            if pairs_version is not None and pairs_version != pairs.version:
+                import lance
+
+                pairs = lance.dataset(lake_mod.table_uri(lake, "pairs"), version=pairs_version)
+            self.pairs_version = pairs.version
             committed = set(lake_mod.column_values(pairs, "pair_id"))
         train, held = [], []
         skipped = 0
@@ -194,11 +201,12 @@ class TrainLoader:
     def state_dict(self) -> dict[str, Any]:
         """Where the next batch comes from; identical on every rank."""
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "version": self.version,
+                "pairs_version": self.pairs_version,
                 "world_size": self.world_size, "batch_size": self.batch_size,
                 "heldout_fraction": self.heldout_fraction, "guidance": self.guidance}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "version", "world_size", "batch_size", "heldout_fraction", "guidance"):
+        for key in ("seed", "version", "pairs_version", "world_size", "batch_size", "heldout_fraction", "guidance"):
             if state[key] != getattr(self, key):
                 raise UserError(
                     f"cannot resume: the checkpoint's loader {key} is {state[key]!r} but this run has "

@@ -3,6 +3,7 @@
     img jobs train --lake lake --profile tiny --steps 200 --run-dir runs/r1
     img jobs train --lake lake --profile tiny --steps 400 --run-dir runs/r1 --resume   # continue to step 400
     torchrun --nproc_per_node 2 -m img.cli jobs train --lake lake --steps 200 --run-dir runs/r2
+    deepspeed --num_gpus 2 --no_local_rank --module img.cli jobs train --lake lake --steps 200 --run-dir runs/r3
 
 ``--steps`` is the run's total number of optimizer steps; ``--resume`` continues
 from the last complete checkpoint in ``--run-dir`` up to it, reproducing the
@@ -83,7 +84,7 @@ class TrainConfig:
     guidance: Literal["mllm", "none", "text"] = "mllm"  # none = no guidance (empty); text = caption features
     heldout_fraction: float = 0.05  # pairs held out by pair_id hash, for the end-of-run evaluation
     seed: int = 0  # model init, reference init, data order
-    num_workers: int = 2  # loader threads
+    num_workers: int = 1  # loader threads (1 overlaps reading with compute; more contend for the GIL)
     prefetch: int = 4  # batches in flight (memory bound)
     # run
     log_every: int = 10  # log line + samples/s every N steps
@@ -291,15 +292,15 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
                 f"{info['world_size']} rank(s); this command has {fp}, {str(lake)!r}, {world}. "
                 "Resume with the same --config, --lake and number of ranks."
             )
-        version = int(info["features_version"])
+        version, pairs_version = int(info["features_version"]), info.get("pairs_version")
     else:
         if pointer.exists():
             raise UserError(f"{str(run_dir)!r} already holds a run. Pass --resume to continue it, or a new --run-dir.")
-        info, version = None, None
+        info, version, pairs_version = None, None, None
 
     loader = TrainLoader(lake, rank=rank, world_size=world, batch_size=cfg.batch_size, seed=cfg.seed,
                          heldout_fraction=cfg.heldout_fraction, guidance=cfg.guidance, num_workers=cfg.num_workers,
-                         prefetch=cfg.prefetch, version=version)
+                         prefetch=cfg.prefetch, version=version, pairs_version=pairs_version)
     acfg = resolve_aligner_config(profile, loader.dims, cfg.guidance, lake, cfg.aligner)
 
     import deepspeed
@@ -349,7 +350,7 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
             run_dir.mkdir(parents=True, exist_ok=True)
             run_json.write_text(json.dumps({
                 "run_id": run_id, "fingerprint": fp, "lake": str(lake), "profile": profile, "world_size": world,
-                "features_version": loader.version, "dims": dataclasses.asdict(loader.dims),
+                "features_version": loader.version, "pairs_version": loader.pairs_version, "dims": dataclasses.asdict(loader.dims),
                 "aligner": acfg.to_dict(), "config": dataclasses.asdict(cfg),
                 "train_pairs": int(len(loader.train_indices)), "heldout_pairs": int(len(loader.heldout_indices)),
             }, indent=2, sort_keys=True, default=str) + "\n")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 import os
+import signal
 import subprocess
 import sys
 from collections import Counter
@@ -24,6 +25,15 @@ from synthetic_lake import tiny_dims, write_synthetic_lake
 
 REPO = Path(__file__).resolve().parents[1]
 DIMS = tiny_dims()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Tiny matrices gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spin-waits stall."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -91,6 +101,27 @@ def test_loader_state_resumes_the_exact_order(lake):
     bad = TrainLoader(root, batch_size=4, seed=3, num_workers=0)
     with pytest.raises(UserError, match="batch_size"):
         bad.load_state_dict(state)
+
+
+def test_loader_pins_table_versions(tmp_path):
+    root = str(tmp_path / "grow")
+    arrays = write_synthetic_lake(root, n_pairs=40, uncommitted=8, **DIMS)
+    first = TrainLoader(root, batch_size=4, heldout_fraction=0.0, num_workers=0)
+    assert len(first.train_indices) == 40
+    import pyarrow as pa
+
+    from schemas import pairs as pairs_schema
+
+    late = [str(p) for p in arrays["pair_id"][40:]]  # the embed job commits the remaining pairs
+    lance.write_dataset(pa.table({"pair_id": late, "caption": late, "question": late, "winner_uid": late,
+                                  "loser_uid": late, "source": late, "row": list(range(8)), "broken": [None] * 8},
+                                 schema=pairs_schema.SCHEMA), f"{root}/pairs.lance", mode="append")
+    assert len(TrainLoader(root, batch_size=4, heldout_fraction=0.0, num_workers=0).train_indices) == 48
+    state = first.state_dict()
+    pinned = TrainLoader(root, batch_size=4, heldout_fraction=0.0, num_workers=0, version=state["version"],
+                         pairs_version=state["pairs_version"])
+    assert np.array_equal(pinned.train_indices, first.train_indices)
+    pinned.load_state_dict(state)
 
 
 def test_loader_guidance_sources_and_bf16(tmp_path, lake):
@@ -222,6 +253,20 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, train_lake):
                 "--run-dir", str(b), "--resume"])
 
 
+@pytest.mark.parametrize("guidance", ["none", "text"])
+def test_guidance_ablations_train(tmp_path, guidance):
+    root = tmp_path / "lake"
+    write_synthetic_lake(str(root), n_pairs=96, text_guidance_dim=12, **DIMS)
+    run = tmp_path / "run"
+    _train(["--lake", str(root), "--steps", "6", "--run-dir", str(run),
+            "--config", str(_toml(tmp_path, extra=f'guidance = "{guidance}"\n'))])
+    from img.aligner import ImplicitAligner
+
+    model = ImplicitAligner.from_pretrained(run / "aligner")
+    assert model.config.guidance_dim == (12 if guidance == "text" else DIMS["guidance_dim"])
+    assert _metrics(str(root), _run_id(run))["heldout_d_aligned"]
+
+
 def test_profile_dims_must_match_the_lake(tmp_path):
     pytest.importorskip("img.profiles")
     other = tmp_path / "other"
@@ -239,7 +284,15 @@ def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc),
            "--master_port", str(_free_port()),
            "-m", "img.cli", "jobs", "train", *args]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=str(REPO))
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO),
+                            start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=300)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher and both ranks
+        out, err = proc.communicate()
+        pytest.fail(f"2-rank run timed out:\n{err[-3000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
 def test_two_ranks_match_one_rank_with_the_global_batch(tmp_path, train_lake):
@@ -258,3 +311,16 @@ def test_two_ranks_match_one_rank_with_the_global_batch(tmp_path, train_lake):
     assert m2["heldout_pairs"][12] == m1["heldout_pairs"][12]
     assert abs(m2["heldout_d_aligned"][12] - m1["heldout_d_aligned"][12]) < 1e-4
     assert (two / "checkpoints" / "step_00000012" / "rng_rank1.safetensors").is_file()
+
+
+def test_every_train_toml_loads():
+    from img.config import load_config
+    from img.trainer import TrainConfig
+
+    files = sorted((REPO / "jobs").glob("train*.toml"))
+    assert len(files) >= 2
+    for f in files:
+        load_config(TrainConfig, f)
+    assert load_config(TrainConfig, REPO / "jobs" / "train.toml") == TrainConfig()  # the file states the defaults
+    with pytest.raises(UserError, match="unknown config key 'lrr'"):
+        load_config(TrainConfig, None, overrides={"lrr": 1.0})
