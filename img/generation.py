@@ -42,19 +42,22 @@ file                            where it goes
                                 ``sdxl-dpo`` (the SDXL aligner is reused for DPO);
                                 loaded by ``img.aligner.load_official_checkpoint``
 ``aligner_flux.pth``            ``--aligner <folder or file>`` with ``--profile flux``
-``resampler.pth``               the IP-Adapter Plus resampler alone (``image_proj`` of
-                                ``ip-adapter-plus_sdxl_vit-h``). Not needed: the profile reads the
-                                resampler from the IP-Adapter weights file below (``IMG_IP_ADAPTER``)
-``ip-adapter-plus_sdxl_vit-h``  h94/IP-Adapter ``sdxl_models/`` (.safetensors or .bin): resampler +
-                                attention layers. ``IMG_IP_ADAPTER=<h94/IP-Adapter folder>`` or
-                                ``ip_weights = ".../ip-adapter-plus_sdxl_vit-h.safetensors"`` in
-                                ``jobs/profiles/sdxl.toml``
+``resampler.pth``               the IP-Adapter Plus resampler alone, original ``Resampler`` keys. The
+                                demo makes ``c_I`` with it (negative tokens with the IP-Adapter file's
+                                own resampler). Put it next to ``aligner_sdxl.pth`` and pass that
+                                folder as ``--aligner``: it is compared with the profile's resampler
+                                and used for ``c_I`` only if it differs (``use_released_resampler``)
+``ip-adapter-plus_sdxl_vit-h``  h94/IP-Adapter ``sdxl_models/`` (.safetensors or the demo's .bin):
+                                resampler + attention layers. ``IMG_IP_ADAPTER=<h94/IP-Adapter folder>``
+                                or ``ip_weights = "ckpts/ip-adapter-plus_sdxl_vit-h.bin"`` in
+                                ``jobs/profiles/sdxl.toml`` (the env var sets ip_encoder too, so a
+                                bare ``ckpts/`` needs the two TOML keys)
 ``image_encoder/``              h94/IP-Adapter ``models/image_encoder`` (OpenCLIP ViT-H/14);
-                                ``IMG_IP_ADAPTER`` folder, or ``ip_encoder = "..."`` in the TOML
+                                ``IMG_IP_ADAPTER`` folder, or ``ip_encoder = "ckpts/image_encoder"``
 ``llava/``                      the authors' fine-tuned LLaVA-1.5-13B in the original LLaVA repo
                                 format; convert to ``llava-hf`` format, then ``IMG_LLAVA_13B=<dir>``
-XLabs ``ip_adapter.safetensors``  ``IMG_FLUX_IP_ADAPTER=<folder or file>``; CLIP ViT-L/14 via
-                                ``IMG_CLIP_VIT_L``
+XLabs FLUX IP-Adapter           ``ip_adapter.safetensors``: ``IMG_FLUX_IP_ADAPTER=<folder or file>``;
+                                its CLIP ViT-L/14 via ``IMG_CLIP_VIT_L``
 ==============================  ===============================================================
 
 ``--aligner`` accepts a file (``.pth``/``.pt``/``.safetensors``), a folder
@@ -153,6 +156,35 @@ def load_aligner(profile: Profile, source: AlignerSource = None, seed: int = 0) 
     else:
         model = load_official_checkpoint(path, profile.aligner_config())
     return model.float().eval(), weights_id(model)
+
+
+RELEASED_RESAMPLER = "resampler.pth"  # the authors' standalone IP-Adapter Plus resampler (SDXL)
+
+
+class _NoUNet:
+    """Stand-in ``self`` for diffusers' key converter (read only when low_cpu_mem_usage=True)."""
+
+    device = "cpu"
+    dtype = None
+
+
+def load_resampler(path: str | Path, device: Any = "cpu", dtype: Any = torch.float32) -> torch.nn.Module:
+    """The released ``resampler.pth`` (original IP-Adapter ``Resampler`` keys, optional ``module.`` prefix) as the
+    diffusers ``IPAdapterPlusImageProjection`` that ``IPTokenEncoder.projection`` is, via diffusers' converter."""
+    from diffusers.loaders.unet import UNet2DConditionLoadersMixin
+
+    p = Path(path)
+    try:
+        sd = torch.load(str(p), map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise UserError(f"{str(p)!r} is not a readable PyTorch state dict ({e}). Use the released resampler.pth.") from None
+    sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
+    try:
+        proj = UNet2DConditionLoadersMixin._convert_ip_adapter_image_proj_to_diffusers(_NoUNet(), sd,
+                                                                                        low_cpu_mem_usage=False)
+    except Exception as e:
+        raise UserError(f"{str(p)!r} is not an IP-Adapter Plus resampler ({type(e).__name__}: {e}).") from None
+    return proj.to(device=device, dtype=dtype).eval()
 
 
 # ----------------------------------------------------------------------------- results
@@ -303,12 +335,15 @@ class IMGPipeline:
         base_pipe: Any = None,
         aligner_seed: int = 0,
         aligner_id: Optional[str] = None,
+        resampler: Optional[str | Path] = None,
     ) -> "IMGPipeline":
         """Load every model of ``profile`` (offline); ``aligner`` as in ``load_aligner``.
 
         ``base_pipe`` replaces the profile's base pipeline (it gets the profile's IP-Adapter if it has none);
         ``mllm_device`` puts the MLLM on another device (e.g. a second GPU); ``aligner_id`` labels an
-        ``ImplicitAligner`` passed in (default: the hash of its weights).
+        ``ImplicitAligner`` passed in (default: the hash of its weights). ``resampler``: the released
+        ``resampler.pth`` (default: the one next to ``aligner_sdxl.pth`` when ``aligner`` is that folder);
+        see ``use_released_resampler``.
         """
         from img.features import GuidanceEncoder, IPTokenEncoder
         from img.model_loading import load_flux_pipeline, load_sdxl_pipeline
@@ -323,7 +358,13 @@ class IMGPipeline:
             base_pipe = loader(prof, device, dtype, ip_adapter=False)
         ip = IPTokenEncoder(prof, device, dtype)
         guidance = GuidanceEncoder(prof, mllm_device if mllm_device is not None else device, dtype)
-        return cls(base_pipe, ip, guidance, model, prof, aligner_id=aid, device=device)
+        pipe = cls(base_pipe, ip, guidance, model, prof, aligner_id=aid, device=device)
+        if resampler is None and isinstance(aligner, (str, Path)) and prof.family == "sdxl":
+            found = Path(aligner).expanduser() / RELEASED_RESAMPLER
+            resampler = found if found.is_file() else None
+        if resampler is not None:
+            pipe.use_released_resampler(resampler)
+        return pipe
 
     def _check_pipe(self) -> torch.nn.Module:
         fam = self.profile.family
@@ -397,6 +438,33 @@ class IMGPipeline:
                 f"the pipeline's IP-Adapter projection differs from the one in {self.profile.ip_weights.id} that "
                 f"the IP encoder uses. Load the profile's IP-Adapter into the pipeline, or none (it is loaded then)."
             )
+
+    def use_released_resampler(self, path: str | Path) -> bool:
+        """Compute ``c_I`` with the authors' ``resampler.pth``, as their demo does (SDXL).
+
+        The release extracts ``c_I`` with ``resampler.pth`` but takes the negative tokens from the IP-Adapter
+        Plus file's own resampler. If the two are equal (expected) nothing changes and this returns False.
+        Otherwise the negative tokens are fixed from the IP-Adapter's resampler first, the IP encoder's
+        projection becomes ``resampler.pth``, ``aligner_id`` gets ``+resampler-<hash>``, and this returns True.
+        """
+        if self.profile.family != "sdxl":
+            raise UserError(f"resampler.pth is the SDXL IP-Adapter Plus resampler; profile {self.profile.name!r} "
+                            f"is {self.profile.family}. Leave it out.")
+        mine = self.ip_encoder.projection
+        released = load_resampler(path, self.ip_encoder.device, self.ip_encoder.dtype)
+        a, b = released.state_dict(), mine.state_dict()
+        if a.keys() != b.keys() or any(a[k].shape != b[k].shape for k in a):
+            raise UserError(f"{str(path)!r} does not fit profile {self.profile.name!r}'s IP-Adapter resampler "
+                            "(different keys or shapes). Use the resampler.pth released with aligner_sdxl.pth.")
+        if all(torch.equal(a[k], b[k]) for k in a):
+            log.info("%s equals the IP-Adapter's resampler; nothing to change", path)
+            return False
+        self.unconditional_tokens()  # negative tokens from the IP-Adapter's resampler, as the release does
+        self.ip_encoder.projection = released
+        h = hashlib.sha256(b"".join(v.detach().cpu().float().numpy().tobytes() for _, v in sorted(a.items())))
+        self.aligner_id = f"{self.aligner_id}+resampler-{h.hexdigest()[:8]}"
+        log.info("c_I now comes from %s (differs from the IP-Adapter's resampler)", path)
+        return True
 
     def unwrap(self) -> Any:
         """Put the original IP-Adapter projection back; returns the base pipeline."""

@@ -332,7 +332,7 @@ def run_infer(
         from diffusers.utils import logging as dlog
         from transformers.utils import logging as tlog
 
-        from img.generation import IMGPipeline
+        from img.generation import RELEASED_RESAMPLER, IMGPipeline
 
         dlog.disable_progress_bar()
         tlog.disable_progress_bar()
@@ -340,9 +340,15 @@ def run_infer(
         level = tlog.get_verbosity()
         tlog.set_verbosity_error()
         try:
-            pipe = IMGPipeline.from_profile(prof, aligner=aligner_model, device=dev, aligner_id=aid)
+            resampler = None  # the released resampler.pth next to aligner_sdxl.pth
+            if aligner is not None and prof.family == "sdxl" and Path(aligner).expanduser().is_dir():
+                found = Path(aligner).expanduser() / RELEASED_RESAMPLER
+                resampler = found if found.is_file() else None
+            pipe = IMGPipeline.from_profile(prof, aligner=aligner_model, device=dev, aligner_id=aid,
+                                            resampler=resampler)
         finally:
             tlog.set_verbosity(level)
+        aid = pipe.aligner_id
         load_s = time.perf_counter() - t_load
         log.info("loaded %s on %s in %.1fs (aligner %s)", prof.name, dev, load_s, aid)
 

@@ -275,6 +275,38 @@ def test_released_checkpoint_layouts_load(tmp_path):
         load_aligner(get_profile("flux"), None)
 
 
+def test_released_resampler_is_used_for_c_I_only_when_it_differs(tiny_pipe, settings, tmp_path):
+    """The demo makes c_I with resampler.pth and the negative tokens with the IP-Adapter file's resampler."""
+    from img.features import IPTokenEncoder
+    from img.generation import IMGPipeline, load_resampler
+    from img.model_loading import load_sdxl_pipeline
+    from img.tiny_models import resampler_to_original
+
+    prof = tiny_pipe.profile
+    ip = IPTokenEncoder(prof)
+    released = {f"module.{k}": v.clone() for k, v in resampler_to_original(ip.projection.state_dict()).items()}
+    torch.save(released, tmp_path / "resampler.pth")
+    same = load_resampler(tmp_path / "resampler.pth")
+    assert all(torch.equal(a, b) for a, b in zip(same.state_dict().values(), ip.projection.state_dict().values()))
+
+    pipe = IMGPipeline(load_sdxl_pipeline(prof, ip_adapter=False), ip, tiny_pipe.guidance_encoder,
+                       tiny_pipe.aligner, prof, aligner_id="fresh")
+    image = tiny_pipe.generate_base(PROMPT, 7, settings)
+    before, uncond = pipe.image_tokens(image), pipe.ip_encoder.unconditional()
+    assert pipe.use_released_resampler(tmp_path / "resampler.pth") is False and pipe.aligner_id == "fresh"
+
+    g = torch.Generator().manual_seed(0)
+    torch.save({k: v + 0.05 * torch.randn(v.shape, generator=g) for k, v in released.items()},
+               tmp_path / "resampler.pth")
+    assert pipe.use_released_resampler(tmp_path / "resampler.pth") is True
+    assert pipe.aligner_id.startswith("fresh+resampler-")
+    assert not torch.equal(pipe.image_tokens(image), before)  # c_I from resampler.pth
+    assert torch.equal(pipe.unconditional_tokens(), uncond)  # negatives from the IP-Adapter's resampler
+    torch.save({"proj_in.weight": torch.zeros(3, 3)}, tmp_path / "bad.pth")
+    with pytest.raises(UserError, match="bad.pth"):
+        pipe.use_released_resampler(tmp_path / "bad.pth")
+
+
 def test_image_names_are_deterministic_and_safe():
     from img.infer import image_name, read_prompts
 
