@@ -160,6 +160,26 @@ def jobs_train(
         typer.echo(summary.render())
 
 
+@bench_app.command("embed")
+def bench_embed(
+    pairs: int = typer.Option(1024, "--pairs", help="Pairs in the generated sample."),
+    profile: str = typer.Option("bench", "--profile", help="Profile whose models do the work."),
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON figures."),
+) -> None:
+    """Embed job (Ray + Lance) vs a bare in-process loop over the same models and data."""
+    from pipelines.bench_embed import run_bench
+
+    if pairs < 8:
+        raise UserError(f"--pairs must be >= 8, got {pairs}. Pass a larger sample size.")
+    result = run_bench(pairs=pairs, profile_name=profile)
+    if not as_json:
+        typer.echo(f"job {result['job_pairs_per_s']} pairs/s, bare {result['bare_pairs_per_s']} pairs/s, "
+                   f"ratio {result['ratio']}, bytes_ratio {result['bytes_ratio']}")
+    import json
+
+    typer.echo(json.dumps(result, indent=2))
+
+
 @app.command("infer")
 def infer(
     prompt: Optional[str] = typer.Option(None, "--prompt", help="One text prompt."),

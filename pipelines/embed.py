@@ -53,7 +53,7 @@ def read_units(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def read_unit(unit: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Read one unit (a row group's todo rows) and orient each pair as (winner, loser)."""
+    """Read one unit (todo rows of one row group) and orient each pair as (winner, loser)."""
     import pyarrow.parquet as pq
 
     t0 = time.perf_counter()
@@ -139,6 +139,12 @@ class Decode:
         return out
 
 
+def read_and_decode(batch: dict[str, np.ndarray], min_side: int, max_pixels: int,
+                    question_seed: int) -> dict[str, np.ndarray]:
+    """Read a batch of units, then fully decode their images (one Ray task per unit)."""
+    return Decode(min_side, max_pixels, question_seed)(read_units(batch))
+
+
 def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
     out = np.empty(len(arrays), dtype=object)
     for i, a in enumerate(arrays):
@@ -166,11 +172,13 @@ class _ModelStage:
 
     timer = ""
 
-    def __init__(self, profile_name: str, device: str = "auto"):
+    def __init__(self, profile_name: str, device: str = "auto", threads: int = 0):
         import torch
 
         from img.profiles import get_profile
 
+        if threads:
+            torch.set_num_threads(threads)  # one actor per core share; Ray's OMP default may differ
         self.profile = get_profile(profile_name)
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.encoder = self.load()
@@ -305,6 +313,7 @@ class WriteFragments:
         for t in TIMERS:
             out[t] = np.array([float(np.sum(batch[t])) if t in batch else 0.0])
         out["t_write"] = np.array([t_write])
+        out["written_at"] = np.array([time.time()])  # wall clock, to measure write -> commit lag
         return out
 
 
@@ -317,6 +326,8 @@ class EmbedSummary:
     skipped_ties: int = 0
     orphans_redone: int = 0
     seconds: float = 0.0
+    first_commit_seconds: float = 0.0  # start-up: planning, Ray actors, model loading, first batch
+    first_commit_pairs: int = 0
     bytes_per_pair: float = 0.0
     tensor_bytes_per_pair: float = 0.0
     time_split: dict[str, float] = field(default_factory=dict)
@@ -390,17 +401,37 @@ def _init_ray() -> None:
     ctx.verbose_stats_logs = False
 
 
+def check_reservations(cfg: EmbedConfig) -> None:
+    """Refuse a plan whose actors reserve more CPUs/GPUs than the cluster has (it would stall, not fail)."""
+    import ray
+
+    res = ray.cluster_resources()
+    pools = [cfg.ip, cfg.mllm] + ([cfg.text] if cfg.text_guidance else [])
+    cpus = 2 * cfg.decode_cpus + sum(p.num_cpus * p.concurrency for p in pools)
+    gpus = sum(p.num_gpus * p.concurrency for p in pools)
+    if cpus > res.get("CPU", 0) + 1e-9:
+        raise UserError(f"the embed config reserves {cpus:g} CPUs (decode/writer 2 x {cfg.decode_cpus:g} + actor pools) "
+                        f"but the Ray cluster has {res.get('CPU', 0):g}. Lower num_cpus or concurrency in the "
+                        "[ip]/[mllm]/[text] sections of the --config TOML.")
+    if gpus > res.get("GPU", 0) + 1e-9:
+        raise UserError(f"the embed config reserves {gpus:g} GPUs but the Ray cluster has {res.get('GPU', 0):g}. "
+                        "Set num_gpus = 0 (CPU) or lower concurrency in the --config TOML.")
+
+
 def build_dataset(units: list[dict], lake: str, profile_name: str, cfg: EmbedConfig, schemas: dict[str, pa.Schema]):
     """The Ray Data plan: read -> decode -> model actor pools -> fragment writers."""
     import ray
 
+    # One unit (<= read_rows rows) per block and per read task: every later stage then takes and emits
+    # blocks of one unit, so results stream to the committer unit by unit instead of in one final block.
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
-    ds = ds.map_batches(read_units, batch_size=1, num_cpus=cfg.decode_cpus)
-    ds = ds.map_batches(Decode, fn_constructor_args=(cfg.min_side, cfg.max_pixels, cfg.question_seed),
-                        batch_size=cfg.read_rows, num_cpus=cfg.decode_cpus, concurrency=1)
+    ds = ds.map_batches(read_and_decode, batch_size=1, num_cpus=cfg.decode_cpus,
+                        fn_kwargs={"min_side": cfg.min_side, "max_pixels": cfg.max_pixels,
+                                   "question_seed": cfg.question_seed})
     stages = [(IPTokens, cfg.ip), (Guidance, cfg.mllm)] + ([(TextGuidance, cfg.text)] if cfg.text_guidance else [])
     for stage, pool in stages:
-        ds = ds.map_batches(stage, fn_constructor_args=(profile_name,), batch_size=pool.batch_size,
+        threads = max(1, int(round(pool.num_cpus)))
+        ds = ds.map_batches(stage, fn_constructor_args=(profile_name, "auto", threads), batch_size=pool.batch_size,
                             concurrency=pool.concurrency, num_gpus=pool.num_gpus or None, num_cpus=pool.num_cpus)
     ds = ds.map_batches(WriteFragments, fn_constructor_args=(lake, schemas, cfg.storage_options),
                         batch_size=cfg.rows_per_fragment, num_cpus=cfg.decode_cpus, concurrency=1)
@@ -435,7 +466,7 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
     for name, schema in schemas.items():
         lake_mod.ensure_table(lake, name, schema, new_table=new_table, storage_options=so)
     done, orphans = reconcile(lake, so)
-    units, counts = plan_units(shards, done, cfg.limit)
+    units, counts = plan_units(shards, done, cfg.limit, unit_rows=cfg.read_rows)
     summary = EmbedSummary(skipped_done=counts["done"], skipped_ties=counts["ties"], orphans_redone=orphans,
                            fingerprint=fp)
     todo = counts["todo"]
@@ -445,6 +476,7 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
     tensor_bytes = 0
     if todo:
         _init_ray()
+        check_reservations(cfg)
         ds = build_dataset(units, lake, profile_name, cfg, schemas)
         with _Progress(todo, enabled=progress) as bar:
             for row in ds.iter_rows():
@@ -456,6 +488,9 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
                 for t in TIMERS:
                     timers[t] += float(row[t])
                 bar.advance(int(row["n_good"]) + int(row["n_bad"]))
+                if not summary.first_commit_seconds:
+                    summary.first_commit_seconds = time.perf_counter() - t_start
+                    summary.first_commit_pairs = summary.written
     summary.seconds = time.perf_counter() - t_start
     summary.time_split = timers
     feats = lake_mod.open_table(lake, "features", so)

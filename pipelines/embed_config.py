@@ -18,7 +18,7 @@ class ActorPool:
     batch_size: int = 8  # rows per model call; bigger batches use the GPU better
     concurrency: int = 1  # actors in the pool (one per GPU on a cluster)
     num_gpus: float = 0.0  # GPUs per actor (1 on a GPU cluster)
-    num_cpus: float = 1.0  # CPUs reserved per actor; torch uses this many threads
+    num_cpus: float = 0.75  # CPUs reserved per actor (held for the whole job); torch uses round(num_cpus) threads, min 1
 
 
 @dataclass
@@ -26,14 +26,14 @@ class EmbedConfig:
     question_seed: int = 0  # picks each pair's paraphrased MLLM question (deterministic per pair_id)
     text_guidance: bool = False  # also store the diffusion text encoders' caption embeddings (ablation)
     rows_per_fragment: int = 32  # rows per written + committed fragment: bounds memory and lost work on a kill
-    read_rows: int = 32  # rows per read task (a slice of one parquet row group)
+    read_rows: int = 32  # rows per read unit (a slice of one row group); results stream out per unit
     decode_cpus: float = 0.25  # CPUs reserved per decode task
     min_side: int = 16  # images smaller than this (px) are quarantined as impossible
     max_pixels: int = 60_000_000  # larger images are quarantined (decompression bombs)
     limit: Optional[int] = None  # embed at most this many input rows (first rows in shard order)
-    ip: ActorPool = field(default_factory=ActorPool)
-    mllm: ActorPool = field(default_factory=lambda: ActorPool(batch_size=4))
-    text: ActorPool = field(default_factory=ActorPool)
+    ip: ActorPool = field(default_factory=lambda: ActorPool(batch_size=16))
+    mllm: ActorPool = field(default_factory=lambda: ActorPool(batch_size=8))
+    text: ActorPool = field(default_factory=lambda: ActorPool(num_cpus=0.25))
     storage_options: dict = field(default_factory=dict)  # passed to Lance for object stores (s3://, gs://, az://)
 
     # keys left out of the fingerprint: they change speed, not content
