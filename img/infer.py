@@ -283,6 +283,22 @@ def resolve_device(device: str) -> str:
     return device
 
 
+def _set_threads(profile: Any, device: str) -> Optional[int]:
+    """Tiny profiles on CPU run single-threaded; returns the previous thread count to restore (or None).
+
+    Their ops take microseconds, so intra-op threads only add fork/join cost, and on a busy machine a
+    spinning OpenMP thread stalls every op: measured 7.9 s vs 55 s for the same 60-step command on 2 loaded
+    cores. ``OMP_NUM_THREADS`` (if set) wins; real profiles keep torch's default.
+    """
+    import torch
+
+    if not profile.tiny or torch.device(device).type != "cpu" or os.environ.get("OMP_NUM_THREADS"):
+        return None
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    return previous
+
+
 def run_infer(
     prompts: list[str],
     profile: str,
@@ -327,6 +343,7 @@ def run_infer(
     created = check_out_dir(out_dir)
 
     written: list[str] = []
+    threads = _set_threads(prof, dev)
     try:
         # 2. models
         from diffusers.utils import logging as dlog
@@ -382,6 +399,11 @@ def run_infer(
         if not written:
             remove_empty(created)
         raise
+    finally:
+        if threads is not None:
+            import torch
+
+            torch.set_num_threads(threads)
     return InferSummary(
         profile=prof.name, aligner_id=aid, prompts=len(prompts), rounds=rounds, images=len(written),
         out=str(out_dir), lake=str(lake) if lake is not None else None, run_id=run_id,

@@ -28,6 +28,15 @@ def px(image) -> np.ndarray:
     return np.asarray(image).astype(np.int16)
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run single-threaded, as `img infer` runs them (see img.infer._set_threads); restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 @pytest.fixture(scope="module")
 def tiny_pipe():
     from img.generation import IMGPipeline
