@@ -177,7 +177,9 @@ def load_resampler(path: str | Path, device: Any = "cpu", dtype: Any = torch.flo
     try:
         sd = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as e:
-        raise UserError(f"{str(p)!r} is not a readable PyTorch state dict ({e}). Use the released resampler.pth.") from None
+        raise UserError(
+            f"{str(p)!r} is not a readable PyTorch state dict ({e}). Use the released resampler.pth."
+        ) from None
     sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
     try:
         proj = UNet2DConditionLoadersMixin._convert_ip_adapter_image_proj_to_diffusers(_NoUNet(), sd,
@@ -283,6 +285,19 @@ class IMGResult:
 
 
 # ----------------------------------------------------------------------------- the pipeline
+@contextmanager
+def _diffusers_quiet() -> Iterator[None]:
+    """diffusers at ERROR level: "image_encoder is not loaded" is expected, we pass tokens."""
+    from diffusers.utils import logging as dlog
+
+    level = dlog.get_verbosity()
+    dlog.set_verbosity_error()
+    try:
+        yield
+    finally:
+        dlog.set_verbosity(level)
+
+
 def _has_ip(proc: Any) -> bool:
     """IP-Adapter attention processors (SDXL and FLUX, all backends) carry ``to_k_ip``."""
     return hasattr(proc, "to_k_ip")
@@ -373,23 +388,9 @@ class IMGPipeline:
             want = "StableDiffusionXLPipeline (has .unet)" if fam == "sdxl" else "FluxPipeline (has .transformer)"
             raise UserError(
                 f"profile {self.profile.name!r} is {fam} but the pipeline is a {type(self.pipe).__name__}; "
-                f"pass a {want} or use a {type(self.pipe).__name__} profile."
+                f"pass a {want}, or a profile of the pipeline's family."
             )
         return den
-
-    def _quiet_diffusers(self):
-        from diffusers.utils import logging as dlog
-
-        @contextmanager
-        def quiet() -> Iterator[None]:
-            level = dlog.get_verbosity()
-            dlog.set_verbosity_error()  # "image_encoder is not loaded" is expected: we pass tokens
-            try:
-                yield
-            finally:
-                dlog.set_verbosity(level)
-
-        return quiet()
 
     def _install_ip_adapter(self) -> None:
         """Load the profile's IP-Adapter if the pipe has none; swap its projection for an identity."""
@@ -403,7 +404,7 @@ class IMGPipeline:
             self._base_procs = dict(den.attn_processors)  # the exact processors of the base model
             w = locate(self.profile, "ip_weights").path
             log.info("loading IP-Adapter %s into the %s", w, type(den).__name__)
-            with self._quiet_diffusers():
+            with _diffusers_quiet():
                 if self.profile.family == "flux":
                     self.pipe.load_ip_adapter(str(w.parent), weight_name=w.name,
                                               image_encoder_pretrained_model_name_or_path=None, local_files_only=True)

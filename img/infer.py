@@ -105,7 +105,9 @@ def check_out_dir(out: Path) -> list[Path]:
         os.unlink(probe)
     except OSError as e:
         remove_empty(created)
-        raise UserError(f"--out {str(out)!r} is not writable ({e.strerror or e}). Pass a folder you can write to.") from None
+        raise UserError(
+            f"--out {str(out)!r} is not writable ({e.strerror or e}). Pass a folder you can write to."
+        ) from None
     return created
 
 

@@ -176,7 +176,8 @@ def test_initial_image_is_exactly_the_base_model(tiny_pipe, settings):
     from img.model_loading import load_sdxl_pipeline
 
     base = load_sdxl_pipeline(tiny_pipe.profile, ip_adapter=False)
-    ref = base(PROMPT, num_inference_steps=STEPS, guidance_scale=7.5, generator=torch.Generator().manual_seed(5)).images[0]
+    ref = base(PROMPT, num_inference_steps=STEPS, guidance_scale=7.5,
+               generator=torch.Generator().manual_seed(5)).images[0]
     assert np.array_equal(px(tiny_pipe.generate_base(PROMPT, 5, settings)), px(ref))
 
 
@@ -193,7 +194,8 @@ def test_regeneration_depends_on_the_aligned_tokens(tiny_pipe, settings):
     assert np.abs(first - changed).mean() > 0.5  # different tokens -> different pixels
     # IP scale 0 removes the tokens' influence: both token sets give the same image
     off = dataclasses.replace(settings, ip_scale=0.0)
-    assert np.array_equal(px(tiny_pipe.regenerate(PROMPT, tokens, 1, off)), px(tiny_pipe.regenerate(PROMPT, other, 1, off)))
+    assert np.array_equal(px(tiny_pipe.regenerate(PROMPT, tokens, 1, off)),
+                          px(tiny_pipe.regenerate(PROMPT, other, 1, off)))
 
 
 def test_fresh_aligner_is_identity_and_passes_matter_for_a_trained_one(tiny_pipe, settings):
