@@ -4,6 +4,7 @@
     for batch in loader:             # endless; epochs follow each other
         batch.loser, batch.winner    # (B, N, D) torch tensors in the lake dtype (fp16/bf16)
         batch.guidance, batch.mask   # (B, L_max, E) padded per batch, (B, L_max) bool True = valid
+        batch.to("cuda", torch.bfloat16)  # pads each row straight into the device tensor
         state = loader.state_dict()  # {epoch, position, ...}: the next batch to be yielded
     loader.load_state_dict(state)    # continue the data order exactly (``--resume``)
 
@@ -20,14 +21,22 @@ Design (reference-facts.md, "Tooling facts"):
 - Each epoch is a permutation of the training pairs drawn from (seed, epoch),
   truncated to a multiple of world_size * batch_size so all ranks step together,
   and dealt round-robin to ranks: shards are disjoint within an epoch.
+- Each blob is read whole (``take_blobs`` + ``readinto``) into a recycled buffer
+  (see ``BufferPool``) and wrapped without a copy; padding happens once, fused
+  with the dtype/device copy in ``Batch.to``.
 - Prefetching uses threads (Lance releases the GIL while reading and is not
-  fork-safe), ``num_workers`` batches read in parallel, at most ``prefetch``
-  batches in flight: memory is bounded by prefetch x batch bytes.
+  fork-safe): one thread assembles up to ``prefetch`` batches ahead and
+  ``num_workers`` threads read the blob rows of a batch in parallel
+  (``num_workers = 0``: everything in the caller's thread). Memory is bounded by
+  about (prefetch + 2) batches of buffers.
 """
 from __future__ import annotations
 
 import hashlib
 import logging
+import sys
+import threading
+import warnings
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,17 +67,60 @@ class LakeDims:
     profile: str | None = None  # profile that wrote the table, when recorded
 
 
-@dataclass
 class Batch:
-    pair_ids: list[str]
-    winner: torch.Tensor  # (B, N, D)
-    loser: torch.Tensor  # (B, N, D)
-    guidance: torch.Tensor  # (B, L_max, E); L_max = 0 for guidance source "none"
-    mask: torch.Tensor  # (B, L_max) bool, True = valid position
+    """One training batch. The guidance rows stay as read (no copy) until they are padded.
+
+    ``batch.guidance`` / ``batch.mask`` give the padded (B, L_max, E) tensor and its (B, L_max)
+    mask (True = valid). ``batch.to(device, dtype)`` pads each row straight into a new tensor of
+    the target dtype on the target device, so padding costs no copy beyond the dtype/device copy
+    that training needs anyway.
+    """
+
+    def __init__(self, pair_ids: list[str], winner: torch.Tensor, loser: torch.Tensor,
+                 guidance_rows: list[np.ndarray] | None, lengths: torch.Tensor, guidance_dim: int,
+                 storage_dtype: torch.dtype = torch.float16, padded: torch.Tensor | None = None) -> None:
+        self.pair_ids = pair_ids
+        self.winner = winner  # (B, N, D)
+        self.loser = loser  # (B, N, D)
+        self.guidance_rows = guidance_rows  # B read-only uint16 arrays (len_i, E) of storage_dtype bits, or None
+        self.lengths = lengths  # (B,) int64 on CPU
+        self.guidance_dim = guidance_dim
+        self.storage_dtype = storage_dtype  # float16 or bfloat16
+        self._padded = padded
+
+    def __len__(self) -> int:
+        return len(self.pair_ids)
+
+    @property
+    def max_len(self) -> int:
+        return int(self.lengths.max()) if len(self.lengths) else 0
+
+    def _pad_into(self, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        out = torch.zeros(len(self), self.max_len, self.guidance_dim, dtype=dtype, device=device)
+        with warnings.catch_warnings():
+            # the rows wrap the immutable bytes Lance returned (no copy); they are only read here
+            warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+            for j, row in enumerate(self.guidance_rows or []):
+                out[j, : row.shape[0]].copy_(torch.from_numpy(row).view(self.storage_dtype))
+        return out
+
+    @property
+    def guidance(self) -> torch.Tensor:
+        """(B, L_max, E), zero-padded; L_max = 0 for guidance source "none"."""
+        if self._padded is None:
+            self._padded = self._pad_into(self.winner.device, self.storage_dtype)
+        return self._padded
+
+    @property
+    def mask(self) -> torch.Tensor:
+        """(B, L_max) bool, True = valid guidance position."""
+        m = torch.arange(self.max_len)[None, :] < self.lengths[:, None]
+        return m.to(self._padded.device) if self._padded is not None else m
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "Batch":
-        return Batch(self.pair_ids, self.winner.to(device, dtype), self.loser.to(device, dtype),
-                     self.guidance.to(device, dtype), self.mask.to(device))
+        g = self._padded.to(device, dtype) if self._padded is not None else self._pad_into(device, dtype)
+        return Batch(self.pair_ids, self.winner.to(device, dtype), self.loser.to(device, dtype), None,
+                     self.lengths, self.guidance_dim, self.storage_dtype, padded=g)
 
 
 def lake_dims(ds: Any, uri: str = "features") -> LakeDims:
@@ -116,6 +168,45 @@ def open_features(lake: str, version: int | None = None):
     return ds
 
 
+class BufferPool:
+    """Reusable bytearrays for blob reads (``BlobFile.readinto`` needs a bytearray).
+
+    A fresh bytearray costs a zero-fill as large as the read itself; recycling them
+    removes that. A buffer is handed out again only when nothing else references
+    it: an array made with ``np.frombuffer`` keeps its buffer alive, so a batch
+    still in use (or kept by the caller) never has its memory overwritten.
+    """
+
+    def __init__(self, max_free: int = 64) -> None:
+        self._bufs: list[bytearray] = []
+        self._lock = threading.Lock()
+        self.max_free = max_free
+        self.allocated = 0
+        probe = [bytearray(1)]
+        for b in probe:  # the count an unreferenced buffer shows inside the same loop shape as get()
+            self._free_refs = sys.getrefcount(b)
+
+    def get(self, size: int) -> bytearray:
+        """A buffer of at least ``size`` bytes (at most about twice that) that nothing else uses."""
+        with self._lock:
+            idle, i = [], 0
+            for b in self._bufs:
+                if sys.getrefcount(b) == self._free_refs:
+                    if size <= len(b) <= 2 * size + (1 << 20):
+                        return b
+                    idle.append(i)
+                i += 1
+            if len(idle) >= self.max_free:  # bound memory: drop an idle buffer that does not fit
+                del self._bufs[idle[0]]
+            buf = bytearray(max(size, 1))
+            self._bufs.append(buf)
+            self.allocated += 1
+            return buf
+
+    def __len__(self) -> int:
+        return len(self._bufs)
+
+
 class TrainLoader:
     """Rank-sharded, per-epoch shuffled, prefetching iterator over training batches of a lake."""
 
@@ -156,6 +247,7 @@ class TrainLoader:
         self.guidance_column = col
         self.guidance_dim = (self.dims.text_guidance_dim if guidance == "text" else self.dims.guidance_dim) or 0
         self._storage_dtype = self.dims.dtype
+        self._torch_dtype = torch.bfloat16 if self.dims.dtype == "bfloat16" else torch.float16
 
         pair_ids = self.ds.to_table(columns=["pair_id"]).column("pair_id").to_pylist()
         committed = None
@@ -188,7 +280,7 @@ class TrainLoader:
                 f"{world_size} ranks x {batch_size}. Embed more pairs or lower batch_size."
             )
         self.epoch, self.position = 0, 0
-        self._pool: ThreadPoolExecutor | None = None
+        self._buffers = BufferPool(max_free=max(16, (self.prefetch + 2) * batch_size))
 
     # ------------------------------------------------------------------ order and state
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -215,8 +307,8 @@ class TrainLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     # ------------------------------------------------------------------ reading
-    def read(self, indices: np.ndarray | list[int]) -> Batch:
-        """Read the rows at ``indices`` (dataset offsets) into a padded batch, in that order."""
+    def read(self, indices: np.ndarray | list[int], io: ThreadPoolExecutor | None = None) -> Batch:
+        """Read the rows at ``indices`` (dataset offsets) into a batch, in that order."""
         idx = [int(i) for i in indices]
         n, d = self.dims.ip_tokens, self.dims.ip_dim
         cols = ["pair_id", "winner_tokens", "loser_tokens"]
@@ -233,26 +325,40 @@ class TrainLoader:
             tok[c] = _two_byte_to_torch(flat.reshape(len(idx), n, d), self._storage_dtype)
         e = self.guidance_dim
         if self.guidance_column is None:
-            g = np.zeros((len(idx), 0, e), np.uint16)
-            mask = torch.zeros(len(idx), 0, dtype=torch.bool)
-        else:
-            lens = tbl.column(f"{self.guidance_column}_len").to_numpy()
-            blobs = self._read_blobs(self.guidance_column, idx)
-            g = np.zeros((len(idx), int(lens.max()) if len(lens) else 0, e), np.uint16)
-            for j, (raw, ln) in enumerate(zip(blobs, lens)):
-                if len(raw) != int(ln) * e * 2:
-                    raise UserError(
-                        f"pair {pids[j]!r}: {self.guidance_column} blob has {len(raw)} bytes, expected "
-                        f"{self.guidance_column}_len {ln} x {e} x 2. The lake is corrupt; re-embed this pair."
-                    )
-                g[j, :ln] = np.frombuffer(raw, dtype=np.uint16).reshape(int(ln), e)
-            mask = torch.from_numpy(np.arange(g.shape[1])[None, :] < lens[:, None])
-        return Batch(pids, tok["winner_tokens"], tok["loser_tokens"], _two_byte_to_torch(g, self._storage_dtype), mask)
+            return Batch(pids, tok["winner_tokens"], tok["loser_tokens"], [], torch.zeros(len(idx), dtype=torch.int64), e,
+                         self._torch_dtype)
+        lens = tbl.column(f"{self.guidance_column}_len").to_numpy().astype(np.int64)
+        rows = []
+        for j, (raw, ln) in enumerate(zip(self._read_blobs(self.guidance_column, idx, io), lens)):
+            if raw.nbytes != int(ln) * e * 2:
+                raise UserError(
+                    f"pair {pids[j]!r}: {self.guidance_column} blob has {raw.nbytes} bytes, expected "
+                    f"{self.guidance_column}_len {ln} x {e} x 2. The lake is corrupt; re-embed this pair."
+                )
+            rows.append(raw.reshape(int(ln), e))
+        return Batch(pids, tok["winner_tokens"], tok["loser_tokens"], rows, torch.from_numpy(lens), e,
+                     self._torch_dtype)
 
-    def _read_blobs(self, column: str, idx: list[int]) -> list[bytes]:
+    def _read_one(self, f: Any) -> np.ndarray:
+        size = f.size() if f is not None else 0
+        if size == 0:
+            return np.zeros(0, np.uint16)
+        buf = self._buffers.get(size)
+        # BlobFile.readinto(bytearray) is one read_into of the Lance handle; calling that directly
+        # skips the wrapper's refill path, which zero-fills a temporary for the buffer's slack.
+        inner = getattr(f, "inner", None)
+        n = inner.read_into(buf) if hasattr(inner, "read_into") else f.readinto(buf)
+        if n != size:
+            raise OSError(f"short read of a guidance blob: {n} of {size} bytes")
+        return np.frombuffer(buf, dtype=np.uint16, count=size // 2)
+
+    def _read_blobs(self, column: str, idx: list[int], io: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
+        """Each row's blob as a uint16 array, read whole into a recycled buffer; rows in parallel on ``io``."""
         if self.blob_api == "take_blobs":
-            return [f.readall() if f is not None else b"" for f in self.ds.take_blobs(column, indices=idx)]
-        return [b if b is not None else b"" for _, b in self.ds.read_blobs(column, indices=idx, preserve_order=True)]
+            handles = self.ds.take_blobs(column, indices=idx, buffer_size=0)
+            return list(io.map(self._read_one, handles)) if io is not None else [self._read_one(f) for f in handles]
+        return [np.frombuffer(b or b"", dtype=np.uint16) for _, b in
+                self.ds.read_blobs(column, indices=idx, preserve_order=True)]
 
     # ------------------------------------------------------------------ iteration
     def _batch_indices(self, epoch: int, position: int, order: np.ndarray) -> np.ndarray:
@@ -276,13 +382,15 @@ class TrainLoader:
                 self.epoch, self.position = (epoch, pos + 1) if pos + 1 < self.steps_per_epoch else (epoch + 1, 0)
                 yield batch
             return
-        pool = ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix="img-loader")
+        # One thread assembles batches ahead (up to `prefetch`); `num_workers` threads read blob rows.
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="img-loader")
+        io = ThreadPoolExecutor(max_workers=self.num_workers, thread_name_prefix="img-loader-io")
         inflight: deque[tuple[int, int, Future]] = deque()
         try:
             while True:
                 while len(inflight) < self.prefetch:
                     epoch, pos, idx = next(plan)
-                    inflight.append((epoch, pos, pool.submit(self.read, idx)))
+                    inflight.append((epoch, pos, pool.submit(self.read, idx, io)))
                 epoch, pos, fut = inflight.popleft()
                 batch = fut.result()
                 self.epoch, self.position = (epoch, pos + 1) if pos + 1 < self.steps_per_epoch else (epoch + 1, 0)
@@ -291,6 +399,7 @@ class TrainLoader:
             for _, _, fut in inflight:
                 fut.cancel()
             pool.shutdown(wait=True, cancel_futures=True)
+            io.shutdown(wait=True, cancel_futures=True)
 
     def heldout_batches(self, batch_size: int | None = None, max_pairs: int = 0) -> Iterator[Batch]:
         """This rank's share of the held-out pairs (round-robin, fixed order), in batches."""

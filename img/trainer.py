@@ -84,7 +84,7 @@ class TrainConfig:
     guidance: Literal["mllm", "none", "text"] = "mllm"  # none = no guidance (empty); text = caption features
     heldout_fraction: float = 0.05  # pairs held out by pair_id hash, for the end-of-run evaluation
     seed: int = 0  # model init, reference init, data order
-    num_workers: int = 1  # loader threads (1 overlaps reading with compute; more contend for the GIL)
+    num_workers: int = 2  # threads reading guidance blobs in parallel (0 = read in the training thread)
     prefetch: int = 4  # batches in flight (memory bound)
     # run
     log_every: int = 10  # log line + samples/s every N steps

@@ -103,6 +103,34 @@ def test_loader_state_resumes_the_exact_order(lake):
         bad.load_state_dict(state)
 
 
+def test_buffer_pool_never_hands_out_a_buffer_in_use(lake):
+    from img.train_loader import BufferPool
+
+    pool = BufferPool(max_free=2)
+    a = pool.get(1000)
+    view = np.frombuffer(a, np.uint8)
+    del a
+    b = pool.get(1000)
+    assert b is not view.base  # still viewed: not reused
+    del b
+    c = pool.get(900)  # b is idle and large enough
+    assert pool.allocated == 2 and c is not view.base
+    del view, c
+    assert pool.get(1000) is not None and pool.allocated == 2  # reused an idle buffer
+    for size in (10**5, 2 * 10**5, 4 * 10**5):  # none fit: idle buffers beyond max_free are dropped
+        pool.get(size)
+    assert len(pool) <= 4
+    # batches read through the pool keep their values while later batches are read
+    root, arrays = lake
+    loader = TrainLoader(root, batch_size=8, num_workers=2, prefetch=2)
+    it = iter(loader)
+    kept = [next(it) for _ in range(6)]
+    for batch in kept:
+        for j, pid in enumerate(batch.pair_ids):
+            i = _row(arrays, pid)
+            assert torch.equal(batch.guidance[j, : arrays["lens"][i]], torch.from_numpy(arrays["guidance"][i]))
+
+
 def test_loader_pins_table_versions(tmp_path):
     root = str(tmp_path / "grow")
     arrays = write_synthetic_lake(root, n_pairs=40, uncommitted=8, **DIMS)
