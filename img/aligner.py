@@ -120,7 +120,8 @@ class ImplicitAligner(nn.Module):
         self.proj_in = nn.Linear(config.guidance_dim, config.dim)
         self.layers = nn.ModuleList(
             nn.ModuleList(
-                [PerceiverAttention(config.dim, config.dim_head, config.heads), _feed_forward(config.dim, config.ff_mult)]
+                [PerceiverAttention(config.dim, config.dim_head, config.heads),
+                 _feed_forward(config.dim, config.ff_mult)]
             )
             for _ in range(config.depth)
         )
@@ -224,7 +225,10 @@ def load_official_checkpoint(
     strictly; a mismatch raises ``UserError`` naming the missing/unexpected keys and bad shapes.
     """
     config = config or AlignerConfig()
-    sd = _read_state_dict(state_dict_or_path) if isinstance(state_dict_or_path, (str, Path)) else dict(state_dict_or_path)
+    if isinstance(state_dict_or_path, (str, Path)):
+        sd = _read_state_dict(state_dict_or_path)
+    else:
+        sd = dict(state_dict_or_path)
     sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
     model = ImplicitAligner(config)
     expected = model.state_dict()

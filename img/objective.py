@@ -117,6 +117,9 @@ class ReferenceKeeper:
 
     A step is a win when the batch-mean d(w, f(c)) is *strictly* below the batch-mean
     d(w, f_ref(c)); a tie is not a win. A non-win resets the streak; so does each copy.
+    Note: the step right after a copy compares f with itself (f == f_ref before that
+    step's update), a tie, so while f keeps improving copies come every k + 1 steps.
+    In multi-rank training, pass the all-reduced means so every rank decides alike.
     """
 
     def __init__(self, k: int = 10) -> None:

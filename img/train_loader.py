@@ -227,7 +227,8 @@ class TrainLoader:
         blob_api: Literal["read_blobs", "take_blobs"] = "take_blobs",
     ) -> None:
         if guidance not in ("mllm", "text", "none"):
-            raise UserError(f"guidance source {guidance!r} must be 'mllm', 'text' or 'none'. Set `guidance` in the train TOML.")
+            raise UserError(f"guidance source {guidance!r} must be 'mllm', 'text' or 'none'. "
+                            "Set `guidance` in the train TOML.")
         if not 0.0 <= heldout_fraction < 1.0:
             raise UserError(f"heldout_fraction={heldout_fraction} must be in [0, 1).")
         if batch_size < 1 or not 0 <= rank < world_size:
@@ -268,7 +269,8 @@ class TrainLoader:
                 continue
             (held if is_heldout(pid, heldout_fraction) else train).append(i)
         if skipped:
-            log.warning("%d features rows have no committed pair in pairs.lance (embed still running?); skipped", skipped)
+            log.warning("%d features rows have no committed pair in pairs.lance (embed still running?); skipped",
+                        skipped)
         self.pair_ids = pair_ids
         self.train_indices = np.asarray(train, dtype=np.int64)
         self.heldout_indices = np.asarray(held, dtype=np.int64)
@@ -325,8 +327,8 @@ class TrainLoader:
             tok[c] = _two_byte_to_torch(flat.reshape(len(idx), n, d), self._storage_dtype)
         e = self.guidance_dim
         if self.guidance_column is None:
-            return Batch(pids, tok["winner_tokens"], tok["loser_tokens"], [], torch.zeros(len(idx), dtype=torch.int64), e,
-                         self._torch_dtype)
+            return Batch(pids, tok["winner_tokens"], tok["loser_tokens"], [], torch.zeros(len(idx), dtype=torch.int64),
+                         e, self._torch_dtype)
         lens = tbl.column(f"{self.guidance_column}_len").to_numpy().astype(np.int64)
         rows = []
         for j, (raw, ln) in enumerate(zip(self._read_blobs(self.guidance_column, idx, io), lens)):

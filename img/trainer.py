@@ -22,6 +22,11 @@ Run folder::
     aligner/                          the final aligner (fp32), for `img infer`
 
 Scalars go to ``<lake>/metrics.lance`` (run_id, step, name, value).
+
+Our own files are safetensors/JSON. The DeepSpeed engine state is written and read
+by DeepSpeed itself (``save_checkpoint`` / ``load_checkpoint``; its loader calls
+``torch.load(weights_only=False)`` internally), so only resume from run folders
+you made.
 """
 from __future__ import annotations
 
@@ -350,7 +355,8 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
             run_dir.mkdir(parents=True, exist_ok=True)
             run_json.write_text(json.dumps({
                 "run_id": run_id, "fingerprint": fp, "lake": str(lake), "profile": profile, "world_size": world,
-                "features_version": loader.version, "pairs_version": loader.pairs_version, "dims": dataclasses.asdict(loader.dims),
+                "features_version": loader.version, "pairs_version": loader.pairs_version,
+                "dims": dataclasses.asdict(loader.dims),
                 "aligner": acfg.to_dict(), "config": dataclasses.asdict(cfg),
                 "train_pairs": int(len(loader.train_indices)), "heldout_pairs": int(len(loader.heldout_indices)),
             }, indent=2, sort_keys=True, default=str) + "\n")

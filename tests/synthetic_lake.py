@@ -2,7 +2,8 @@
 
 Each pair has random loser tokens l (N x D) and guidance h (len_i x E) whose rows
 are u + noise for a per-pair vector u. The winner is the loser with its first
-``k`` channels (default D/4) *replaced* by u @ A (A fixed, the same for every token: tokens carry no position): w = l with w[..., :k] = g(h).
+``k`` channels (default D/4) *replaced* by u @ A (A fixed and the same for every
+token, since tokens carry no position): w = l with w[..., :k] = g(h).
 So f(h, l) = "set channels :k to g(h)" is learnable from the guidance only, and
 it is idempotent, so the inference setting (3 passes) is meaningful too.
 """

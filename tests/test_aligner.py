@@ -36,7 +36,8 @@ def test_key_layout_matches_release():
     for i in range(4):
         expected |= {f"layers.{i}.0.{n}.{p}" for n in ("norm1", "norm2") for p in ("weight", "bias")}
         expected |= {f"layers.{i}.0.{n}.weight" for n in ("to_q", "to_kv", "to_out")}
-        expected |= {f"layers.{i}.1.0.weight", f"layers.{i}.1.0.bias", f"layers.{i}.1.1.weight", f"layers.{i}.1.3.weight"}
+        expected |= {f"layers.{i}.1.0.weight", f"layers.{i}.1.0.bias",
+                     f"layers.{i}.1.1.weight", f"layers.{i}.1.3.weight"}
     assert keys == expected
     with torch.device("meta"):
         sd = ImplicitAligner(AlignerConfig()).state_dict()

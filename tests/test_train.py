@@ -165,7 +165,8 @@ def test_loader_guidance_sources_and_bf16(tmp_path, lake):
     i = _row(bf, b.pair_ids[0])
     assert b.winner.dtype == torch.bfloat16
     assert torch.equal(b.winner[0], torch.from_numpy(bf["winner"][i].astype(np.float32)).bfloat16())
-    assert torch.equal(b.guidance[0, : bf["lens"][i]], torch.from_numpy(bf["guidance"][i].astype(np.float32)).bfloat16())
+    want = torch.from_numpy(bf["guidance"][i].astype(np.float32)).bfloat16()
+    assert torch.equal(b.guidance[0, : bf["lens"][i]], want)
     with pytest.raises(UserError, match="no features table"):
         TrainLoader(str(tmp_path / "nothing"))
     nolake = tmp_path / "notext"
@@ -335,7 +336,8 @@ def test_two_ranks_match_one_rank_with_the_global_batch(tmp_path, train_lake):
     m2, m1 = _metrics(train_lake, _run_id(two)), _metrics(train_lake, _run_id(one))
     assert sorted(m2["loss"]) == list(range(1, 13))
     for s in range(1, 13):
-        assert abs(m2["loss"][s] - m1["loss"][s]) < 1e-4 * max(1.0, abs(m1["loss"][s])), (s, m2["loss"][s], m1["loss"][s])
+        a, b = m2["loss"][s], m1["loss"][s]
+        assert abs(a - b) < 1e-4 * max(1.0, abs(b)), (s, a, b)
     assert m2["heldout_pairs"][12] == m1["heldout_pairs"][12]
     assert abs(m2["heldout_d_aligned"][12] - m1["heldout_d_aligned"][12]) < 1e-4
     assert (two / "checkpoints" / "step_00000012" / "rng_rank1.safetensors").is_file()
