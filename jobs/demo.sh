@@ -1,20 +1,36 @@
 #!/usr/bin/env bash
-# The demo `make demo` runs: sample -> embed -> train -> infer -> SQL summary, offline, tiny profile.
-# Everything lands under ./demo (deleted and rebuilt each run).
+# `make demo`: sample -> embed -> train -> infer -> SQL summary, offline, on the tiny profile.
+# Everything lands under ./demo (rebuilt on every run). Takes a few minutes on 2 CPU cores.
 set -euo pipefail
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 RAY_USAGE_STATS_ENABLED=0 TOKENIZERS_PARALLELISM=false
 OUT=${DEMO_DIR:-demo}
 PAIRS=${DEMO_PAIRS:-2000}
+STEPS=${DEMO_STEPS:-300}
 rm -rf "$OUT"
 mkdir -p "$OUT"
 step() { printf '\n== %s\n' "$*"; }
 
-step "1/3 shapes-world sample in Pick-a-Pic v2 format ($PAIRS rows, 10% ties, 2% corrupt)"
+step "1/6 shapes-world sample in Pick-a-Pic v2 format ($PAIRS rows, 10% ties, 2% corrupt JPEGs)"
 img data sample --out "$OUT/data" --pairs "$PAIRS" --seed 0 --corrupt 0.02
 
-step "2/3 the tiny profile resolves through from_pretrained"
+step "2/6 the tiny profile (random weights, real classes) loads through from_pretrained"
 img profile check tiny
 
-step "3/3 SQL over the sample"
-img sql --lake "$OUT" --source "$OUT/data" \
-  "select broken, count(*) as pairs, round(avg(length(jpg_0))) as jpg_bytes from source group by broken order by broken"
+step "3/6 embed every decisive pair once (Ray Data -> Lance): IP tokens + MLLM guidance"
+img jobs embed --dataset pickapic --source "$OUT/data" --profile tiny --lake "$OUT/lake"
+
+step "4/6 train the Implicit Aligner on the cached tensors (DeepSpeed, CPU, $STEPS steps)"
+img jobs train --lake "$OUT/lake" --profile tiny --steps "$STEPS" --run-dir "$OUT/run" \
+  --config jobs/demo_train.toml
+
+step "5/6 IMG inference with the trained aligner: initial image + 2 re-aligned rounds"
+img infer --profile tiny --aligner "$OUT/run/aligner" --seed 3 --rounds 2 --lake "$OUT/lake" --out "$OUT/images" \
+  --prompt "a red circle to the left of two blue squares"
+
+step "6/6 SQL over the lake (read-only DuckDB)"
+img sql --lake "$OUT/lake" "select name, rows, fingerprint from img_tables order by name"
+img sql --lake "$OUT/lake" "select broken, count(*) as pairs, round(avg(length(caption))) as caption_chars from pairs group by broken order by broken"
+img sql --lake "$OUT/lake" "select reason, count(*) as n from quarantine group by reason order by n desc"
+img sql --lake "$OUT/lake" "select name, round(value, 4) as value from metrics where name like 'heldout%' order by name"
+img sql --lake "$OUT/lake" "select round, path, round(coalesce(t_base_s, 0) + coalesce(t_ip_s, 0) + coalesce(t_mllm_s, 0) + coalesce(t_aligner_s, 0) + coalesce(t_regen_s, 0), 2) as seconds from generations order by round"
+printf '\nDone. Images: %s/images   Lake: %s/lake   Try: img sql --lake %s/lake "select * from img_tables"\n' "$OUT" "$OUT" "$OUT"
