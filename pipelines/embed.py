@@ -161,6 +161,16 @@ def _to_storage(t, dtype: str) -> np.ndarray:
     return t.to(torch.float16).contiguous().numpy()
 
 
+def _unpadded(column: str, hidden: list, idx: np.ndarray, n: int, dtype: str) -> dict[str, np.ndarray]:
+    """Per-row (L_i, E) tensors as blob bytes in ``column`` plus their lengths; rows not in ``idx`` stay empty."""
+    blobs = [b""] * n
+    lens = np.zeros(n, np.int32)
+    for i, h in zip(idx, hidden):
+        blobs[i] = _to_storage(h, dtype).tobytes()
+        lens[i] = h.shape[0]
+    return {column: _ragged(blobs), f"{column}_len": lens}
+
+
 def _pil(arr: np.ndarray):
     from PIL import Image
 
@@ -234,16 +244,10 @@ class Guidance(_ModelStage):
         return GuidanceEncoder(self.profile, device=self.device)
 
     def compute(self, batch, good):
-        n = len(good)
-        blobs = [b""] * n
-        lens = np.zeros(n, np.int32)
         idx = np.flatnonzero(good)
-        if len(idx):
-            hidden = self.encoder([_pil(batch["loser_image"][i]) for i in idx], [str(batch["question"][i]) for i in idx])
-            for i, h in zip(idx, hidden):
-                blobs[i] = _to_storage(h, self.profile.tensor_dtype).tobytes()
-                lens[i] = h.shape[0]
-        return {"guidance": _ragged(blobs), "guidance_len": lens}
+        hidden = self.encoder([_pil(batch["loser_image"][i]) for i in idx],
+                              [str(batch["question"][i]) for i in idx]) if len(idx) else []
+        return _unpadded("guidance", hidden, idx, len(good), self.profile.tensor_dtype)
 
 
 class TextGuidance(_ModelStage):
@@ -257,16 +261,9 @@ class TextGuidance(_ModelStage):
         return TextGuidanceEncoder(self.profile, device=self.device)
 
     def compute(self, batch, good):
-        n = len(good)
-        blobs = [b""] * n
-        lens = np.zeros(n, np.int32)
         idx = np.flatnonzero(good)
-        if len(idx):
-            hidden = self.encoder([str(batch["caption"][i]) for i in idx])
-            for i, h in zip(idx, hidden):
-                blobs[i] = _to_storage(h, self.profile.tensor_dtype).tobytes()
-                lens[i] = h.shape[0]
-        return {"text_guidance": _ragged(blobs), "text_guidance_len": lens}
+        hidden = self.encoder([str(batch["caption"][i]) for i in idx]) if len(idx) else []
+        return _unpadded("text_guidance", hidden, idx, len(good), self.profile.tensor_dtype)
 
 
 class WriteFragments:
