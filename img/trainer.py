@@ -23,10 +23,13 @@ Run folder::
 
 Scalars go to ``<lake>/metrics.lance`` (run_id, step, name, value).
 
-Our own files are safetensors/JSON. The DeepSpeed engine state is written and read
-by DeepSpeed itself (``save_checkpoint`` / ``load_checkpoint``; its loader calls
-``torch.load(weights_only=False)`` internally), so only resume from run folders
-you made.
+Our own files are safetensors/JSON. The DeepSpeed engine state is written by
+``engine.save_checkpoint`` in DeepSpeed's format and read back by
+``engine.load_checkpoint`` through :mod:`img.checkpoint_io`, which swaps DeepSpeed's
+checkpoint engine for one that unpickles with ``torch.load(weights_only=True)``
+and allows only the three DeepSpeed classes those files hold (ZeroStageEnum,
+LossScaler, fragment_address). No pickle is loaded with ``weights_only=False``;
+a file naming any other global is refused.
 """
 from __future__ import annotations
 
@@ -325,6 +328,9 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
                                   betas=tuple(cfg.betas))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, world, bf16))
+    from img.checkpoint_io import use_weights_only_loading
+
+    use_weights_only_loading(engine)  # DeepSpeed's own loader would unpickle with weights_only=False
     ref.to(device=device, dtype=dtype)
     keeper = ReferenceKeeper(cfg.k)
     start = 0

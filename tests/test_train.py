@@ -5,6 +5,7 @@ function of the guidance), so training must beat doing nothing on held-out pairs
 """
 from __future__ import annotations
 
+import argparse
 import math
 import os
 import signal
@@ -280,6 +281,57 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, train_lake):
     with pytest.raises(UserError, match="fingerprint"):
         _train(["--lake", train_lake, "--config", str(_toml(tmp_path, batch=4)), "--steps", "30",
                 "--run-dir", str(b), "--resume"])
+
+
+def _only_weights_only_torch_load(monkeypatch) -> list[str]:
+    """Make torch.load raise unless called with weights_only=True; returns the files it loaded."""
+    real, loaded = torch.load, []
+
+    def guarded(f, *args, **kwargs):
+        if kwargs.get("weights_only") is not True:
+            raise AssertionError(f"torch.load({f!r}) with weights_only={kwargs.get('weights_only')!r}")
+        loaded.append(Path(f).name)
+        return real(f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "load", guarded)
+    monkeypatch.setattr(torch.serialization, "load", guarded)
+    return loaded
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2])
+def test_resume_never_unpickles_with_weights_only_false(tmp_path, train_lake, monkeypatch, stage):
+    """Resume (in-process) reads every DeepSpeed file with weights_only=True and still matches an uninterrupted run."""
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    from img.checkpoint_io import weights_only_load
+
+    cfg = str(_toml(tmp_path, extra=f"zero_stage = {stage}\n"))
+    base = ["--lake", train_lake, "--profile", "tiny", "--config", cfg, "--checkpoint-every", "3"]
+    a, b = tmp_path / "a", tmp_path / "b"
+    _train([*base, "--steps", "6", "--run-dir", str(a)])
+    _train([*base, "--steps", "3", "--run-dir", str(b)])
+    ck = b / "checkpoints" / "step_00000003"
+    files = sorted(p.name for p in ck.glob("*.pt"))
+    assert files == (["mp_rank_00_model_states.pt"] if stage == 0 else
+                     ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
+
+    loaded = _only_weights_only_torch_load(monkeypatch)
+    with pytest.raises(AssertionError, match="weights_only=False"):  # DeepSpeed's own loader is caught
+        TorchCheckpointEngine().load(str(ck / files[0]))
+    _train([*base, "--steps", "6", "--run-dir", str(b), "--resume"])
+    assert sorted(set(loaded)) == files  # every DeepSpeed file went through the guarded, weights-only load
+    monkeypatch.undo()
+
+    ma, mb = _metrics(train_lake, _run_id(a)), _metrics(train_lake, _run_id(b))
+    for name in ("loss", "loss_base", "loss_pref", "d_win_ref"):
+        assert sorted(mb[name]) == list(range(1, 7))
+        for s in range(4, 7):
+            assert abs(ma[name][s] - mb[name][s]) <= 1e-6, (stage, name, s, ma[name][s], mb[name][s])
+    # a file naming a global outside the allowlist is refused, naming it
+    bad = tmp_path / "bad.pt"
+    torch.save({"ok": torch.ones(2), "cfg": argparse.Namespace(x=1)}, bad)
+    with pytest.raises(UserError, match=r"argparse\.Namespace.*new --run-dir"):
+        weights_only_load(bad)
 
 
 @pytest.mark.parametrize("guidance", ["none", "text"])
