@@ -24,6 +24,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -385,13 +386,15 @@ def _init_ray() -> None:
 
     if ray.is_initialized():
         return
+    # Ray starts its processes with fork+exec; no Lance handle is used in a forked child, so the warning is moot.
+    warnings.filterwarnings("ignore", message="lance is not fork-safe")
     if os.environ.get("RAY_ADDRESS"):
         log.info("connecting to Ray cluster at %s", os.environ["RAY_ADDRESS"])
         ray.init(log_to_driver=False)
     else:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     for name in ("ray", "ray.data", "ray.data._internal.execution.streaming_executor"):
-        logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger(name).setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
@@ -429,9 +432,11 @@ def build_dataset(units: list[dict], lake: str, profile_name: str, cfg: EmbedCon
     for stage, pool in stages:
         threads = max(1, int(round(pool.num_cpus)))
         ds = ds.map_batches(stage, fn_constructor_args=(profile_name, "auto", threads), batch_size=pool.batch_size,
-                            concurrency=pool.concurrency, num_gpus=pool.num_gpus or None, num_cpus=pool.num_cpus)
+                            compute=ray.data.ActorPoolStrategy(size=pool.concurrency),
+                            num_gpus=pool.num_gpus or None, num_cpus=pool.num_cpus)
     ds = ds.map_batches(WriteFragments, fn_constructor_args=(lake, schemas, cfg.storage_options),
-                        batch_size=cfg.rows_per_fragment, num_cpus=cfg.decode_cpus, concurrency=1)
+                        batch_size=cfg.rows_per_fragment, num_cpus=cfg.decode_cpus,
+                        compute=ray.data.ActorPoolStrategy(size=1))
     return ds
 
 
