@@ -98,7 +98,7 @@ class TrainConfig:
     log_every: int = 10  # log line + samples/s every N steps
     checkpoint_every: int = 1000  # also at the last step
     keep_checkpoints: int = 2  # older checkpoints are deleted
-    eval_passes: int = 3  # held-out evaluation uses the inference setting: 3 aligner passes
+    eval_passes: int = 3  # held-out figures are also given with this many passes (the inference setting)
     eval_max_pairs: int = 2000  # cap on held-out pairs evaluated (0 = all)
     # engine
     deepspeed_config: str = "jobs/deepspeed_zero0.json"  # relative to the cwd or the repo root
@@ -471,25 +471,26 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
 @torch.no_grad()
 def evaluate_heldout(model: torch.nn.Module, loader: TrainLoader, cfg: TrainConfig, device: torch.device,
                      dtype: torch.dtype, world: int) -> dict[str, float]:
-    """Held-out pairs: d(w, f^passes(c)) in the inference setting vs d(w, l), and the win rate.
+    """Held-out pairs: d(w, f(c)) vs d(w, l), the win rate, and the same in the inference setting.
 
-    heldout_d_aligned       mean d(w, aligner applied ``eval_passes`` times)  (inference: 3 passes)
-    heldout_d_aligned_1pass mean d(w, f(c)), the quantity the objective trains
-    heldout_d_identity      mean d(w, l): doing nothing
-    heldout_win_rate        share of pairs with d(w, aligned) < d(w, l)
+    heldout_d_aligned         mean d(w, f(c)): one aligner pass, the quantity the objective trains
+    heldout_d_identity        mean d(w, l): doing nothing
+    heldout_win_rate          share of pairs with d(w, f(c)) < d(w, l)
+    heldout_d_aligned_{k}pass, heldout_win_rate_{k}pass
+                              the same with the aligner applied k = ``eval_passes`` times (inference: 3)
     """
     import torch.distributed as dist
 
     was_training = model.training
     model.eval()
-    sums = torch.zeros(5, dtype=torch.float64)
+    sums = torch.zeros(6, dtype=torch.float64)
     for batch in loader.heldout_batches(max_pairs=cfg.eval_max_pairs):
         b = batch.to(device, dtype)
         one = model(b.guidance, b.loser, b.mask)
         aligned = model.align(b.guidance, b.loser, passes=cfg.eval_passes, guidance_mask=b.mask)
         d_al, d_one, d_id = sq_dist(b.winner, aligned), sq_dist(b.winner, one), sq_dist(b.winner, b.loser)
         sums += torch.stack([d_al.sum(), d_one.sum(), d_id.sum(), (d_al < d_id).sum(),
-                             torch.tensor(float(len(d_al)))]).double().cpu()
+                             torch.tensor(float(len(d_al))), (d_one < d_id).sum()]).double().cpu()
     if world > 1:
         dist.all_reduce(sums)
     model.train(was_training)
@@ -497,10 +498,12 @@ def evaluate_heldout(model: torch.nn.Module, loader: TrainLoader, cfg: TrainConf
     if n == 0:
         log.warning("no held-out pairs (heldout_fraction=%s): skipping the held-out evaluation", cfg.heldout_fraction)
         return {}
-    out = {"heldout_d_aligned": sums[0].item() / n, "heldout_d_aligned_1pass": sums[1].item() / n,
-           "heldout_d_identity": sums[2].item() / n, "heldout_win_rate": sums[3].item() / n, "heldout_pairs": n}
+    k = cfg.eval_passes
+    out = {"heldout_d_aligned": sums[1].item() / n, "heldout_d_identity": sums[2].item() / n,
+           "heldout_win_rate": sums[5].item() / n, f"heldout_d_aligned_{k}pass": sums[0].item() / n,
+           f"heldout_win_rate_{k}pass": sums[3].item() / n, "heldout_pairs": n}
     if dist.get_rank() == 0:
-        log.info("held-out (%d pairs, %d passes): d_aligned %.5f, d_1pass %.5f, d_identity %.5f, win rate %.3f",
-                 n, cfg.eval_passes, out["heldout_d_aligned"], out["heldout_d_aligned_1pass"],
-                 out["heldout_d_identity"], out["heldout_win_rate"])
+        log.info("held-out (%d pairs): d_aligned %.5f (%d passes: %.5f), d_identity %.5f, win rate %.3f (%d passes: %.3f)",
+                 n, out["heldout_d_aligned"], k, out[f"heldout_d_aligned_{k}pass"], out["heldout_d_identity"],
+                 out["heldout_win_rate"], k, out[f"heldout_win_rate_{k}pass"])
     return out
