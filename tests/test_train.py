@@ -349,7 +349,6 @@ def test_guidance_ablations_train(tmp_path, guidance):
 
 
 def test_profile_dims_must_match_the_lake(tmp_path):
-    pytest.importorskip("img.profiles")
     other = tmp_path / "other"
     write_synthetic_lake(str(other), n_pairs=32, ip_tokens=2, ip_dim=8, guidance_dim=6, profile="elsewhere")
     with pytest.raises(UserError, match=r"profile 'tiny' has ip_tokens x ip_dim .* 2 x 8 .*--profile elsewhere"):
