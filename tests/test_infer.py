@@ -28,13 +28,7 @@ def px(image) -> np.ndarray:
     return np.asarray(image).astype(np.int16)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run single-threaded, as `img infer` runs them (see img.infer._set_threads); restored after."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -28,13 +28,7 @@ REPO = Path(__file__).resolve().parents[1]
 DIMS = tiny_dims()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """Tiny matrices gain nothing from intra-op threads, and on a busy 2-core machine OpenMP spin-waits stall."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.py
 
 
 @pytest.fixture(scope="module")
