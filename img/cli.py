@@ -22,6 +22,9 @@ import typer
 
 from img.errors import UserError
 
+# Each command imports its own stack (Ray, DeepSpeed, diffusers) inside its function, so `img --help`
+# and `img sql` start in well under a second and `img infer` never loads Ray or DeepSpeed.
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="IMG: Implicit Multimodal Guidance - embed, train, infer, query.")
 data_app = typer.Typer(no_args_is_help=True, help="Input data: the bundled Pick-a-Pic-format sample.")
@@ -66,7 +69,7 @@ def data_sample(
     shard_rows: int = typer.Option(500, "--shard-rows", help="Rows per parquet shard."),
 ) -> None:
     """Write a procedurally drawn shapes-world sample with Pick-a-Pic v2 columns."""
-    from img.sample import write_sample
+    from img.data.sample import write_sample
 
     summary = write_sample(out, pairs=pairs, seed=seed, corrupt=corrupt, ties=ties, shard_rows=shard_rows)
     typer.echo(summary)
@@ -79,7 +82,7 @@ def profile_check(
     dry_run: bool = typer.Option(False, "--dry-run", help="Build real-size architectures on the meta device; no weights."),
 ) -> None:
     """Report, component by component, what a profile resolves to."""
-    from img.profile_check import check
+    from img.app.profile_check import check
 
     raise typer.Exit(check(name, dry_run=dry_run))
 
@@ -87,7 +90,7 @@ def profile_check(
 @profile_app.command("list")
 def profile_list() -> None:
     """List the known profiles."""
-    from img.profiles import ALIASES, PROFILES
+    from img.models.profiles import ALIASES, PROFILES
 
     for name, p in PROFILES.items():
         d = p.dims
@@ -104,7 +107,7 @@ def sql(
     source: Optional[Path] = typer.Option(None, "--source", help="Also expose these parquet shards as view `source`."),
 ) -> None:
     """Run a read-only DuckDB query over every table in the lake."""
-    from img.sql import run_query
+    from img.lake.sql import run_query
 
     typer.echo(run_query(str(lake), query, as_json=as_json, source=str(source) if source else None))
 
@@ -151,7 +154,7 @@ def jobs_train(
     --steps is the run's total; with --resume the run continues from its last checkpoint up to it.
     """
     from img.config import load_config
-    from img.trainer import DEFAULT_CONFIG, TrainConfig, run_training
+    from img.training.trainer import DEFAULT_CONFIG, TrainConfig, run_training
 
     cfg_path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     cfg = load_config(TrainConfig, cfg_path, overrides={"checkpoint_every": checkpoint_every})
@@ -167,7 +170,7 @@ def bench_embed(
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON figures."),
 ) -> None:
     """Embed job (Ray + Lance) vs a bare in-process loop over the same models and data."""
-    from pipelines.bench_embed import run_bench
+    from img.app.bench_embed import run_bench
 
     if pairs < 8:
         raise UserError(f"--pairs must be >= 8, got {pairs}. Pass a larger sample size.")
@@ -201,7 +204,7 @@ def infer(
     as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON."),
 ) -> None:
     """Generate with the base model, then regenerate with IMG (MLLM guidance -> aligner -> IP-Adapter)."""
-    from img.infer import read_prompts, run_infer
+    from img.inference.infer import read_prompts, run_infer
 
     summary = run_infer(
         read_prompts(prompt, prompts), profile, out, aligner=aligner, seed=seed, rounds=rounds, lake=lake,
@@ -221,7 +224,7 @@ def bench_loader(
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder for the temporary table (default: system temp)."),
 ) -> None:
     """Training loader (Lance blobs) vs a raw memmap read of the same bytes, same order, batch 8."""
-    from img.bench_loader import run_bench
+    from img.app.bench_loader import run_bench
 
     if rows < 8:
         raise UserError(f"--rows must be >= 8 (one batch), got {rows}. Pass a larger row count.")

@@ -4,7 +4,7 @@ Callable classes, so Ray Data actors wrap them as they are (load once, call per
 batch). Inputs are lists; outputs are CPU tensors in the encoder's compute
 dtype (float32 on CPU; the profile's ``tensor_dtype`` on GPU); no randomness::
 
-    from img.profiles import get_profile
+    from img.models.profiles import get_profile
     from img.features import IPTokenEncoder, GuidanceEncoder, TextGuidanceEncoder
     from img.questions import question_for
 
@@ -23,7 +23,10 @@ from typing import Any, Sequence
 
 import torch
 
-from img.profiles import Profile, get_profile
+from img.models.profiles import Profile, get_profile
+from img.models.loading import compute_dtype, load_ip_image_encoder, load_ip_projection
+from img.models.loading import compute_dtype, load_mllm
+from img.models.loading import compute_dtype, load_text_encoders
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +57,6 @@ class IPTokenEncoder:
     """
 
     def __init__(self, profile: Profile | str, device: str | torch.device = "cpu", dtype: Any = None) -> None:
-        from img.model_loading import compute_dtype, load_ip_image_encoder, load_ip_projection
 
         self.profile = _profile(profile)
         self.device = torch.device(device)
@@ -107,7 +109,6 @@ class GuidanceEncoder:
     """
 
     def __init__(self, profile: Profile | str, device: str | torch.device = "cpu", dtype: Any = None) -> None:
-        from img.model_loading import compute_dtype, load_mllm
 
         self.profile = _profile(profile)
         self.device = torch.device(device)
@@ -153,7 +154,6 @@ class TextGuidanceEncoder:
     """
 
     def __init__(self, profile: Profile | str, device: str | torch.device = "cpu", dtype: Any = None) -> None:
-        from img.model_loading import compute_dtype, load_text_encoders
 
         self.profile = _profile(profile)
         self.device = torch.device(device)

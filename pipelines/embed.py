@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from img import lake as lake_mod
+from img.lake import tables as lake_mod
 from img.config import fingerprint
 from img.errors import UserError
 from pipelines.embed_config import EmbedConfig
@@ -40,6 +40,11 @@ from schemas import features as features_schema
 from schemas import pairs as pairs_schema
 from schemas import quarantine as quarantine_schema
 from schemas.meta import with_provenance
+from img.features import GuidanceEncoder
+from img.features import IPTokenEncoder
+from img.features import TextGuidanceEncoder
+from img.models.profiles import get_profile
+from img.questions import question_for
 
 log = logging.getLogger(__name__)
 
@@ -111,7 +116,6 @@ class Decode:
             return None, f"{which}: does not decode ({type(e).__name__}: {detail})"
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        from img.questions import question_for
 
         t0 = time.perf_counter()
         n = len(batch["pair_id"])
@@ -186,7 +190,6 @@ class _ModelStage:
     def __init__(self, profile_name: str, device: str = "auto", threads: int = 0):
         import torch
 
-        from img.profiles import get_profile
 
         if threads:
             torch.set_num_threads(threads)  # one actor per core share; Ray's OMP default may differ
@@ -215,7 +218,6 @@ class IPTokens(_ModelStage):
     timer = "t_ip"
 
     def load(self):
-        from img.features import IPTokenEncoder
 
         return IPTokenEncoder(self.profile, device=self.device)
 
@@ -240,7 +242,6 @@ class Guidance(_ModelStage):
     timer = "t_mllm"
 
     def load(self):
-        from img.features import GuidanceEncoder
 
         return GuidanceEncoder(self.profile, device=self.device)
 
@@ -257,7 +258,6 @@ class TextGuidance(_ModelStage):
     timer = "t_text"
 
     def load(self):
-        from img.features import TextGuidanceEncoder
 
         return TextGuidanceEncoder(self.profile, device=self.device)
 
@@ -454,7 +454,6 @@ def _disk_bytes(path: str) -> int:
 def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_table: bool = False,
               progress: bool = True) -> EmbedSummary:
     """Embed every not-yet-done decisive pair of ``source`` into ``lake``; see the module docstring."""
-    from img.profiles import get_profile
 
     t_start = time.perf_counter()
     profile = get_profile(profile_name)

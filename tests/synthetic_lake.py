@@ -18,9 +18,9 @@ from schemas.meta import with_provenance
 
 
 def tiny_dims() -> dict[str, int]:
-    """(ip_tokens, ip_dim, guidance_dim) of the ``tiny`` profile, or small stand-ins without img.profiles."""
+    """(ip_tokens, ip_dim, guidance_dim) of the ``tiny`` profile, or small stand-ins without img.models.profiles."""
     try:
-        from img.profiles import get_profile
+        from img.models.profiles import get_profile
     except ImportError:
         return {"ip_tokens": 4, "ip_dim": 32, "guidance_dim": 24}
     d = get_profile("tiny").dims

@@ -12,10 +12,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from img import lake as lake_mod
+from img.lake import tables as lake_mod
 from img.errors import UserError
-from img.profiles import get_profile
-from img.sample import expected_counts, write_sample
+from img.models.profiles import get_profile
+from img.data.sample import expected_counts, write_sample
 from pipelines.embed import run_embed
 from pipelines.embed_config import EmbedConfig
 from schemas.meta import read_provenance
@@ -31,7 +31,7 @@ def _source_rows(data_dir):
 
 
 def _decodes(b):
-    from img.sample import decodes
+    from img.data.sample import decodes
 
     return decodes(b)
 

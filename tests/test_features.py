@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-import img.shapes_world as sw
-from img.profiles import get_profile
+import img.data.shapes_world as sw
+from img.models.profiles import get_profile
 from img.questions import QUESTIONS, question_for, question_index
 
 
@@ -113,7 +113,7 @@ def test_unconditional_tokens_are_the_all_zeros_image(ip, profile, scenes):
 
 def test_resampler_equals_the_unet_projection_loaded_by_load_ip_adapter(ip, profile, scenes):
     """Our resampler (diffusers' conversion without a UNet) == the one pipe.load_ip_adapter put in the UNet."""
-    from img.model_loading import load_sdxl_pipeline
+    from img.models.loading import load_sdxl_pipeline
 
     pipe = load_sdxl_pipeline(profile)
     layer = pipe.unet.encoder_hid_proj.image_projection_layers[0]
@@ -134,7 +134,7 @@ def test_resampler_original_format_roundtrip():
     from diffusers.loaders.unet import UNet2DConditionLoadersMixin
     from diffusers.models.embeddings import IPAdapterPlusImageProjection
 
-    from img.tiny_models import resampler_to_original
+    from img.models.tiny import resampler_to_original
 
     torch.manual_seed(0)
     ref = IPAdapterPlusImageProjection(embed_dims=32, output_dims=48, hidden_dims=128, depth=4, heads=2,
@@ -231,7 +231,7 @@ def test_flux_style_ip_tokens_from_an_xlabs_format_file(tmp_path, profile, scene
     from safetensors.torch import save_file
 
     from img.features import IPTokenEncoder
-    from img.profiles import Dims, ModelRef
+    from img.models.profiles import Dims, ModelRef
 
     embed_dim = IPTokenEncoder(profile).encoder.config.projection_dim
     n, d = 4, 48

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from img.errors import UserError
-from img.profiles import Dims, ModelRef, get_profile
+from img.models.profiles import Dims, ModelRef, get_profile
 
 STEPS = 2
 PROMPT = "a red circle left of a blue star"
@@ -33,7 +33,7 @@ pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.
 
 @pytest.fixture(scope="module")
 def tiny_pipe():
-    from img.generation import IMGPipeline
+    from img.inference.generation import IMGPipeline
 
     return IMGPipeline.from_profile("tiny")
 
@@ -167,7 +167,7 @@ def test_bad_input_is_one_line_and_writes_nothing(case, tmp_path, monkeypatch, c
 
 # ----------------------------------------------------------------------------- the pipeline
 def test_initial_image_is_exactly_the_base_model(tiny_pipe, settings):
-    from img.model_loading import load_sdxl_pipeline
+    from img.models.loading import load_sdxl_pipeline
 
     base = load_sdxl_pipeline(tiny_pipe.profile, ip_adapter=False)
     ref = base(PROMPT, num_inference_steps=STEPS, guidance_scale=7.5,
@@ -232,8 +232,8 @@ def test_rounds_analyse_the_latest_image_and_report_timings(tiny_pipe):
 
 def test_plugs_into_a_pipeline_the_user_built(tiny_pipe, settings):
     """The user loads the pipeline (here with its IP-Adapter and image encoder already in); IMG wraps it."""
-    from img.generation import IMGPipeline
-    from img.model_loading import load_sdxl_pipeline
+    from img.inference.generation import IMGPipeline
+    from img.models.loading import load_sdxl_pipeline
 
     user_pipe = load_sdxl_pipeline(tiny_pipe.profile, ip_adapter=True)
     original = user_pipe.unet.encoder_hid_proj.image_projection_layers[0]
@@ -260,7 +260,7 @@ def test_plugs_into_a_pipeline_the_user_built(tiny_pipe, settings):
 
 
 def test_released_checkpoint_layouts_load(tmp_path):
-    from img.generation import load_aligner, weights_id
+    from img.inference.generation import load_aligner, weights_id
 
     prof = get_profile("tiny")
     model = perturbed_aligner(prof, seed=3)
@@ -283,9 +283,9 @@ def test_released_checkpoint_layouts_load(tmp_path):
 def test_released_resampler_is_used_for_c_I_only_when_it_differs(tiny_pipe, settings, tmp_path):
     """The demo makes c_I with resampler.pth and the negative tokens with the IP-Adapter file's resampler."""
     from img.features import IPTokenEncoder
-    from img.generation import IMGPipeline, load_resampler
-    from img.model_loading import load_sdxl_pipeline
-    from img.tiny_models import resampler_to_original
+    from img.inference.generation import IMGPipeline, load_resampler
+    from img.models.loading import load_sdxl_pipeline
+    from img.models.tiny import resampler_to_original
 
     prof = tiny_pipe.profile
     ip = IPTokenEncoder(prof)
@@ -313,7 +313,7 @@ def test_released_resampler_is_used_for_c_I_only_when_it_differs(tiny_pipe, sett
 
 
 def test_image_names_are_deterministic_and_safe():
-    from img.infer import image_name, read_prompts
+    from img.inference.infer import image_name, read_prompts
 
     assert image_name(7, "A cat, on a MAT!", 3, 1) == "0007-a-cat-on-a-mat-seed3-round1.png"
     assert image_name(0, "日本", 0, 0) == "0000-prompt-seed0-round0.png"
@@ -331,7 +331,7 @@ def build_tiny_flux(root: Path) -> None:
     from transformers import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection,
                               T5Config, T5EncoderModel)
 
-    from img.tiny_models import build_clip_tokenizer, build_llava_tokenizer, vocabulary_words
+    from img.models.tiny import build_clip_tokenizer, build_llava_tokenizer, vocabulary_words
 
     words = vocabulary_words()
     tok, tok2 = build_clip_tokenizer(words), build_llava_tokenizer(words)
@@ -390,8 +390,8 @@ def tiny_flux_profile(tmp_path_factory):
 
 
 def test_flux_path_end_to_end(tiny_flux_profile):
-    from img.generation import IMGPipeline
-    from img.model_loading import load_flux_pipeline
+    from img.inference.generation import IMGPipeline
+    from img.models.loading import load_flux_pipeline
 
     prof = tiny_flux_profile
     pipe = IMGPipeline.from_profile(prof, aligner=perturbed_aligner(prof))

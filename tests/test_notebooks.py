@@ -8,7 +8,7 @@ import nbformat
 import pytest
 from nbclient import NotebookClient
 
-from img.sample import write_sample
+from img.data.sample import write_sample
 from pipelines.embed import run_embed
 from pipelines.embed_config import EmbedConfig
 

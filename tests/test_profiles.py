@@ -14,11 +14,11 @@ from pathlib import Path
 import pytest
 
 from img.errors import UserError
-from img.profiles import PROFILES, get_profile
+from img.models.profiles import PROFILES, get_profile
 
 REPO = Path(__file__).resolve().parent.parent
 IMG = REPO / ".venv" / "bin" / "img"
-CONFIGS = REPO / "img" / "model_configs"
+CONFIGS = REPO / "img" / "models" / "configs"
 
 
 def _img_cmd() -> list[str]:
@@ -91,7 +91,7 @@ def test_env_beats_toml_and_toml_unknown_key_is_an_error(tmp_path, monkeypatch):
 # ---------------------------------------------------------------- tiny models
 def _build_in(cache: str, q) -> None:  # runs in a spawned process
     os.environ["IMG_CACHE"] = cache
-    from img.tiny_models import tiny_root
+    from img.models.tiny import tiny_root
 
     q.put(str(tiny_root("tiny")))
 
@@ -117,7 +117,7 @@ def test_tiny_builds_atomically_once_and_deterministically(tmp_path):
     assert [p.name for p in (tmp_path / "tiny").iterdir()] == [root.name]  # no leftover .tmp folders
     # The build in the default cache (another process, another time) is byte-identical: fixed seeds,
     # tokenizer merges made in code.
-    from img.tiny_models import tiny_root
+    from img.models.tiny import tiny_root
 
     again = tiny_root("tiny")
     assert again != root
@@ -138,7 +138,7 @@ def test_tiny_components_are_the_real_classes_loaded_with_from_pretrained():
         LlavaProcessor,
     )
 
-    from img.model_loading import load_ip_projection, load_mllm, load_sdxl_pipeline, locate
+    from img.models.loading import load_ip_projection, load_mllm, load_sdxl_pipeline, locate
 
     p = get_profile("tiny")
     pipe = load_sdxl_pipeline(p)
@@ -172,8 +172,8 @@ def test_tiny_pipeline_generates_and_ip_tokens_change_the_image():
     import torch
 
     from img.features import IPTokenEncoder
-    from img.model_loading import load_sdxl_pipeline
-    from img.shapes_world import render, sample_background, sample_scene
+    from img.models.loading import load_sdxl_pipeline
+    from img.data.shapes_world import render, sample_background, sample_scene
 
     p = get_profile("tiny")
     pipe = load_sdxl_pipeline(p)
@@ -199,9 +199,9 @@ def test_tiny_pipeline_generates_and_ip_tokens_change_the_image():
 
 
 def test_tiny_tokenizers_cover_the_shapes_world_and_questions():
-    from img.model_loading import load_mllm, load_text_encoders
+    from img.models.loading import load_mllm, load_text_encoders
     from img.questions import QUESTIONS
-    from img.shapes_world import vocabulary
+    from img.data.shapes_world import vocabulary
 
     p = get_profile("tiny")
     (clip_tok, _), _ = load_text_encoders(p)
@@ -264,7 +264,7 @@ def test_cli_profile_check_sdxl_dry_run():
 
 
 def test_dry_run_other_profiles_in_process():
-    from img.profile_check import check
+    from img.app.profile_check import check
 
     for name, expect in (("flux", "675,401,728"), ("sdxl-qwen", "8,292,166,656")):
         lines: list[str] = []
@@ -282,7 +282,7 @@ def _fake_repo(folder: Path, config: Path | None, weights: str | None = "model.s
 
 def test_local_paths_resolve_and_configs_are_checked_against_dims(tmp_path, monkeypatch):
     """Real-profile resolution without weights: env paths, HF-cache layout, dims check, weights check."""
-    from img.profile_check import check
+    from img.app.profile_check import check
 
     for k in list(os.environ):
         if k.startswith("IMG_"):
@@ -314,7 +314,7 @@ def test_local_paths_resolve_and_configs_are_checked_against_dims(tmp_path, monk
 
     # The weights file given directly (not the repo root) also resolves.
     monkeypatch.setenv("IMG_IP_ADAPTER", str(ipa / "sdxl_models" / "ip-adapter-plus_sdxl_vit-h.safetensors"))
-    from img.model_loading import locate
+    from img.models.loading import locate
 
     assert locate(get_profile("sdxl"), "ip_weights").path.name == "ip-adapter-plus_sdxl_vit-h.safetensors"
     monkeypatch.setenv("IMG_IP_ADAPTER", str(ipa))
@@ -337,7 +337,7 @@ def test_local_paths_resolve_and_configs_are_checked_against_dims(tmp_path, monk
 
 
 def test_a_bad_local_path_is_named_with_its_fix(monkeypatch):
-    from img.model_loading import ModelNotFound, locate
+    from img.models.loading import ModelNotFound, locate
 
     monkeypatch.setenv("IMG_LLAVA_13B", "/nonexistent/llava")
     with pytest.raises(ModelNotFound) as e:

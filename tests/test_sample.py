@@ -15,9 +15,9 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from img import shapes_world as sw
+from img.data import shapes_world as sw
 from img.errors import UserError
-from img.sample import CORRUPTIONS, decodes, expected_counts, read_sample, shard_paths, write_sample
+from img.data.sample import CORRUPTIONS, decodes, expected_counts, read_sample, shard_paths, write_sample
 from schemas import pickapic
 from schemas.meta import read_provenance
 
@@ -272,7 +272,7 @@ def test_out_folder_rules(tmp_path):
 
 
 def test_failed_run_leaves_nothing(tmp_path, monkeypatch):
-    import img.sample as sample
+    import img.data.sample as sample
 
     real = sample.pq.write_table
     calls = []

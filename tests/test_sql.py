@@ -7,9 +7,9 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from img import lake
+from img.lake import tables as lake
 from img.errors import UserError
-from img.sql import run_query
+from img.lake.sql import run_query
 from schemas import features, metrics
 from schemas.meta import with_provenance
 

@@ -21,7 +21,7 @@ import torch
 from typer.testing import CliRunner
 
 from img.errors import UserError
-from img.train_loader import TrainLoader, is_heldout
+from img.training.loader import TrainLoader, is_heldout
 from synthetic_lake import tiny_dims, write_synthetic_lake
 
 REPO = Path(__file__).resolve().parents[1]
@@ -99,7 +99,7 @@ def test_loader_state_resumes_the_exact_order(lake):
 
 
 def test_buffer_pool_never_hands_out_a_buffer_in_use(lake):
-    from img.train_loader import BufferPool
+    from img.training.loader import BufferPool
 
     pool = BufferPool(max_free=2)
     a = pool.get(1000)
@@ -297,7 +297,7 @@ def test_resume_never_unpickles_with_weights_only_false(tmp_path, train_lake, mo
     """Resume (in-process) reads every DeepSpeed file with weights_only=True and still matches an uninterrupted run."""
     from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
 
-    from img.checkpoint_io import weights_only_load
+    from img.training.checkpoint_io import weights_only_load
 
     cfg = str(_toml(tmp_path, extra=f"zero_stage = {stage}\n"))
     base = ["--lake", train_lake, "--profile", "tiny", "--config", cfg, "--checkpoint-every", "3"]
@@ -353,7 +353,7 @@ def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    from img.trainer import _free_port
+    from img.training.trainer import _free_port
 
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc),
            "--master_port", str(_free_port()),
@@ -390,7 +390,7 @@ def test_two_ranks_match_one_rank_with_the_global_batch(tmp_path, train_lake):
 
 def test_every_train_toml_loads():
     from img.config import load_config
-    from img.trainer import TrainConfig
+    from img.training.trainer import TrainConfig
 
     files = sorted((REPO / "jobs").glob("train*.toml"))
     assert len(files) >= 2

@@ -14,7 +14,7 @@ nothing written. PNGs are written via a temporary file and a rename; a prompt's
 rows are appended to ``<lake>/generations.lance`` in one commit after its images
 are on disk. Python::
 
-    from img.infer import run_infer
+    from img.inference.infer import run_infer
     summary = run_infer(["a red circle"], "tiny", "out", seed=3, rounds=2, lake="lake")
 """
 from __future__ import annotations
@@ -32,6 +32,15 @@ from pathlib import Path
 from typing import Any, Optional
 
 from img.errors import UserError
+from img.inference.generation import RELEASED_RESAMPLER, IMGPipeline
+from img.inference.generation import default_settings, load_aligner
+from img.lake.tables import append_rows
+from img.lake.tables import is_local, open_table, table_uri
+from img.models.loading import locate
+from img.models.profiles import get_profile
+from schemas import generations
+from schemas.meta import read_provenance
+from schemas.meta import with_provenance
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +133,6 @@ def check_lake(lake: str) -> None:
     """The lake must be writable and any ``generations`` table in it must have this schema."""
     import pyarrow as pa
 
-    from img.lake import is_local, open_table, table_uri
-    from schemas import generations
-    from schemas.meta import read_provenance
 
     if is_local(lake):
         path = Path(lake.removeprefix("file://")).expanduser()
@@ -152,8 +158,6 @@ def check_lake(lake: str) -> None:
 
 
 def generations_schema():
-    from schemas import generations
-    from schemas.meta import with_provenance
 
     return with_provenance(generations.SCHEMA, table="generations", version=generations.VERSION)
 
@@ -325,9 +329,6 @@ def run_infer(
         raise UserError("a prompt is empty. Pass non-empty prompts (--prompt TEXT or --prompts FILE).")
     if rounds < 0:
         raise UserError(f"--rounds must be >= 0, got {rounds}. 1 is the paper's setting.")
-    from img.generation import default_settings, load_aligner
-    from img.model_loading import locate
-    from img.profiles import get_profile
 
     prof = get_profile(profile)
     settings = default_settings(prof, steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale, passes=passes,
@@ -351,7 +352,6 @@ def run_infer(
         from diffusers.utils import logging as dlog
         from transformers.utils import logging as tlog
 
-        from img.generation import RELEASED_RESAMPLER, IMGPipeline
 
         dlog.disable_progress_bar()
         tlog.disable_progress_bar()
@@ -392,7 +392,6 @@ def run_infer(
                 if lake is not None:
                     import pyarrow as pa
 
-                    from img.lake import append_rows
 
                     rows = _rows(result, idx, paths, prof, aid, run_id, model_ids, datetime.now(timezone.utc))
                     append_rows(str(lake), "generations", pa.Table.from_pylist(rows, schema=schema), schema)

@@ -7,7 +7,7 @@ Aligner refines the tokens (3 passes, fp32); the same pipeline regenerates with
 the same prompt, seed, steps and guidance, conditioned on the refined tokens
 through the IP-Adapter at scale 0.2::
 
-    from img.generation import IMGPipeline
+    from img.inference.generation import IMGPipeline
     pipe = IMGPipeline.from_profile("tiny")                      # fresh aligner (identity, see load_aligner)
     pipe = IMGPipeline.from_profile("sdxl", aligner="ckpts/")    # folder with aligner_sdxl.pth
     result = pipe("a red circle left of a blue star", seed=3, rounds=2)
@@ -83,7 +83,13 @@ import torch
 
 from img.aligner import ImplicitAligner, load_official_checkpoint
 from img.errors import UserError
-from img.profiles import Profile, get_profile
+from img.logs import quiet_logger
+from img.models.profiles import Profile, get_profile
+from img.aligner import CONFIG_NAME
+from img.features import GuidanceEncoder, IPTokenEncoder
+from img.models.loading import load_flux_pipeline, load_sdxl_pipeline
+from img.models.loading import locate
+from img.questions import question_for
 
 log = logging.getLogger(__name__)
 
@@ -140,7 +146,6 @@ def load_aligner(profile: Profile, source: AlignerSource = None, seed: int = 0) 
     if not path.exists():
         raise UserError(f"--aligner {str(path)!r} does not exist. Pass an aligner checkpoint file or folder.")
     if path.is_dir():
-        from img.aligner import CONFIG_NAME
 
         if (path / CONFIG_NAME).is_file():
             model = ImplicitAligner.from_pretrained(path)
@@ -285,19 +290,6 @@ class IMGResult:
 
 
 # ----------------------------------------------------------------------------- the pipeline
-@contextmanager
-def _diffusers_quiet() -> Iterator[None]:
-    """diffusers at ERROR level: "image_encoder is not loaded" is expected, we pass tokens."""
-    from diffusers.utils import logging as dlog
-
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(level)
-
-
 def _has_ip(proc: Any) -> bool:
     """IP-Adapter attention processors (SDXL and FLUX, all backends) carry ``to_k_ip``."""
     return hasattr(proc, "to_k_ip")
@@ -360,8 +352,6 @@ class IMGPipeline:
         ``resampler.pth`` (default: the one next to ``aligner_sdxl.pth`` when ``aligner`` is that folder);
         see ``use_released_resampler``.
         """
-        from img.features import GuidanceEncoder, IPTokenEncoder
-        from img.model_loading import load_flux_pipeline, load_sdxl_pipeline
 
         prof = get_profile(profile) if isinstance(profile, str) else profile
         if isinstance(aligner, ImplicitAligner) and aligner_id:  # already loaded and hashed (img infer)
@@ -396,7 +386,6 @@ class IMGPipeline:
         """Load the profile's IP-Adapter if the pipe has none; swap its projection for an identity."""
         from diffusers.models.embeddings import MultiIPAdapterImageProjection
 
-        from img.model_loading import locate
 
         den = self._denoiser
         hid = getattr(den, "encoder_hid_proj", None)
@@ -404,7 +393,7 @@ class IMGPipeline:
             self._base_procs = dict(den.attn_processors)  # the exact processors of the base model
             w = locate(self.profile, "ip_weights").path
             log.info("loading IP-Adapter %s into the %s", w, type(den).__name__)
-            with _diffusers_quiet():
+            with quiet_logger("diffusers"):
                 if self.profile.family == "flux":
                     self.pipe.load_ip_adapter(str(w.parent), weight_name=w.name,
                                               image_encoder_pretrained_model_name_or_path=None, local_files_only=True)
@@ -540,7 +529,6 @@ class IMGPipeline:
 
     def question(self, prompt: str, seed: int) -> str:
         """The MLLM question: ``question_for(prompt, key=prompt, seed=seed)``, the same in every round."""
-        from img.questions import question_for
 
         return question_for(prompt, key=prompt, seed=seed)
 

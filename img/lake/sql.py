@@ -20,7 +20,7 @@ import re
 
 import pyarrow as pa
 
-from img import lake as lake_mod
+from img.lake import tables as lake_mod
 from img.errors import UserError
 from schemas.meta import read_provenance
 

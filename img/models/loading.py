@@ -2,11 +2,11 @@
 
 Nothing is downloaded: a hub id resolves only from the local HF cache
 (``local_files_only``), a path must exist, and a ``tiny:`` model is built in
-code on first use (``img.tiny_models``). A missing model raises
+code on first use (``img.models.tiny``). A missing model raises
 ``ModelNotFound`` (a ``UserError``) that names the setting to fix::
 
-    from img.profiles import get_profile
-    from img.model_loading import locate, load_ip_image_encoder, load_mllm, load_sdxl_pipeline
+    from img.models.profiles import get_profile
+    from img.models.loading import locate, load_ip_image_encoder, load_mllm, load_sdxl_pipeline
 
     p = get_profile("tiny")
     locate(p, "mllm")                          # Located(path=.../llava, source='tiny build')
@@ -15,16 +15,18 @@ code on first use (``img.tiny_models``). A missing model raises
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from img.errors import UserError
-from img.profiles import Profile
+from img.logs import quiet_logger, quiet_loading
+from img.models.processors import clip_image_processor
+from img.models.tiny import tiny_root
+from img.models.profiles import Profile
 
 log = logging.getLogger(__name__)
 
@@ -51,8 +53,6 @@ def _marker(component: str) -> str:
 def _repo_root(repo: str) -> tuple[Path | None, str, str]:
     """(root, source, why-missing) for a hub id, a local path or a ``tiny:`` id."""
     if repo.startswith("tiny:"):
-        from img.tiny_models import tiny_root
-
         flavour, _, part = repo[len("tiny:") :].partition("/")
         return tiny_root(flavour) / part, "tiny build", ""
     local = Path(os.path.expanduser(repo))
@@ -113,26 +113,6 @@ def has_weights(folder: Path) -> bool:
     return any(folder.glob("*.safetensors")) or any(folder.glob("*.bin")) or any(folder.glob("*.index.json"))
 
 
-def quiet_loading() -> None:
-    """Turn off the per-file "Loading weights" progress bars of transformers and diffusers (logs stay)."""
-    import diffusers
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    diffusers.utils.logging.disable_progress_bar()
-
-
-@contextlib.contextmanager
-def _quiet_logger(name: str, level: int = logging.ERROR) -> Iterator[None]:
-    logger = logging.getLogger(name)
-    old = logger.level
-    logger.setLevel(level)
-    try:
-        yield
-    finally:
-        logger.setLevel(old)
-
-
 def compute_dtype(profile: Profile, device: Any = "cpu", dtype: Any = None):
     """``dtype`` if given; float32 on CPU (half precision is slow or missing there); else the profile's dtype."""
     import torch
@@ -140,16 +120,6 @@ def compute_dtype(profile: Profile, device: Any = "cpu", dtype: Any = None):
     if dtype is not None:
         return getattr(torch, dtype) if isinstance(dtype, str) else dtype
     return torch.float32 if torch.device(device).type == "cpu" else profile.torch_dtype
-
-
-# ---------------------------------------------------------------- IP-Adapter pieces
-def clip_image_processor(image_size: int):
-    """The default CLIP preprocessing at ``image_size`` px (what diffusers builds for an IP-Adapter encoder)."""
-    try:
-        from transformers import CLIPImageProcessorPil as Proc  # same numerics, no torchvision needed
-    except ImportError:  # pragma: no cover
-        from transformers import CLIPImageProcessor as Proc
-    return Proc(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
 
 
 def load_ip_image_encoder(profile: Profile, device: Any = "cpu", dtype: Any = None):
@@ -287,7 +257,7 @@ def load_sdxl_pipeline(profile: Profile, device: Any = "cpu", dtype: Any = None,
     )
     if ip_adapter:
         w = locate(profile, "ip_weights").path
-        with _quiet_logger("diffusers.models.modeling_utils"):  # a spurious "kept in float32: []" warning
+        with quiet_logger("diffusers.models.modeling_utils"):  # a spurious "kept in float32: []" warning
             pipe.load_ip_adapter(str(w.parent), subfolder="", weight_name=w.name, image_encoder_folder=None,
                                  local_files_only=True)
     pipe.set_progress_bar_config(disable=True)

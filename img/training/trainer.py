@@ -25,7 +25,7 @@ Scalars go to ``<lake>/metrics.lance`` (run_id, step, name, value).
 
 Our own files are safetensors/JSON. The DeepSpeed engine state is written by
 ``engine.save_checkpoint`` in DeepSpeed's format and read back by
-``engine.load_checkpoint`` through :mod:`img.checkpoint_io`, which swaps DeepSpeed's
+``engine.load_checkpoint`` through :mod:`img.training.checkpoint_io`, which swaps DeepSpeed's
 checkpoint engine for one that unpickles with ``torch.load(weights_only=True)``
 and allows only the three DeepSpeed classes those files hold (ZeroStageEnum,
 LossScaler, fragment_address). No pickle is loaded with ``weights_only=False``;
@@ -48,16 +48,19 @@ from typing import Any, Literal
 
 import torch
 
-from img import lake as lake_mod
+from img.lake import tables as lake_mod
 from img.aligner import AlignerConfig, ImplicitAligner
 from img.config import fingerprint
 from img.errors import UserError
 from img.objective import ReferenceKeeper, copy_into_reference, iupo_loss, make_reference, sq_dist
-from img.train_loader import LakeDims, TrainLoader
+from img.training.loader import LakeDims, TrainLoader
+from img.models.profiles import get_profile
+from img.training.checkpoint_io import use_weights_only_loading
+from schemas import metrics as metrics_schema
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_CONFIG = REPO_ROOT / "jobs" / "train.toml"
 PART_NAMES = ("loss", "loss_base", "loss_pref", "d_win", "d_win_ref", "d_lose", "d_lose_ref", "d_ref", "z",
               "win_vs_ref")
@@ -152,11 +155,7 @@ def dist_env() -> tuple[int, int, int]:
 def resolve_aligner_config(profile: str | None, dims: LakeDims, guidance: str, lake: str,
                            overrides: AlignerOverrides | None = None) -> AlignerConfig:
     """The aligner for ``profile``, checked against the lake's dims (or from the lake when no profiles module)."""
-    try:
-        from img.profiles import get_profile
-    except ImportError:
-        get_profile = None
-    if get_profile is not None and profile:
+    if profile:
         prof = get_profile(profile)
         pd = prof.dims
         want = (int(pd.ip_tokens), int(pd.ip_dim), int(pd.mllm_hidden))
@@ -173,7 +172,7 @@ def resolve_aligner_config(profile: str | None, dims: LakeDims, guidance: str, l
             )
         acfg = prof.aligner_config()
     else:
-        log.info("img.profiles not available: aligner dims from the lake (%s)", dims)
+        log.info("img.models.profiles not available: aligner dims from the lake (%s)", dims)
         acfg = AlignerConfig(dim=dims.ip_dim, output_dim=dims.ip_dim, guidance_dim=dims.guidance_dim)
     if guidance == "text":
         acfg = dataclasses.replace(acfg, guidance_dim=int(dims.text_guidance_dim or 0))
@@ -237,7 +236,6 @@ class MetricsWriter:
             return
         import pyarrow as pa
 
-        from schemas import metrics as metrics_schema
 
         steps, names, values = zip(*self.rows)
         table = pa.table({"run_id": [self.run_id] * len(steps), "step": list(steps), "name": list(names),
@@ -328,7 +326,6 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
                                   betas=tuple(cfg.betas))
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                            config=deepspeed_config(cfg, world, bf16))
-    from img.checkpoint_io import use_weights_only_loading
 
     use_weights_only_loading(engine)  # DeepSpeed's own loader would unpickle with weights_only=False
     ref.to(device=device, dtype=dtype)

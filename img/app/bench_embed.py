@@ -20,12 +20,16 @@ import time
 from typing import Any
 
 import numpy as np
+from img.config import load_config
+from img.data.sample import write_sample
+from pipelines.embed import Decode, Guidance, IPTokens, read_units
+from pipelines.embed import _init_ray, run_embed
+from pipelines.embed_config import EmbedConfig
+from pipelines.source import list_shards, plan_units
 
 
 def _bare_loop(data: str, profile_name: str, cfg) -> dict[str, Any]:
     """Decode + IP tokens + guidance over every decisive pair, in process, no Ray and no writes."""
-    from pipelines.embed import Decode, Guidance, IPTokens, read_units
-    from pipelines.source import list_shards, plan_units
 
     units, _ = plan_units(list_shards(data), set(), None, unit_rows=cfg.read_rows)
     batch = {k: np.array([u[k] for u in units], dtype=object) for k in units[0]}
@@ -54,15 +58,11 @@ def _bare_loop(data: str, profile_name: str, cfg) -> dict[str, Any]:
 
 def run_bench(pairs: int = 1024, profile_name: str = "bench", seed: int = 0, workdir: str | None = None) -> dict[str, Any]:
     """Generate a sample, run the job and the bare loop on it, and return the figures."""
-    from img.config import load_config
-    from img.sample import write_sample
-    from pipelines.embed import _init_ray, run_embed
-    from pipelines.embed_config import EmbedConfig
 
     root = workdir or tempfile.mkdtemp(prefix="img-bench-embed-")
     data, lake = os.path.join(root, "data"), os.path.join(root, "lake")
     write_sample(data, pairs=pairs, seed=seed, corrupt=0.0, ties=0.0)
-    toml = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "jobs", "embed.toml")
+    toml = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "jobs", "embed.toml")
     cfg = load_config(EmbedConfig, toml if os.path.isfile(toml) else None)
     import torch
 

@@ -7,7 +7,7 @@ through ``from_pretrained`` and run once. Real weights are not loaded (that is a
 job's work); their configs are checked against the profile's dims.
 
 ``--dry-run`` needs no weights: it builds every real-size architecture on the
-meta device from the configs shipped in ``img/model_configs/`` (or the tiny
+meta device from the configs shipped in ``img/models/configs/`` (or the tiny
 build's configs), prints parameter counts, and pushes a batch's *shapes*
 through image -> CLIP -> IP projection, (image, question) -> MLLM guidance ->
 aligner -> IP cross-attention of the diffusion model. Nothing is allocated::
@@ -25,11 +25,19 @@ from pathlib import Path
 from typing import Any, Callable
 
 from img.errors import UserError
-from img.profiles import Profile, get_profile
+from img.models.profiles import Profile, get_profile
+from img.aligner import ImplicitAligner
+from img.features import GuidanceEncoder, IPTokenEncoder, TextGuidanceEncoder
+from img.models.loading import ModelNotFound, has_weights, locate
+from img.models.loading import QWEN_MAX_PIXELS
+from img.models.loading import load_sdxl_pipeline
+from img.models.tiny import IP_ENCODER_SUBFOLDER, tiny_root
+from img.models.tiny import get_spec
+from img.questions import question_for
 
 log = logging.getLogger(__name__)
 
-CONFIGS = Path(__file__).parent / "model_configs"
+CONFIGS = Path(__file__).resolve().parents[1] / "models" / "configs"
 DRY_BATCH = 2
 DRY_TEXT_TOKENS = 40  # prompt text around the image tokens ("USER: ... question ... ASSISTANT:"), typical
 
@@ -76,7 +84,6 @@ def _dims_problems(profile: Profile, found: dict[str, Path]) -> list[str]:
 
 
 def resolve_check(profile: Profile, out: Callable[[str], Any] = print) -> int:
-    from img.model_loading import ModelNotFound, has_weights, locate
 
     found: dict[str, Path] = {}
     missing = 0
@@ -114,10 +121,6 @@ def _smoke_tiny(profile: Profile, out: Callable[[str], Any]) -> int:
     import torch
     from PIL import Image
 
-    from img.aligner import ImplicitAligner
-    from img.features import GuidanceEncoder, IPTokenEncoder, TextGuidanceEncoder
-    from img.model_loading import load_sdxl_pipeline
-    from img.questions import question_for
 
     d = profile.dims
     image = Image.new("RGB", (128, 128), (40, 40, 60))
@@ -192,7 +195,6 @@ def _count(module: Any) -> int:
 def _arch_sources(profile: Profile) -> dict[str, Path]:
     """Config files of every architecture: shipped ones for real profiles, the tiny build's for tiny."""
     if profile.tiny:
-        from img.tiny_models import IP_ENCODER_SUBFOLDER, tiny_root
 
         root = tiny_root(profile.tiny)
         return {
@@ -206,7 +208,6 @@ def _arch_sources(profile: Profile) -> dict[str, Path]:
 
 def _ip_projection_args(profile: Profile) -> dict[str, Any]:
     if profile.tiny:
-        from img.tiny_models import get_spec
 
         s = get_spec(profile.tiny)
         return dict(embed_dims=s.ip_hidden, output_dims=s.ip_dim, hidden_dims=s.resampler_heads * 64, depth=4,
@@ -216,7 +217,6 @@ def _ip_projection_args(profile: Profile) -> dict[str, Any]:
 
 def _qwen_image_tokens(config: Any, side: int = 1024) -> int:
     """Image tokens Qwen2.5-VL makes of a ``side`` x ``side`` image under img's max_pixels."""
-    from img.model_loading import QWEN_MAX_PIXELS
 
     patch, merge = config.vision_config.patch_size, config.vision_config.spatial_merge_size
     factor = patch * merge
@@ -324,11 +324,10 @@ def _build_meta(profile: Profile, src: dict[str, Path], rows: list) -> dict[str,
         CLIPVisionModelWithProjection,
     )
 
-    from img.aligner import ImplicitAligner
 
     def rel(p: Path) -> str:
         try:
-            return str(p.relative_to(CONFIGS.parent.parent))
+            return str(p.relative_to(CONFIGS.parents[2]))
         except ValueError:
             return str(p)
 

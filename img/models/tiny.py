@@ -4,9 +4,9 @@ Every component of a real profile has a tiny twin of the *same class*, built
 from a config in code with a fixed seed, saved once with ``save_pretrained`` in
 the on-disk layout of its real hub repository, and then loaded back through the
 very ``from_pretrained`` / ``load_ip_adapter`` code that real weights use
-(``img/model_loading.py``)::
+(``img/models/loading.py``)::
 
-    from img.tiny_models import tiny_root
+    from img.models.tiny import tiny_root
     root = tiny_root("tiny")          # builds on first use, then a cache hit
     # root/sdxl/                      StableDiffusionXLPipeline folder (like stabilityai/stable-diffusion-xl-base-1.0)
     # root/ip_adapter/models/image_encoder/                     CLIPVisionModelWithProjection (like h94/IP-Adapter)
@@ -33,6 +33,12 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from img.data.shapes_world import vocabulary
+from img.errors import UserError
+from img.logs import quiet_loading
+from img.models.processors import clip_image_processor
+from img.questions import QUESTIONS
 
 log = logging.getLogger(__name__)
 
@@ -70,8 +76,6 @@ PUNCTUATION: tuple[str, ...] = tuple(".,:;?!'\"-()/")
 
 
 def _question_words() -> list[str]:
-    from img.questions import QUESTIONS
-
     words: list[str] = []
     for q in QUESTIONS:
         for w in q.replace("{caption}", " ").lower().split():
@@ -83,7 +87,6 @@ def _question_words() -> list[str]:
 
 def vocabulary_words() -> list[str]:
     """Deterministic, de-duplicated word list shared by the tiny tokenizers."""
-    from img.shapes_world import vocabulary
 
     seen: dict[str, None] = {}
     for w in [*CAPTION_WORDS, *vocabulary(), *CHAT_WORDS, *_question_words()]:
@@ -187,7 +190,6 @@ def tiny_dir(flavour: str) -> Path:
 
 
 def get_spec(flavour: str) -> TinySpec:
-    from img.errors import UserError
 
     if flavour not in FLAVOURS:
         raise UserError(f"unknown tiny flavour {flavour!r}. Known flavours: {', '.join(FLAVOURS)}.")
@@ -473,7 +475,6 @@ def _build_ip_adapter(spec: TinySpec, out: Path, unet: Any) -> None:
 
 
 def _build_llava(spec: TinySpec, out: Path) -> None:
-    from img.model_loading import clip_image_processor
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -537,7 +538,6 @@ def build_tiny(spec: TinySpec, out: str | Path) -> Path:
     import torch
     import transformers
 
-    from img.model_loading import quiet_loading
 
     quiet_loading()
     out = Path(out)

@@ -3,14 +3,14 @@
 Everything downstream reads N, D, E and friends from a profile, never from
 literals::
 
-    from img.profiles import get_profile, PROFILES
+    from img.models.profiles import get_profile, PROFILES
     p = get_profile("sdxl")
     p.dims.ip_tokens, p.dims.ip_dim, p.dims.mllm_hidden   # 16, 2048, 5120
     p.aligner_config()                                     # img.aligner.AlignerConfig for these dims
     p.components()                                         # {"base": ModelRef(...), "ip_encoder": ..., ...}
 
 Profiles: ``tiny`` and ``bench`` (random weights built in code, see
-``img.tiny_models``), ``sdxl`` (the paper's main setting), ``sdxl-dpo``,
+``img.models.tiny``), ``sdxl`` (the paper's main setting), ``sdxl-dpo``,
 ``flux``, ``sdxl-llava7b``, ``sdxl-qwen`` (alias ``qwen``).
 
 Where the weights come from
@@ -54,6 +54,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
 from img.errors import UserError
+from img.aligner import AlignerConfig
+from img.config import load_config
+from img.models.tiny import FLAVOURS, IP_ENCODER_SUBFOLDER, IP_WEIGHT_NAME, IP_WEIGHT_SUBFOLDER
 
 if TYPE_CHECKING:  # pragma: no cover
     from img.aligner import AlignerConfig
@@ -73,7 +76,7 @@ class ModelRef:
     ``repo`` is a hub id, a local path, or ``tiny:<flavour>/<part>`` for models built in code.
     ``subfolder``/``filename`` locate the component inside the repo, as on the hub.
     ``env`` is the environment variable that overrides ``repo``; ``shipped`` names the
-    architecture config under ``img/model_configs/`` that ``img profile check --dry-run`` builds.
+    architecture config under ``img/models/configs/`` that ``img profile check --dry-run`` builds.
     """
 
     repo: str
@@ -146,7 +149,6 @@ class Profile:
 
     def aligner_config(self) -> "AlignerConfig":
         """The Implicit Aligner's sizes for this profile (SDXL: 195,094,528 parameters)."""
-        from img.aligner import AlignerConfig
 
         return AlignerConfig(
             dim=self.dims.ip_dim,
@@ -203,7 +205,6 @@ _SDXL_DIMS = Dims(clip_hidden=1280, clip_tokens=257, ip_tokens=16, ip_dim=2048, 
 
 
 def _tiny_profile(flavour: str, description: str) -> Profile:
-    from img.tiny_models import FLAVOURS, IP_ENCODER_SUBFOLDER, IP_WEIGHT_NAME, IP_WEIGHT_SUBFOLDER
 
     s = FLAVOURS[flavour]
     root = f"{TINY_PREFIX}{flavour}"
@@ -308,7 +309,6 @@ def profiles_dir() -> Path:
 
 
 def _apply_overrides(p: Profile) -> Profile:
-    from img.config import load_config
 
     changes: dict[str, object] = {}
     sources: list[tuple[str, str]] = []

@@ -45,7 +45,7 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 
-from img import lake as lake_mod
+from img.lake import tables as lake_mod
 from img.errors import UserError
 from schemas.meta import read_provenance
 

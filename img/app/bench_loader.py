@@ -34,6 +34,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from img.training.loader import TrainLoader
+from schemas import features as features_schema
+from schemas.meta import with_provenance
 
 log = logging.getLogger(__name__)
 
@@ -47,8 +50,6 @@ def write_bench_lake(root: Path, rows: int, guidance_len: int, guidance_dim: int
     import lance
     import pyarrow as pa
 
-    from schemas import features as features_schema
-    from schemas.meta import with_provenance
 
     n = ip_tokens * ip_dim
     g_bytes, t_bytes = guidance_len * guidance_dim * 2, n * 2
@@ -140,7 +141,6 @@ def _fsync_tree(root: Path) -> None:
 def run_bench(rows: int = 160, small: bool = False, batch_size: int = 8, repeats: int = 5, num_workers: int = 2,
               prefetch: int = 4, workdir: str | None = None, keep: bool = False) -> dict[str, Any]:
     """Build the table and flat file, time the loader and both raw reads, return the figures."""
-    from img.train_loader import TrainLoader
 
     shape = SMALL if small else FULL
     root = Path(tempfile.mkdtemp(prefix="img-bench-loader-", dir=workdir))

@@ -2,7 +2,7 @@
 
     img data sample --out data/sample --pairs 2000 --seed 0 --corrupt 0.02
 
-    from img.sample import write_sample, read_sample, expected_counts
+    from img.data.sample import write_sample, read_sample, expected_counts
     print(write_sample("data/sample", pairs=200, seed=0, corrupt=0.05))
     table = read_sample("data/sample")          # one pyarrow Table, shards in order
 
@@ -51,7 +51,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from img import shapes_world as sw
+from img.data import shapes_world as sw
 from img.errors import UserError
 from schemas import pickapic
 from schemas.meta import with_provenance
@@ -297,7 +297,7 @@ def write_sample(
     counts = expected_counts(pairs, corrupt, ties)
     plan = _Plan(pairs, seed, corrupt, ties)
     per_prompt = Counter(_row_scene(seed, r, plan.broken[r])[0].caption() for r in range(pairs))
-    params = {"pairs": pairs, "seed": seed, "corrupt": corrupt, "ties": ties, "generator": "img.sample",
+    params = {"pairs": pairs, "seed": seed, "corrupt": corrupt, "ties": ties, "generator": "img.data.sample",
               "image_size": sw.SIZE, "jpeg_quality": JPEG_QUALITY}
     schema = with_provenance(
         pickapic.SAMPLE_SCHEMA, table="pickapic_sample", version=SCHEMA_VERSION,
