@@ -38,6 +38,7 @@ def check(name: str, dry_run: bool = False, out: Callable[[str], Any] = print) -
     """Check profile ``name``; returns the exit code (0 ok, 1 something missing or inconsistent)."""
     profile = get_profile(name)
     out(f"profile {profile.name} ({profile.family}): {profile.description}")
+    out(f"  MLLM input: conversation {profile.mllm_template!r}, images {profile.mllm_image!r}")
     if dry_run:
         return dry_run_check(profile, out)
     return resolve_check(profile, out)

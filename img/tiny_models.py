@@ -66,7 +66,7 @@ CAPTION_WORDS: tuple[str, ...] = tuple(
     """.split()
 )
 CHAT_WORDS: tuple[str, ...] = ("user", "assistant", "system")
-PUNCTUATION: tuple[str, ...] = tuple(".,:;?!'\"-()/")
+PUNCTUATION: tuple[str, ...] = tuple(".,:;?!'\"-()/#")  # the LLaVA tokenizer splits every punctuation mark apart
 
 
 def _question_words() -> list[str]:
@@ -81,6 +81,16 @@ def _question_words() -> list[str]:
     return words
 
 
+def _template_words() -> list[str]:
+    """Words of the MLLM conversation texts (e.g. the LLaVA v0 system sentence)."""
+    import re
+
+    from img.features import TEMPLATES
+
+    text = " ".join(t for t in TEMPLATES.values() if t).replace("{question}", " ").replace("<image>", " ")
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
 def vocabulary_words() -> list[str]:
     """Deterministic, de-duplicated word list shared by the tiny tokenizers."""
     from img.shapes_world import vocabulary
@@ -89,6 +99,11 @@ def vocabulary_words() -> list[str]:
     for w in [*CAPTION_WORDS, *vocabulary(), *CHAT_WORDS, *_question_words()]:
         seen.setdefault(w.lower(), None)
     return list(seen)
+
+
+def llava_vocabulary_words() -> list[str]:
+    """``vocabulary_words()`` plus the words of the MLLM conversation texts (the tiny LLaVA tokenizer's words)."""
+    return list(dict.fromkeys([*vocabulary_words(), *_template_words()]))
 
 
 @dataclass(frozen=True)
@@ -141,7 +156,7 @@ class TinySpec:
             {
                 "spec": dataclasses.asdict(self),
                 "version": TINY_VERSION,
-                "words": vocabulary_words(),
+                "words": llava_vocabulary_words(),
                 "recipe": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
             },
             sort_keys=True,
@@ -272,7 +287,8 @@ def build_clip_tokenizer(words: list[str]):
 
 
 def build_llava_tokenizer(words: list[str]):
-    """A WordLevel tokenizer (lower-cased words and punctuation) with ``<image>`` as a special token."""
+    """A WordLevel tokenizer (lower-cased words, each punctuation mark on its own) with ``<image>`` as a special
+    token."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -282,7 +298,7 @@ def build_llava_tokenizer(words: list[str]):
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation("isolated")])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
     )
@@ -482,7 +498,7 @@ def _build_llava(spec: TinySpec, out: Path) -> None:
         LlavaProcessor,
     )
 
-    tokenizer = build_llava_tokenizer(vocabulary_words())
+    tokenizer = build_llava_tokenizer(llava_vocabulary_words())
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     vision = CLIPVisionConfig(
         hidden_size=spec.mllm_vision_hidden,
