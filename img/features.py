@@ -30,6 +30,7 @@ from typing import Any, Sequence
 
 import torch
 
+from img.errors import UserError
 from img.profiles import Profile, get_profile
 
 log = logging.getLogger(__name__)
@@ -176,7 +177,6 @@ class GuidanceEncoder:
     """
 
     def __init__(self, profile: Profile | str, device: str | torch.device = "cpu", dtype: Any = None) -> None:
-        from img.errors import UserError
         from img.model_loading import compute_dtype, load_mllm
 
         self.profile = _profile(profile)

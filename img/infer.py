@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from img.errors import UserError
+from img.questions import resolve_questions
 
 log = logging.getLogger(__name__)
 
@@ -343,7 +344,6 @@ def run_infer(
     from img.generation import default_settings, load_aligner
     from img.model_loading import locate
     from img.profiles import get_profile
-    from img.questions import resolve_questions
 
     prof = get_profile(profile)
     pool = resolve_questions(questions)

@@ -14,7 +14,7 @@ Another pool, such as the authors' list of 100 questions (a JSON list of
 strings, each with a ``{prompt}`` placeholder), is read with ``load_questions``
 and passed as ``questions``::
 
-    pool = load_questions("edit_instructions.json")
+    pool = load_questions("questions.json")
     question_for("a red circle", key="pair-1", questions=pool)
     questions_id(pool)            # "sha256:<16 hex>" of the pool, for fingerprints
 """
@@ -81,7 +81,8 @@ QUESTIONS: tuple[str, ...] = tuple(o + e for o in _OPENINGS for e in _ENDINGS)
 
 
 def question_index(key: str, seed: int, n: int = len(QUESTIONS)) -> int:
-    """Index into a pool of ``n`` templates (default ``QUESTIONS``) for ``key`` and ``seed``; stable across processes."""
+    """Index into a pool of ``n`` templates (default: ``QUESTIONS``) for ``key`` and ``seed``; the same in every
+    process."""
     digest = hashlib.sha256(f"{seed}\x00{key}".encode()).digest()
     return int.from_bytes(digest[:8], "big") % n
 
@@ -117,7 +118,8 @@ def load_questions(path: str | Path) -> tuple[str, ...]:
         raise QuestionFileError(f"questions file {str(p)!r} holds {what}, not a list of strings. {fix}")
     for i, q in enumerate(data):
         if not isinstance(q, str):
-            raise QuestionFileError(f"questions file {str(p)!r}: entry {i} is {json.dumps(q)[:60]}, not a string. {fix}")
+            raise QuestionFileError(f"questions file {str(p)!r}: entry {i} is {json.dumps(q)[:60]}, not a string. "
+                                    f"{fix}")
         if "{prompt}" not in q:
             raise QuestionFileError(f"questions file {str(p)!r}: entry {i} {q[:80]!r} has no {{prompt}} placeholder. "
                                     f"{fix}")

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
@@ -83,8 +84,6 @@ def _question_words() -> list[str]:
 
 def _template_words() -> list[str]:
     """Words of the MLLM conversation texts (e.g. the LLaVA v0 system sentence)."""
-    import re
-
     from img.features import TEMPLATES
 
     text = " ".join(t for t in TEMPLATES.values() if t).replace("{question}", " ").replace("<image>", " ")

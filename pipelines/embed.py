@@ -34,6 +34,7 @@ import pyarrow as pa
 from img import lake as lake_mod
 from img.config import fingerprint
 from img.errors import UserError
+from img.questions import questions_id, resolve_questions
 from pipelines.embed_config import EmbedConfig
 from pipelines.source import SourceShard, list_shards, plan_units
 from schemas import features as features_schema
@@ -365,8 +366,6 @@ def embed_fingerprint(profile, cfg: EmbedConfig, questions: Sequence[str] | None
     template and image mode, and the question pool's content (``questions``: the loaded ``cfg.questions``)."""
     import hashlib
 
-    from img.questions import questions_id
-
     base = fingerprint(cfg, exclude=EmbedConfig.RUN_KNOBS + EmbedConfig.CONTENT_KEYS)
     blob = json.dumps({"cfg": base, "profile": profile.name, "models": profile.model_ids(),
                        "dtype": profile.tensor_dtype, "mllm_template": profile.mllm_template,
@@ -463,7 +462,6 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
               progress: bool = True) -> EmbedSummary:
     """Embed every not-yet-done decisive pair of ``source`` into ``lake``; see the module docstring."""
     from img.profiles import get_profile
-    from img.questions import resolve_questions
 
     t_start = time.perf_counter()
     profile = get_profile(profile_name)
