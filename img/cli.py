@@ -201,15 +201,22 @@ def infer(
     passes: Optional[int] = typer.Option(None, "--passes", help="Aligner passes (default 3)."),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt of every image."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    questions: Optional[Path] = typer.Option(
+        None, "--questions", help="JSON list of question templates with {prompt} (e.g. the authors' list); "
+        "default: the config's `questions`, else our own pool."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Infer TOML (default: jobs/infer.toml settings)."),
     as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON."),
 ) -> None:
     """Generate with the base model, then regenerate with IMG (MLLM guidance -> aligner -> IP-Adapter)."""
-    from img.inference.infer import read_prompts, run_infer
+    from img.config import load_config
+    from img.inference.infer import InferConfig, read_prompts, run_infer
 
+    cfg = load_config(InferConfig, config if config is not None else _default_config("infer.toml"),
+                      overrides={"questions": str(questions) if questions is not None else None})
     summary = run_infer(
         read_prompts(prompt, prompts), profile, out, aligner=aligner, seed=seed, rounds=rounds, lake=lake,
         steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale, passes=passes,
-        negative_prompt=negative_prompt, device=device, progress=True,
+        negative_prompt=negative_prompt, device=device, progress=True, questions=cfg.questions,
     )
     typer.echo(summary.render())
     if as_json:

@@ -15,6 +15,13 @@ dtype (float32 on CPU; the profile's ``tensor_dtype`` on GPU); no randomness::
     mllm = GuidanceEncoder(p)
     h = mllm([img_a], [question_for("a red circle", key="pair-1", seed=0)])   # [(L_0, E)]
     t = TextGuidanceEncoder(p)(["a red circle"])  # [(77, D)] SDXL text-encoder states (text-only ablation)
+
+The text the MLLM reads is ``format_mllm_prompt(question, profile.mllm_template)``::
+
+    format_mllm_prompt("How ...?", "llava_v0")
+    # "A chat between a curious human and an artificial intelligence assistant. The assistant gives helpful,
+    #  detailed, and polite answers to the human's questions.###Human: <image>\nHow ...?###Assistant:"
+    format_mllm_prompt("How ...?", "llava_hf")      # "USER: <image>\nHow ...? ASSISTANT:"
 """
 from __future__ import annotations
 
@@ -23,14 +30,62 @@ from typing import Any, Sequence
 
 import torch
 
+from img.conversation import IMAGE_PLACEHOLDER, TEMPLATES
+from img.errors import UserError
+from img.models.loading import compute_dtype, load_ip_image_encoder, load_ip_projection, load_mllm, load_text_encoders
 from img.models.profiles import Profile, get_profile
-from img.models.loading import compute_dtype, load_ip_image_encoder, load_ip_projection
-from img.models.loading import compute_dtype, load_mllm
-from img.models.loading import compute_dtype, load_text_encoders
 
 log = logging.getLogger(__name__)
 
-LLAVA_PROMPT = "USER: <image>\n{question} ASSISTANT:"  # LLaVA-1.5 format, used when a processor has no chat template
+def format_mllm_prompt(question: str, template: str, processor: Any = None) -> str:
+    """The exact text the MLLM reads for ``question``, with its image placeholder.
+
+    ``template``: ``"llava_v0"`` (the original LLaVA v0 conversation the released aligners were trained on),
+    ``"llava_hf"`` (llava-hf's chat format) or ``"chat_template"`` (``processor``'s own chat template, e.g.
+    Qwen2.5-VL; needs ``processor``). The question is inserted as is.
+    """
+    if template not in TEMPLATES:
+        raise ValueError(f"unknown MLLM prompt template {template!r}; use one of {', '.join(TEMPLATES)}.")
+    fixed = TEMPLATES[template]
+    if fixed is not None:
+        return fixed.replace("{question}", question)
+    if processor is None or not getattr(processor, "chat_template", None):
+        raise ValueError("template 'chat_template' needs a processor that has a chat template; pass it, or use "
+                         "'llava_v0' / 'llava_hf' for a LLaVA model.")
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+    return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def pad_to_square(image: Any, fill: tuple[int, ...]) -> Any:
+    """``image`` centred on a square canvas of its longer side filled with ``fill`` (LLaVA-1.5's ``expand2square``:
+    the paste offset is rounded down); a square image is returned as it is."""
+    from PIL import Image
+
+    w, h = image.size
+    if w == h:
+        return image
+    side = max(w, h)
+    canvas = Image.new(image.mode, (side, side), fill)
+    canvas.paste(image, ((side - w) // 2, (side - h) // 2))
+    return canvas
+
+
+def llava_input_ids(prompt: str, tokenizer: Any, image_token_id: int, n_image_tokens: int) -> list[int]:
+    """Token ids of ``prompt`` as the original LLaVA code builds them, the image placeholder expanded.
+
+    The text before and after ``<image>`` is tokenized separately (the tokenizer's BOS kept only at the very
+    start), so a SentencePiece tokenizer starts the text after the image with its word-boundary piece, whatever
+    the tokenizer does after special tokens. The placeholder becomes ``n_image_tokens`` x ``image_token_id``.
+    """
+    chunks = [tokenizer(chunk).input_ids for chunk in prompt.split(IMAGE_PLACEHOLDER)]
+    bos = tokenizer.bos_token_id
+    offset = 1 if bos is not None and chunks[0] and chunks[0][0] == bos else 0
+    ids: list[int] = [bos] if offset else []
+    for i, chunk in enumerate(chunks):
+        if i:
+            ids.extend([image_token_id] * n_image_tokens)
+        ids.extend(chunk[offset:])
+    return ids
 
 
 def _profile(profile: Profile | str) -> Profile:
@@ -103,33 +158,59 @@ class IPTokenEncoder:
 class GuidanceEncoder:
     """(image, question) -> the MLLM's last-layer hidden states over the whole sequence, (L_i, E) each.
 
-    One forward pass, no generation. The sequence is the chat prompt: system text (if the template has
-    one), the image tokens (LLaVA-1.5: 576) and the question. Right padding, then each sample is cut back
-    to its attention mask, so a batched call equals per-sample calls.
+    One forward pass, no generation. The sequence is the profile's conversation text
+    (``format_mllm_prompt(question, profile.mllm_template)``): system text (if the template has one), the
+    image tokens (LLaVA-1.5: 576) and the question. Images are padded to a square first when
+    ``profile.mllm_image == "pad"``. ``llava_v0`` text is tokenized as the original LLaVA code does
+    (``llava_input_ids``); the other templates by the processor. Right padding, then each sample is cut
+    back to its attention mask, so a batched call equals per-sample calls.
     """
 
     def __init__(self, profile: Profile | str, device: str | torch.device = "cpu", dtype: Any = None) -> None:
 
         self.profile = _profile(profile)
+        self.template = self.profile.mllm_template
+        self.image_mode = self.profile.mllm_image
+        if self.template in ("llava_v0", "llava_hf") and self.profile.mllm_kind != "llava":
+            raise UserError(f"profile {self.profile.name!r} uses {self.profile.mllm_kind}, which cannot read the "
+                            f"{self.template!r} LLaVA conversation. Set mllm_template = \"chat_template\".")
         self.device = torch.device(device)
         self.dtype = compute_dtype(self.profile, device, dtype)
         self.model, self.processor = load_mllm(self.profile, self.device, self.dtype)
+        if self.template == "chat_template" and not getattr(self.processor, "chat_template", None):
+            raise UserError(f"the MLLM processor at {self.profile.mllm.id} has no chat template, which "
+                            f"mllm_template = \"chat_template\" needs. Use \"llava_v0\" or \"llava_hf\" for LLaVA.")
 
     def prompt(self, question: str) -> str:
-        """The text the MLLM reads, with its image placeholder (chat template of the processor)."""
-        if getattr(self.processor, "chat_template", None):
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        if self.profile.mllm_kind != "llava":
-            raise RuntimeError(f"the {self.profile.mllm_kind} processor at {self.profile.mllm.id} has no chat template")
-        return LLAVA_PROMPT.format(question=question)
+        """The text the MLLM reads, with its image placeholder (``format_mllm_prompt`` of the profile's template)."""
+        return format_mllm_prompt(question, self.template, self.processor)
+
+    def images(self, images: Sequence[Any]) -> list[Any]:
+        """RGB PIL images as the processor gets them: padded to a square with the processor's mean colour
+        (``tuple(int(x * 255) for x in image_mean)``, as LLaVA-1.5) when the profile says ``pad``."""
+        out = _rgb(images)
+        if self.image_mode == "pad":
+            fill = tuple(int(x * 255) for x in self.processor.image_processor.image_mean)
+            out = [pad_to_square(im, fill) for im in out]
+        return out
 
     def inputs(self, images: Sequence[Any], questions: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Processor output (ids with expanded image tokens, mask, pixels) for a batch."""
+        """Model inputs (ids with expanded image tokens, mask, pixels) for a batch."""
         if len(images) != len(questions):
             raise ValueError(f"{len(images)} images but {len(questions)} questions; pass one question per image")
         texts = [self.prompt(q) for q in questions]
-        return self.processor(images=_rgb(images), text=texts, padding=True, return_tensors="pt")
+        if self.template != "llava_v0":
+            return self.processor(images=self.images(images), text=texts, padding=True, return_tensors="pt")
+        pixels = self.processor.image_processor(images=self.images(images), return_tensors="pt")["pixel_values"]
+        cfg = self.model.config
+        rows = [llava_input_ids(t, self.processor.tokenizer, cfg.image_token_id, cfg.image_seq_length) for t in texts]
+        pad = self.processor.tokenizer.pad_token_id or 0  # masked out; the value does not matter
+        ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)] = torch.tensor(row)
+            mask[i, : len(row)] = 1
+        return {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels}
 
     @torch.inference_mode()
     def __call__(self, images: Sequence[Any], questions: Sequence[str]) -> list[torch.Tensor]:

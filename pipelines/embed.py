@@ -26,25 +26,23 @@ import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
 import numpy as np
 import pyarrow as pa
 
-from img.lake import tables as lake_mod
 from img.config import fingerprint
 from img.errors import UserError
+from img.features import GuidanceEncoder, IPTokenEncoder, TextGuidanceEncoder
+from img.lake import tables as lake_mod
+from img.models.profiles import get_profile
+from img.questions import question_for, questions_id, resolve_questions
 from pipelines.embed_config import EmbedConfig
 from pipelines.source import SourceShard, list_shards, plan_units
 from schemas import features as features_schema
 from schemas import pairs as pairs_schema
 from schemas import quarantine as quarantine_schema
 from schemas.meta import with_provenance
-from img.features import GuidanceEncoder
-from img.features import IPTokenEncoder
-from img.features import TextGuidanceEncoder
-from img.models.profiles import get_profile
-from img.questions import question_for
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +92,9 @@ def read_unit(unit: dict[str, Any]) -> dict[str, np.ndarray]:
 class Decode:
     """Fully decode both JPEGs; a row that cannot be embedded gets an ``error`` reason instead."""
 
-    def __init__(self, min_side: int, max_pixels: int, question_seed: int):
+    def __init__(self, min_side: int, max_pixels: int, question_seed: int, questions: Sequence[str] | None = None):
         self.min_side, self.max_pixels, self.question_seed = min_side, max_pixels, question_seed
+        self.questions = questions  # question templates (None: our pool)
 
     def _decode(self, data: Any, which: str) -> tuple[np.ndarray | None, str | None]:
         from PIL import Image
@@ -134,7 +133,8 @@ class Decode:
             winners.append(w if err is None else blank)
             losers.append(lo if err is None else blank)
             errors.append(err or "")
-            questions.append(question_for(caption, str(batch["pair_id"][i]), self.question_seed) if caption else "")
+            questions.append(question_for(caption, str(batch["pair_id"][i]), self.question_seed, self.questions)
+                             if caption else "")
         out = {k: v for k, v in batch.items() if k not in ("winner_jpg", "loser_jpg")}
         out["winner_image"] = _ragged(winners)
         out["loser_image"] = _ragged(losers)
@@ -145,9 +145,9 @@ class Decode:
 
 
 def read_and_decode(batch: dict[str, np.ndarray], min_side: int, max_pixels: int,
-                    question_seed: int) -> dict[str, np.ndarray]:
+                    question_seed: int, questions: Sequence[str] | None = None) -> dict[str, np.ndarray]:
     """Read a batch of units, then fully decode their images (one Ray task per unit)."""
-    return Decode(min_side, max_pixels, question_seed)(read_units(batch))
+    return Decode(min_side, max_pixels, question_seed, questions)(read_units(batch))
 
 
 def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
@@ -358,12 +358,15 @@ def table_schemas(profile, cfg: EmbedConfig, fp: str) -> dict[str, pa.Schema]:
     }
 
 
-def embed_fingerprint(profile, cfg: EmbedConfig) -> str:
-    base = fingerprint(cfg, exclude=EmbedConfig.RUN_KNOBS)
+def embed_fingerprint(profile, cfg: EmbedConfig, questions: Sequence[str] | None = None) -> str:
+    """Hash of everything that decides the stored tensors: settings, models, dtype, the MLLM's conversation
+    template and image mode, and the question pool's content (``questions``: the loaded ``cfg.questions``)."""
     import hashlib
 
+    base = fingerprint(cfg, exclude=EmbedConfig.RUN_KNOBS + EmbedConfig.CONTENT_KEYS)
     blob = json.dumps({"cfg": base, "profile": profile.name, "models": profile.model_ids(),
-                       "dtype": profile.tensor_dtype}, sort_keys=True)
+                       "dtype": profile.tensor_dtype, "mllm_template": profile.mllm_template,
+                       "mllm_image": profile.mllm_image, "questions": questions_id(questions)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -418,7 +421,8 @@ def check_reservations(cfg: EmbedConfig) -> None:
                         "Set num_gpus = 0 (CPU) or lower concurrency in the --config TOML.")
 
 
-def build_dataset(units: list[dict], lake: str, profile_name: str, cfg: EmbedConfig, schemas: dict[str, pa.Schema]):
+def build_dataset(units: list[dict], lake: str, profile_name: str, cfg: EmbedConfig, schemas: dict[str, pa.Schema],
+                  questions: Sequence[str] | None = None):
     """The Ray Data plan: read -> decode -> model actor pools -> fragment writers."""
     import ray
 
@@ -427,7 +431,7 @@ def build_dataset(units: list[dict], lake: str, profile_name: str, cfg: EmbedCon
     ds = ray.data.from_items(units, override_num_blocks=max(1, len(units)))
     ds = ds.map_batches(read_and_decode, batch_size=1, num_cpus=cfg.decode_cpus,
                         fn_kwargs={"min_side": cfg.min_side, "max_pixels": cfg.max_pixels,
-                                   "question_seed": cfg.question_seed})
+                                   "question_seed": cfg.question_seed, "questions": questions})
     stages = [(IPTokens, cfg.ip), (Guidance, cfg.mllm)] + ([(TextGuidance, cfg.text)] if cfg.text_guidance else [])
     for stage, pool in stages:
         threads = max(1, int(round(pool.num_cpus)))
@@ -457,10 +461,11 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
 
     t_start = time.perf_counter()
     profile = get_profile(profile_name)
+    questions = resolve_questions(cfg.questions)  # a bad file fails here, before anything is written
     lake = _abs_lake(lake)
     so = cfg.storage_options or None
     shards = list_shards(source, so)
-    fp = embed_fingerprint(profile, cfg)
+    fp = embed_fingerprint(profile, cfg, questions)
     schemas = table_schemas(profile, cfg, fp)
     if lake_mod.is_local(lake):
         os.makedirs(lake, exist_ok=True)
@@ -478,7 +483,7 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
     if todo:
         _init_ray()
         check_reservations(cfg)
-        ds = build_dataset(units, lake, profile_name, cfg, schemas)
+        ds = build_dataset(units, lake, profile_name, cfg, schemas, questions)
         with _Progress(todo, enabled=progress) as bar:
             for row in ds.iter_rows():
                 for name in ("features", "pairs", "quarantine"):  # pairs is the commit marker
@@ -513,8 +518,14 @@ class _Progress:
 
     def __enter__(self):
         if self.enabled and sys.stderr.isatty():
-            from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                       TimeElapsedColumn, TimeRemainingColumn)
+            from rich.progress import (
+                BarColumn,
+                MofNCompleteColumn,
+                Progress,
+                TextColumn,
+                TimeElapsedColumn,
+                TimeRemainingColumn,
+            )
 
             self.bar = Progress(TextColumn("embed"), BarColumn(), MofNCompleteColumn(),
                                 TextColumn("{task.fields[rate]:.1f} pairs/s"), TimeElapsedColumn(),

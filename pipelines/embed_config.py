@@ -3,7 +3,9 @@
     cfg = load_config(EmbedConfig, "jobs/embed.toml", overrides={"limit": 500})
 
 Run-size knobs (batch sizes, concurrency, GPUs, limit) do not enter the
-config fingerprint; everything that changes the stored tensors does.
+config fingerprint; everything that changes the stored tensors does. The
+questions file enters by its content (``img.questions.questions_id``), not its
+path, together with the profile's MLLM template and image mode.
 """
 from __future__ import annotations
 
@@ -24,6 +26,8 @@ class ActorPool:
 @dataclass
 class EmbedConfig:
     question_seed: int = 0  # picks each pair's paraphrased MLLM question (deterministic per pair_id)
+    # JSON list of question templates with "{prompt}" (e.g. the authors' 100 questions); None = our own pool
+    questions: Optional[str] = None
     text_guidance: bool = False  # also store the diffusion text encoders' caption embeddings (ablation)
     rows_per_fragment: int = 32  # rows per written + committed fragment: bounds memory and lost work on a kill
     read_rows: int = 32  # rows per read unit (a slice of one row group); results stream out per unit
@@ -38,3 +42,4 @@ class EmbedConfig:
 
     # keys left out of the fingerprint: they change speed, not content
     RUN_KNOBS = ("rows_per_fragment", "read_rows", "decode_cpus", "limit", "ip", "mllm", "text", "storage_options")
+    CONTENT_KEYS = ("questions",)  # fingerprinted by the content they point at, not by their value

@@ -1,5 +1,4 @@
 """Typed TOML config: defaults, overrides, type checks and unknown keys."""
-from dataclasses import dataclass, field
 
 import pytest
 

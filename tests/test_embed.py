@@ -12,10 +12,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from img.lake import tables as lake_mod
-from img.errors import UserError
-from img.models.profiles import get_profile
 from img.data.sample import expected_counts, write_sample
+from img.errors import UserError
+from img.lake import tables as lake_mod
+from img.models.profiles import get_profile
 from pipelines.embed import run_embed
 from pipelines.embed_config import EmbedConfig
 from schemas.meta import read_provenance

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import lance
 
-from img.lake import tables as lake_mod
 from img.data.sample import expected_counts, write_sample
+from img.lake import tables as lake_mod
 
 
 def _free_port() -> int:

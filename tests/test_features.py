@@ -148,9 +148,12 @@ def test_resampler_original_format_roundtrip():
 
 
 # ---------------------------------------------------------------- guidance
-def test_guidance_prompt_is_llava_format(mllm):
+def test_guidance_prompt_is_the_profiles_llava_v0_conversation(mllm):
+    from img.conversation import LLAVA_V0_SYSTEM
+
     q = question_for("a red circle", key="k", seed=0)
-    assert mllm.prompt(q) == f"USER: <image>\n{q} ASSISTANT:"
+    assert mllm.template == "llava_v0" and mllm.image_mode == "pad"
+    assert mllm.prompt(q) == f"{LLAVA_V0_SYSTEM}###Human: <image>\n{q}###Assistant:"
 
 
 def test_guidance_shapes_lengths_and_full_sequence(mllm, profile, scenes):

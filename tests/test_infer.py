@@ -328,8 +328,14 @@ def build_tiny_flux(root: Path) -> None:
     """A tiny FluxPipeline (diffusers' test recipe), a CLIP vision tower, and XLabs-format IP-Adapter weights."""
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from safetensors.torch import save_file
-    from transformers import (CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection,
-                              T5Config, T5EncoderModel)
+    from transformers import (
+        CLIPTextConfig,
+        CLIPTextModel,
+        CLIPVisionConfig,
+        CLIPVisionModelWithProjection,
+        T5Config,
+        T5EncoderModel,
+    )
 
     from img.models.tiny import build_clip_tokenizer, build_llava_tokenizer, vocabulary_words
 

@@ -171,9 +171,9 @@ def test_tiny_pipeline_generates_and_ip_tokens_change_the_image():
     import numpy as np
     import torch
 
+    from img.data.shapes_world import render, sample_background, sample_scene
     from img.features import IPTokenEncoder
     from img.models.loading import load_sdxl_pipeline
-    from img.data.shapes_world import render, sample_background, sample_scene
 
     p = get_profile("tiny")
     pipe = load_sdxl_pipeline(p)
@@ -199,9 +199,9 @@ def test_tiny_pipeline_generates_and_ip_tokens_change_the_image():
 
 
 def test_tiny_tokenizers_cover_the_shapes_world_and_questions():
+    from img.data.shapes_world import vocabulary
     from img.models.loading import load_mllm, load_text_encoders
     from img.questions import QUESTIONS
-    from img.data.shapes_world import vocabulary
 
     p = get_profile("tiny")
     (clip_tok, _), _ = load_text_encoders(p)

@@ -16,8 +16,8 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from img.data import shapes_world as sw
-from img.errors import UserError
 from img.data.sample import CORRUPTIONS, decodes, expected_counts, read_sample, shard_paths, write_sample
+from img.errors import UserError
 from schemas import pickapic
 from schemas.meta import read_provenance
 

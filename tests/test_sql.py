@@ -7,8 +7,8 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from img.lake import tables as lake
 from img.errors import UserError
+from img.lake import tables as lake
 from img.lake.sql import run_query
 from schemas import features, metrics
 from schemas.meta import with_provenance

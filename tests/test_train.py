@@ -18,11 +18,11 @@ import lance
 import numpy as np
 import pytest
 import torch
+from synthetic_lake import tiny_dims, write_synthetic_lake
 from typer.testing import CliRunner
 
 from img.errors import UserError
 from img.training.loader import TrainLoader, is_heldout
-from synthetic_lake import tiny_dims, write_synthetic_lake
 
 REPO = Path(__file__).resolve().parents[1]
 DIMS = tiny_dims()

@@ -20,10 +20,10 @@ import time
 from typing import Any
 
 import numpy as np
+
 from img.config import load_config
 from img.data.sample import write_sample
-from pipelines.embed import Decode, Guidance, IPTokens, read_units
-from pipelines.embed import _init_ray, run_embed
+from pipelines.embed import Decode, Guidance, IPTokens, _init_ray, read_units, run_embed
 from pipelines.embed_config import EmbedConfig
 from pipelines.source import list_shards, plan_units
 

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
 from img.training.loader import TrainLoader
 from schemas import features as features_schema
 from schemas.meta import with_provenance

@@ -24,15 +24,12 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from img.errors import UserError
-from img.models.profiles import Profile, get_profile
 from img.aligner import ImplicitAligner
+from img.errors import UserError
 from img.features import GuidanceEncoder, IPTokenEncoder, TextGuidanceEncoder
-from img.models.loading import ModelNotFound, has_weights, locate
-from img.models.loading import QWEN_MAX_PIXELS
-from img.models.loading import load_sdxl_pipeline
-from img.models.tiny import IP_ENCODER_SUBFOLDER, tiny_root
-from img.models.tiny import get_spec
+from img.models.loading import QWEN_MAX_PIXELS, ModelNotFound, has_weights, load_sdxl_pipeline, locate
+from img.models.profiles import Profile, get_profile
+from img.models.tiny import IP_ENCODER_SUBFOLDER, get_spec, tiny_root
 from img.questions import question_for
 
 log = logging.getLogger(__name__)
@@ -46,6 +43,7 @@ def check(name: str, dry_run: bool = False, out: Callable[[str], Any] = print) -
     """Check profile ``name``; returns the exit code (0 ok, 1 something missing or inconsistent)."""
     profile = get_profile(name)
     out(f"profile {profile.name} ({profile.family}): {profile.description}")
+    out(f"  MLLM input: conversation {profile.mllm_template!r}, images {profile.mllm_image!r}")
     if dry_run:
         return dry_run_check(profile, out)
     return resolve_check(profile, out)

@@ -77,24 +77,23 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Sequence, Union
 
 import torch
 
-from img.aligner import ImplicitAligner, load_official_checkpoint
+from img.aligner import CONFIG_NAME, ImplicitAligner, load_official_checkpoint
 from img.errors import UserError
-from img.logs import quiet_logger
-from img.models.profiles import Profile, get_profile
-from img.aligner import CONFIG_NAME
 from img.features import GuidanceEncoder, IPTokenEncoder
-from img.models.loading import load_flux_pipeline, load_sdxl_pipeline
-from img.models.loading import locate
-from img.questions import question_for
+from img.logs import quiet_logger
+from img.models.loading import load_flux_pipeline, load_sdxl_pipeline, locate
+from img.models.profiles import Profile, get_profile
+from img.questions import load_questions, question_for
 
 log = logging.getLogger(__name__)
 
 StepCallback = Callable[[str, int, int], None]  # (stage: "base" | "regen", step done (1-based), total steps)
 AlignerSource = Union[None, str, Path, ImplicitAligner]
+QuestionSource = Union[None, str, Path, Sequence[str]]  # a questions file, loaded templates, or None (our pool)
 
 FLUX_TRUE_CFG = 3.5  # XFlux true_gs in the authors' demo_flux.py
 
@@ -301,7 +300,9 @@ class IMGPipeline:
     ``base_pipe``: ``StableDiffusionXLPipeline`` (SDXL, SDXL-DPO) or ``FluxPipeline``, with or without an
     IP-Adapter (the profile's is loaded when missing). ``ip_encoder``/``guidance_encoder``: the
     ``img.features`` classes the embed job uses. ``aligner``: an ``ImplicitAligner`` for the profile's dims.
-    The pipeline is modified in place (identity projection); ``unwrap()`` undoes that.
+    ``questions``: the question templates (a JSON file as ``img.questions.load_questions`` reads, or the
+    templates; None = our pool). The pipeline is modified in place (identity projection); ``unwrap()`` undoes
+    that.
     """
 
     def __init__(
@@ -314,8 +315,11 @@ class IMGPipeline:
         *,
         aligner_id: Optional[str] = None,
         device: Any = None,
+        questions: QuestionSource = None,
     ) -> None:
         self.profile = get_profile(profile) if isinstance(profile, str) else profile
+        self.questions = load_questions(questions) if isinstance(questions, (str, Path)) else (
+            tuple(questions) if questions is not None else None)
         self.pipe = base_pipe
         self.ip_encoder = ip_encoder
         self.guidance_encoder = guidance_encoder
@@ -343,6 +347,7 @@ class IMGPipeline:
         aligner_seed: int = 0,
         aligner_id: Optional[str] = None,
         resampler: Optional[str | Path] = None,
+        questions: QuestionSource = None,
     ) -> "IMGPipeline":
         """Load every model of ``profile`` (offline); ``aligner`` as in ``load_aligner``.
 
@@ -350,7 +355,7 @@ class IMGPipeline:
         ``mllm_device`` puts the MLLM on another device (e.g. a second GPU); ``aligner_id`` labels an
         ``ImplicitAligner`` passed in (default: the hash of its weights). ``resampler``: the released
         ``resampler.pth`` (default: the one next to ``aligner_sdxl.pth`` when ``aligner`` is that folder);
-        see ``use_released_resampler``.
+        see ``use_released_resampler``. ``questions``: as in ``IMGPipeline``.
         """
 
         prof = get_profile(profile) if isinstance(profile, str) else profile
@@ -363,7 +368,7 @@ class IMGPipeline:
             base_pipe = loader(prof, device, dtype, ip_adapter=False)
         ip = IPTokenEncoder(prof, device, dtype)
         guidance = GuidanceEncoder(prof, mllm_device if mllm_device is not None else device, dtype)
-        pipe = cls(base_pipe, ip, guidance, model, prof, aligner_id=aid, device=device)
+        pipe = cls(base_pipe, ip, guidance, model, prof, aligner_id=aid, device=device, questions=questions)
         if resampler is None and isinstance(aligner, (str, Path)) and prof.family == "sdxl":
             found = Path(aligner).expanduser() / RELEASED_RESAMPLER
             resampler = found if found.is_file() else None
@@ -528,9 +533,9 @@ class IMGPipeline:
             return self._call_pipe(prompt, seed, s, "base", on_step)
 
     def question(self, prompt: str, seed: int) -> str:
-        """The MLLM question: ``question_for(prompt, key=prompt, seed=seed)``, the same in every round."""
-
-        return question_for(prompt, key=prompt, seed=seed)
+        """The MLLM question: ``question_for(prompt, key=prompt, seed=seed)`` from the pipeline's question pool,
+        the same in every round."""
+        return question_for(prompt, key=prompt, seed=seed, questions=self.questions)
 
     def image_tokens(self, image: Any) -> torch.Tensor:
         """(1, N, D) IP tokens of ``image`` (the embed job's ``IPTokenEncoder``)."""

@@ -5,7 +5,9 @@
     img infer --profile flux --aligner ckpts/aligner_flux.pth --prompt "..." --out out/flux
 
 ``--prompts`` is a text file (one prompt per line; blank lines are skipped) or a
-JSON list of strings. Files are ``<out>/<prompt_idx>-<slug>-seed<S>-round<R>.png``
+JSON list of strings. ``--questions FILE`` (or ``questions = "FILE"`` in the
+``--config`` TOML, default ``jobs/infer.toml``) replaces our question pool with a
+JSON list of templates with ``{prompt}``, such as the authors' list. Files are ``<out>/<prompt_idx>-<slug>-seed<S>-round<R>.png``
 (round 0 = the base model's image); the same command writes the same names and,
 on the same machine, the same pixels. Everything is checked before the first
 step (prompts, profile, settings, the aligner and its dims, the models' presence,
@@ -16,6 +18,7 @@ are on disk. Python::
 
     from img.inference.infer import run_infer
     summary = run_infer(["a red circle"], "tiny", "out", seed=3, rounds=2, lake="lake")
+    summary = run_infer(["a red circle"], "tiny", "out", questions="edit_instructions.json")
 """
 from __future__ import annotations
 
@@ -32,19 +35,25 @@ from pathlib import Path
 from typing import Any, Optional
 
 from img.errors import UserError
-from img.inference.generation import RELEASED_RESAMPLER, IMGPipeline
-from img.inference.generation import default_settings, load_aligner
-from img.lake.tables import append_rows
-from img.lake.tables import is_local, open_table, table_uri
+from img.inference.generation import RELEASED_RESAMPLER, IMGPipeline, default_settings, load_aligner
+from img.lake.tables import append_rows, is_local, open_table, table_uri
 from img.models.loading import locate
 from img.models.profiles import get_profile
+from img.questions import resolve_questions
 from schemas import generations
-from schemas.meta import read_provenance
-from schemas.meta import with_provenance
+from schemas.meta import read_provenance, with_provenance
 
 log = logging.getLogger(__name__)
 
 STAGES = ("base", "ip", "mllm", "aligner", "regen")
+
+
+@dataclass
+class InferConfig:
+    """Keys of the ``img infer --config`` TOML (default ``jobs/infer.toml``); unknown keys are errors."""
+
+    # JSON list of question templates with "{prompt}" (e.g. the authors' 100 questions); None = our own pool
+    questions: Optional[str] = None
 
 
 # ----------------------------------------------------------------------------- inputs
@@ -321,8 +330,12 @@ def run_infer(
     negative_prompt: str = "",
     device: str = "cpu",
     progress: bool = True,
+    questions: Optional[str | Path] = None,
 ) -> InferSummary:
-    """Validate everything, load the models, then for each prompt: generate, write PNGs, append rows."""
+    """Validate everything, load the models, then for each prompt: generate, write PNGs, append rows.
+
+    ``questions``: a JSON file of question templates (``img.questions.load_questions``); None = our pool.
+    """
     t_start = time.perf_counter()
     # 1. everything a user can get wrong, before anything is created
     if not prompts or any(not p.strip() for p in prompts):
@@ -331,6 +344,7 @@ def run_infer(
         raise UserError(f"--rounds must be >= 0, got {rounds}. 1 is the paper's setting.")
 
     prof = get_profile(profile)
+    pool = resolve_questions(questions)
     settings = default_settings(prof, steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale, passes=passes,
                                 negative_prompt=negative_prompt)
     dev = resolve_device(device)
@@ -364,7 +378,7 @@ def run_infer(
                 found = Path(aligner).expanduser() / RELEASED_RESAMPLER
                 resampler = found if found.is_file() else None
             pipe = IMGPipeline.from_profile(prof, aligner=aligner_model, device=dev, aligner_id=aid,
-                                            resampler=resampler)
+                                            resampler=resampler, questions=pool)
         finally:
             tlog.set_verbosity(level)
         aid = pipe.aligner_id

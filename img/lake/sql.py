@@ -20,8 +20,8 @@ import re
 
 import pyarrow as pa
 
-from img.lake import tables as lake_mod
 from img.errors import UserError
+from img.lake import tables as lake_mod
 from schemas.meta import read_provenance
 
 log = logging.getLogger(__name__)

@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any
 
 from img.errors import UserError
-from img.logs import quiet_logger, quiet_loading
+from img.logs import quiet_loading, quiet_logger
 from img.models.processors import clip_image_processor
-from img.models.tiny import tiny_root
 from img.models.profiles import Profile
+from img.models.tiny import tiny_root
 
 log = logging.getLogger(__name__)
 

@@ -38,11 +38,18 @@ environment variable        default (hub id)                           used by (
 ``IMG_CACHE``               ~/.cache/img (tiny models are built here)  tiny, bench
 ==========================  =========================================  =================================
 
-A TOML file may also set ``tensor_dtype = "float16"`` or ``"bfloat16"``. Example
-``jobs/profiles/sdxl.toml``::
+A TOML file may also set ``tensor_dtype = "float16"`` or ``"bfloat16"``, and how
+the MLLM sees its input: ``mllm_template`` (the conversation text, see
+``img.features.format_mllm_prompt``: ``"llava_v0"``, ``"llava_hf"`` or
+``"chat_template"``) and ``mllm_image`` (``"pad"``: pad to a square filled with
+the processor's mean colour, then resize, as LLaVA-1.5 does; ``"crop"``: the
+processor's own preprocessing, which for llava-hf centre-crops). The released
+aligners were trained on ``llava_v0`` + ``pad``, the default of every LLaVA
+profile. Example ``jobs/profiles/sdxl.toml``::
 
     base = "/data/models/sdxl-base"
-    mllm = "/data/models/llava-1.5-13b-hf"
+    mllm = "/data/models/img-llava-13b-hf"     # the authors' fine-tuned LLaVA, converted to llava-hf format
+    # mllm_template = "llava_hf"               # only for a model used with llava-hf's chat format
 """
 from __future__ import annotations
 
@@ -53,9 +60,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
-from img.errors import UserError
 from img.aligner import AlignerConfig
 from img.config import load_config
+from img.errors import UserError
 from img.models.tiny import FLAVOURS, IP_ENCODER_SUBFOLDER, IP_WEIGHT_NAME, IP_WEIGHT_SUBFOLDER
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -66,6 +73,12 @@ log = logging.getLogger(__name__)
 Family = Literal["sdxl", "flux"]
 MLLMKind = Literal["llava", "qwen2_5_vl"]
 IPKind = Literal["plus", "xlabs"]  # IP-Adapter Plus resampler (SDXL) or XLabs linear projection (FLUX)
+# The conversation text the MLLM reads (img.features.format_mllm_prompt): the original LLaVA repository's v0
+# conversation, llava-hf's chat format, or the processor's own chat template (Qwen2.5-VL).
+MLLMTemplate = Literal["llava_v0", "llava_hf", "chat_template"]
+# How an image is fitted to the MLLM's square input: padded with the processor's mean colour (LLaVA-1.5's
+# image_aspect_ratio = "pad") or left to the processor (llava-hf: resize the short side, centre-crop).
+MLLMImage = Literal["pad", "crop"]
 TINY_PREFIX = "tiny:"
 
 
@@ -121,6 +134,8 @@ class Profile:
     mllm: ModelRef  # MLLM folder (model + processor)
     dims: Dims
     mllm_kind: MLLMKind = "llava"
+    mllm_template: MLLMTemplate = "llava_v0"  # the released aligners' guidance was computed over this text
+    mllm_image: MLLMImage = "pad"  # ... and over images padded to a square, as LLaVA-1.5 does
     ip_kind: IPKind = "plus"
     unet: Optional[ModelRef] = None  # UNet that replaces the base's (SDXL-DPO)
     tensor_dtype: str = "bfloat16"  # "float16" | "bfloat16": model compute on GPU, and the stored features
@@ -267,6 +282,8 @@ def _build_profiles() -> dict[str, Profile]:
             description="SDXL with Qwen2.5-VL-7B-Instruct guidance (E=3584; ablation)",
             mllm=QWEN_VL_7B,
             mllm_kind="qwen2_5_vl",
+            mllm_template="chat_template",
+            mllm_image="crop",  # Qwen2.5-VL's processor keeps the aspect ratio (native-resolution resize)
             dims=dataclasses.replace(_SDXL_DIMS, mllm_hidden=3584),
         ),
         "flux": Profile(
@@ -301,6 +318,8 @@ class ProfileOverrides:
     ip_weights: Optional[str] = None
     mllm: Optional[str] = None
     tensor_dtype: Optional[Literal["float16", "bfloat16"]] = None
+    mllm_template: Optional[MLLMTemplate] = None
+    mllm_image: Optional[MLLMImage] = None
 
 
 def profiles_dir() -> Path:
@@ -314,8 +333,13 @@ def _apply_overrides(p: Profile) -> Profile:
     sources: list[tuple[str, str]] = []
     toml = profiles_dir() / f"{p.name}.toml"
     ov = load_config(ProfileOverrides, toml if toml.is_file() else None)
-    if ov.tensor_dtype:
-        changes["tensor_dtype"] = ov.tensor_dtype
+    for key in ("tensor_dtype", "mllm_template", "mllm_image"):
+        if getattr(ov, key):
+            changes[key] = getattr(ov, key)
+    template = changes.get("mllm_template", p.mllm_template)
+    if p.mllm_kind != "llava" and template != "chat_template":
+        raise UserError(f"mllm_template = {template!r} in {toml} is a LLaVA conversation, but profile {p.name!r} "
+                        f"uses {p.mllm_kind}. Remove the key (its processor's chat template is used).")
     for comp, ref in p.components().items():
         value, source = getattr(ov, comp), f"TOML {toml}"
         env_value = os.environ.get(ref.env) if ref.env else None

@@ -28,12 +28,14 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from img.conversation import TEMPLATES
 from img.data.shapes_world import vocabulary
 from img.errors import UserError
 from img.logs import quiet_loading
@@ -72,7 +74,7 @@ CAPTION_WORDS: tuple[str, ...] = tuple(
     """.split()
 )
 CHAT_WORDS: tuple[str, ...] = ("user", "assistant", "system")
-PUNCTUATION: tuple[str, ...] = tuple(".,:;?!'\"-()/")
+PUNCTUATION: tuple[str, ...] = tuple(".,:;?!'\"-()/#")  # the LLaVA tokenizer splits every punctuation mark apart
 
 
 def _question_words() -> list[str]:
@@ -85,6 +87,13 @@ def _question_words() -> list[str]:
     return words
 
 
+def _template_words() -> list[str]:
+    """Words of the MLLM conversation texts (e.g. the LLaVA v0 system sentence)."""
+
+    text = " ".join(t for t in TEMPLATES.values() if t).replace("{question}", " ").replace("<image>", " ")
+    return re.findall(r"[a-z0-9]+", text.lower())
+
+
 def vocabulary_words() -> list[str]:
     """Deterministic, de-duplicated word list shared by the tiny tokenizers."""
 
@@ -92,6 +101,11 @@ def vocabulary_words() -> list[str]:
     for w in [*CAPTION_WORDS, *vocabulary(), *CHAT_WORDS, *_question_words()]:
         seen.setdefault(w.lower(), None)
     return list(seen)
+
+
+def llava_vocabulary_words() -> list[str]:
+    """``vocabulary_words()`` plus the words of the MLLM conversation texts (the tiny LLaVA tokenizer's words)."""
+    return list(dict.fromkeys([*vocabulary_words(), *_template_words()]))
 
 
 @dataclass(frozen=True)
@@ -144,7 +158,7 @@ class TinySpec:
             {
                 "spec": dataclasses.asdict(self),
                 "version": TINY_VERSION,
-                "words": vocabulary_words(),
+                "words": llava_vocabulary_words(),
                 "recipe": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
             },
             sort_keys=True,
@@ -274,7 +288,8 @@ def build_clip_tokenizer(words: list[str]):
 
 
 def build_llava_tokenizer(words: list[str]):
-    """A WordLevel tokenizer (lower-cased words and punctuation) with ``<image>`` as a special token."""
+    """A WordLevel tokenizer (lower-cased words, each punctuation mark on its own) with ``<image>`` as a special
+    token."""
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -284,7 +299,7 @@ def build_llava_tokenizer(words: list[str]):
         vocab.setdefault(w, len(vocab))
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace(), pre_tokenizers.Punctuation("isolated")])
     tok.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A $B", special_tokens=[("<s>", vocab["<s>"])]
     )
@@ -483,7 +498,7 @@ def _build_llava(spec: TinySpec, out: Path) -> None:
         LlavaProcessor,
     )
 
-    tokenizer = build_llava_tokenizer(vocabulary_words())
+    tokenizer = build_llava_tokenizer(llava_vocabulary_words())
     image_token_id = tokenizer.convert_tokens_to_ids("<image>")
     vision = CLIPVisionConfig(
         hidden_size=spec.mllm_vision_hidden,

@@ -45,8 +45,8 @@ from typing import Any, Iterator, Literal
 import numpy as np
 import torch
 
-from img.lake import tables as lake_mod
 from img.errors import UserError
+from img.lake import tables as lake_mod
 from schemas.meta import read_provenance
 
 log = logging.getLogger(__name__)

@@ -48,14 +48,14 @@ from typing import Any, Literal
 
 import torch
 
-from img.lake import tables as lake_mod
 from img.aligner import AlignerConfig, ImplicitAligner
 from img.config import fingerprint
 from img.errors import UserError
-from img.objective import ReferenceKeeper, copy_into_reference, iupo_loss, make_reference, sq_dist
-from img.training.loader import LakeDims, TrainLoader
+from img.lake import tables as lake_mod
 from img.models.profiles import get_profile
+from img.objective import ReferenceKeeper, copy_into_reference, iupo_loss, make_reference, sq_dist
 from img.training.checkpoint_io import use_weights_only_loading
+from img.training.loader import LakeDims, TrainLoader
 from schemas import metrics as metrics_schema
 
 log = logging.getLogger(__name__)
