@@ -102,11 +102,13 @@ def sql(
     lake: Path = typer.Option(Path("lake"), "--lake", help="Lake folder whose Lance tables become views."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON array of row objects."),
     source: Optional[Path] = typer.Option(None, "--source", help="Also expose these parquet shards as view `source`."),
+    memory_limit: str = typer.Option("2GB", "--memory-limit", help="DuckDB's memory limit (nothing spills to disk)."),
 ) -> None:
     """Run a read-only DuckDB query over every table in the lake."""
     from img.sql import run_query
 
-    typer.echo(run_query(str(lake), query, as_json=as_json, source=str(source) if source else None))
+    typer.echo(run_query(str(lake), query, as_json=as_json, source=str(source) if source else None,
+                         memory_limit=memory_limit))
 
 
 # ---------------------------------------------------------------- jobs
