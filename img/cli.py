@@ -49,12 +49,6 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     _setup_logging(verbose)
 
 
-def _default_config(name: str) -> Optional[Path]:
-    """``jobs/<name>`` of the checkout when it exists (settings otherwise come from dataclass defaults)."""
-    path = Path(__file__).resolve().parent.parent / "jobs" / name
-    return path if path.is_file() else None
-
-
 # ---------------------------------------------------------------- data
 @data_app.command("sample")
 def data_sample(
@@ -126,11 +120,11 @@ def jobs_embed(
     """Embed every decisive preference pair once into Lance tables (Ray Data)."""
     if dataset != "pickapic":
         raise UserError(f"--dataset {dataset!r} is not supported. Use --dataset pickapic.")
-    from img.config import load_config
+    from img.config import load_config, project_file
     from pipelines.embed import run_embed, summary_json
     from pipelines.embed_config import EmbedConfig
 
-    cfg = load_config(EmbedConfig, config if config is not None else _default_config("embed.toml"),
+    cfg = load_config(EmbedConfig, config if config is not None else project_file("embed.toml"),
                       overrides={"limit": limit})
     summary = run_embed(source, lake, profile, cfg, new_table=new_table)
     typer.echo(summary.render())
@@ -155,7 +149,7 @@ def jobs_train(
     from img.config import load_config
     from img.trainer import DEFAULT_CONFIG, TrainConfig, run_training
 
-    cfg_path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    cfg_path = config if config is not None else DEFAULT_CONFIG
     cfg = load_config(TrainConfig, cfg_path, overrides={"checkpoint_every": checkpoint_every})
     summary = run_training(lake, profile, steps, run_dir, cfg, resume=resume)
     if os.environ.get("RANK", "0") == "0":

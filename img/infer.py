@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from img.errors import UserError
+from img.paths import check_lake_folder
 
 log = logging.getLogger(__name__)
 
@@ -81,13 +82,6 @@ def image_name(prompt_idx: int, prompt: str, seed: int, round_: int) -> str:
     return f"{prompt_idx:04d}-{slug(prompt)}-seed{seed}-round{round_}.png"
 
 
-def _nearest_existing(path: Path) -> Path:
-    p = path.absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
 def check_out_dir(out: Path) -> list[Path]:
     """Create ``out`` if needed and prove it is writable; returns the folders created (for clean-up)."""
     out = Path(out).expanduser()
@@ -124,17 +118,11 @@ def check_lake(lake: str) -> None:
     """The lake must be writable and any ``generations`` table in it must have this schema."""
     import pyarrow as pa
 
-    from img.lake import is_local, open_table, table_uri
+    from img.lake import open_table, table_uri
     from schemas import generations
     from schemas.meta import read_provenance
 
-    if is_local(lake):
-        path = Path(lake.removeprefix("file://")).expanduser()
-        if path.exists() and not path.is_dir():
-            raise UserError(f"--lake {lake!r} exists and is not a folder. Pass a lake folder.")
-        anchor = _nearest_existing(path)
-        if not os.access(anchor, os.W_OK):
-            raise UserError(f"--lake {lake!r} is not writable ({anchor} is read-only). Pass a folder you can write to.")
+    check_lake_folder(lake)  # a real write probe (os.access says yes to root on a read-only folder)
     try:
         ds = open_table(lake, "generations")
     except Exception as e:  # a broken table

@@ -34,6 +34,7 @@ import pyarrow as pa
 from img import lake as lake_mod
 from img.config import fingerprint
 from img.errors import UserError
+from img.paths import check_lake_folder
 from pipelines.embed_config import EmbedConfig
 from pipelines.source import SourceShard, list_shards, plan_units
 from schemas import features as features_schema
@@ -457,8 +458,12 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
     from img.profiles import get_profile
 
     t_start = time.perf_counter()
+    # everything a user can get wrong, before the lake is touched
+    if cfg.limit is not None and cfg.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {cfg.limit}. Omit it to embed everything.")
     profile = get_profile(profile_name)
     lake = _abs_lake(lake)
+    check_lake_folder(lake)
     so = cfg.storage_options or None
     shards = list_shards(source, so)
     fp = embed_fingerprint(profile, cfg)
