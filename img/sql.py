@@ -101,7 +101,7 @@ def _explained(text: str) -> str:
     words = [text[off:end].strip().upper() for (off, _), end in zip(toks, ends)]
     i = 1  # words[0] is EXPLAIN
     options: list[str] = []
-    if i < len(words) and words[i] == "(":
+    if i < len(words) and words[i] == "(":  # EXPLAIN (FORMAT json, ANALYZE) stmt, or EXPLAIN (SELECT ...)
         depth = 0
         while i < len(words):
             depth += words[i] == "("
@@ -110,6 +110,8 @@ def _explained(text: str) -> str:
             i += 1
             if depth == 0:
                 break
+        if i >= len(words):  # nothing after the parentheses: they were the statement
+            i, options = 1, []
     elif i < len(words) and words[i] in ("ANALYZE", "ANALYSE"):
         options.append(words[i])
     if any(w.strip("(),") in ("ANALYZE", "ANALYSE") for w in options):

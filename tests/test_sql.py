@@ -146,6 +146,14 @@ READS = [
     "WITH s AS (SELECT * FROM read_text('.tmp/secret.txt')) SELECT * FROM s",
     "SELECT * FROM query('SELECT * FROM read_text(''.tmp/secret.txt'')')",
     "SELECT * FROM metrics, read_text('.tmp/secret.txt')",
+    "SELECT * FROM read_text('file:///etc/hostname')",
+    "FROM 'https://example.com/x.csv'",
+    "FROM 's3://bucket/x.parquet'",
+]
+
+NEED_AN_EXTENSION = [  # auto-loading is off, so these functions do not exist
+    "SELECT * FROM sqlite_scan('.tmp/x.db', 't')", "SELECT * FROM delta_scan('.tmp')", "SELECT * FROM iceberg_scan('.tmp')",
+    "SELECT * FROM read_xlsx('.tmp/x.xlsx')",
 ]
 
 
@@ -186,6 +194,12 @@ def test_no_statement_reads_files(small_lake, hostile_cwd, query):
     assert _tree(hostile_cwd) == before
 
 
+@pytest.mark.parametrize("query", NEED_AN_EXTENSION)
+def test_extensions_are_not_auto_loaded(small_lake, hostile_cwd, query):
+    with pytest.raises(UserError, match="Catalog Error"):
+        run_query(small_lake, query)
+
+
 def test_connection_is_sealed(small_lake, hostile_cwd):
     rows = json.loads(run_query(small_lake, "select name, value from duckdb_settings()", as_json=True))
     settings = {r["name"]: r["value"] for r in rows}
@@ -200,7 +214,7 @@ def test_connection_is_sealed(small_lake, hostile_cwd):
 @pytest.mark.parametrize("query", [
     "EXPLAIN SELECT * FROM metrics", "EXPLAIN (FORMAT json) SELECT 1", "SUMMARIZE metrics", "DESCRIBE metrics",
     "PIVOT metrics ON name IN ('loss') USING sum(value)", "WITH x AS (SELECT 1 AS a) SELECT * FROM x",
-    "SELECT 1 /* COPY x TO 'y' */", "FROM metrics", "TABLE metrics", "VALUES (1)", "SHOW TABLES",
+    "SELECT 1 /* COPY x TO 'y' */", "FROM metrics", "TABLE metrics", "VALUES (1)", "SHOW TABLES", "EXPLAIN (SELECT 1)",
 ])
 def test_read_only_statements_still_work(small_lake, hostile_cwd, query):
     assert run_query(small_lake, query, as_json=True).startswith("[")
