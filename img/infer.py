@@ -32,7 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from img.errors import UserError
-from img.paths import check_lake_folder
+from img.paths import check_lake_folder, check_writable_folder
 
 log = logging.getLogger(__name__)
 
@@ -83,25 +83,17 @@ def image_name(prompt_idx: int, prompt: str, seed: int, round_: int) -> str:
 
 
 def check_out_dir(out: Path) -> list[Path]:
-    """Create ``out`` if needed and prove it is writable; returns the folders created (for clean-up)."""
+    """Create ``out`` if needed once a write probe proved it writable; returns the folders created (for clean-up)."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} exists and is not a folder. Pass a folder path.")
+    check_writable_folder(out, "--out")
     created: list[Path] = []
     p = out.absolute()
     while not p.exists():
         created.append(p)
         p = p.parent
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".img-write-probe-", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        remove_empty(created)
-        raise UserError(
-            f"--out {str(out)!r} is not writable ({e.strerror or e}). Pass a folder you can write to."
-        ) from None
+    out.mkdir(parents=True, exist_ok=True)
     return created
 
 

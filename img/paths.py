@@ -32,7 +32,8 @@ def check_writable_folder(path: str | Path, flag: str) -> None:
         raise UserError(f"{flag} {value!r} is a file, not a folder. Pass a folder path.")
     anchor = _nearest_existing(path)
     if not anchor.is_dir():
-        raise UserError(f"{flag} {value!r} cannot be created: {str(anchor)!r} is a file. Pass a folder path.")
+        raise UserError(f"{flag} {value!r} is not writable: {str(anchor)!r} is a file, not a folder. "
+                        "Pass a folder path.")
     created: list[Path] = []
     p = path.absolute()
     while not p.exists():

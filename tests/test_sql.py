@@ -267,3 +267,13 @@ def test_empty_source_folder_and_file_lake_are_one_line(small_lake, tmp_path):
     afile.write_text("x")
     r = subprocess.run(img + ["sql", "--lake", str(afile), "select 1"], capture_output=True, text=True)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is a file" in r.stderr, r.stderr
+
+
+def test_source_view_still_reads_its_parquet_files(small_lake, hostile_cwd, tmp_path):
+    import pyarrow.parquet as pq
+
+    src = tmp_path / "src"
+    src.mkdir()
+    pq.write_table(pa.table({"caption": ["a", "b", "c"]}), src / "train-00000-of-00001.parquet")
+    out = run_query(small_lake, "select count(*) as n from source", as_json=True, source=str(src))
+    assert json.loads(out) == [{"n": 3}]
