@@ -238,6 +238,7 @@ def run_query(lake: str, query: str, as_json: bool = False, source: str | None =
 
     if not query.strip():
         raise UserError("the SQL query is empty. Pass a query, e.g. img sql \"select * from img_tables\".")
+    statements = check_statements(query)  # refused whatever the lake, before anything is opened
     if not lake_mod.is_local(lake):
         raise UserError(f"--lake {lake!r}: img sql reads local lakes only. Copy the tables or use a local path.")
     if os.path.exists(lake) and not os.path.isdir(lake):
@@ -246,7 +247,6 @@ def run_query(lake: str, query: str, as_json: bool = False, source: str | None =
         raise UserError(f"--lake {lake!r} does not exist. Pass the folder given to `img jobs embed --lake`.")
     if not _MEMORY.match(memory_limit):
         raise UserError(f"--memory-limit {memory_limit!r} is not a memory size. Pass e.g. --memory-limit 2GB.")
-    statements = check_statements(query)
     con = connect(lake, query, source, memory_limit)
     try:
         result = None

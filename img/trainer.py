@@ -301,8 +301,9 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
         raise UserError(f"--steps must be >= 1, got {steps}.")
     if cfg.checkpoint_every < 1 or cfg.log_every < 1:
         raise UserError(f"checkpoint_every ({cfg.checkpoint_every}) and log_every ({cfg.log_every}) must be >= 1.")
-    run_folder.check_run_dir(run_dir)  # before anything starts (DeepSpeed, the loader)
-    check_lake_folder(str(lake), must_exist=True)  # metrics are written there
+    if rank == 0:  # before anything starts (DeepSpeed, the loader); one rank, so probes do not race
+        run_folder.check_run_dir(run_dir)
+        check_lake_folder(str(lake), must_exist=True)  # metrics are written there
     deepspeed_config(cfg, world, False)  # a missing or broken DeepSpeed JSON, before the loader and DeepSpeed
     pointer = run_dir / "latest_checkpoint"
     run_json = run_dir / "run.json"

@@ -277,3 +277,9 @@ def test_source_view_still_reads_its_parquet_files(small_lake, hostile_cwd, tmp_
     pq.write_table(pa.table({"caption": ["a", "b", "c"]}), src / "train-00000-of-00001.parquet")
     out = run_query(small_lake, "select count(*) as n from source", as_json=True, source=str(src))
     assert json.loads(out) == [{"n": 3}]
+
+
+def test_refusal_needs_no_lake(hostile_cwd):
+    with pytest.raises(UserError, match="EXPLAIN ANALYZE runs its statement"):
+        run_query(str(hostile_cwd / "no-lake"), "EXPLAIN ANALYZE COPY (SELECT 1) TO '.tmp/x.csv'")
+    assert not (hostile_cwd / ".tmp" / "x.csv").exists()
