@@ -56,9 +56,9 @@ from typing import Any, Literal
 import torch
 
 from img import lake as lake_mod
-from img.aligner import AlignerConfig, ImplicitAligner
 from img import run_folder
-from img.config import fingerprint, resolve_project_path, project_file
+from img.aligner import AlignerConfig, ImplicitAligner
+from img.config import fingerprint, project_file, resolve_project_path
 from img.errors import UserError
 from img.objective import ReferenceKeeper, copy_into_reference, iupo_loss, make_reference, sq_dist
 from img.paths import check_lake_folder
