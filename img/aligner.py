@@ -21,6 +21,7 @@ import dataclasses
 import json
 import logging
 import math
+import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
@@ -190,12 +191,16 @@ class ImplicitAligner(nn.Module):
                 f"{str(d)!r} is not an aligner folder: expected {CONFIG_NAME} and {WEIGHTS_NAME}. "
                 "Point at a folder written by save_pretrained (e.g. <run-dir>/aligner)."
             )
-        raw = json.loads(cfg_path.read_text())
+        try:
+            raw = json.loads(cfg_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{str(cfg_path)!r} is not readable JSON ({_first_line(e)}). Point at a folder written "
+                            "by save_pretrained (e.g. <run-dir>/aligner).") from None
+        if not isinstance(raw, dict):
+            raise UserError(f"{str(cfg_path)!r} does not hold an aligner config (a JSON object).")
         raw.pop("model", None)
         config = AlignerConfig.from_dict(raw)
-        from safetensors.torch import load_file
-
-        return load_official_checkpoint(load_file(str(w_path), device=str(map_location)), config)
+        return load_official_checkpoint(_load_safetensors(w_path), config)
 
 
 def _read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
@@ -203,17 +208,41 @@ def _read_state_dict(source: str | Path) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise UserError(f"aligner checkpoint {str(p)!r} does not exist. Pass the path of a .pth/.pt/.safetensors file.")
     if p.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(p))
+        return _load_safetensors(p)
     if p.suffix in (".pth", ".pt", ".bin", ".ckpt"):
-        obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        try:  # weights_only: a pickle that names any code (os.system, ...) is refused, never run
+            obj = torch.load(str(p), map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, TypeError, AttributeError,
+                ImportError, IndexError, KeyError, OSError) as e:
+            raise UserError(
+                f"aligner checkpoint {str(p)!r} is not a PyTorch state dict img can load safely "
+                f"({_first_line(e)}). Pass the released aligner_<family>.pth, a .safetensors file or an "
+                "`img jobs train` <run-dir>/aligner folder; pickles naming code are never unpickled."
+            ) from None
         if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
             obj = obj["state_dict"]
         if not isinstance(obj, dict):
             raise UserError(f"aligner checkpoint {str(p)!r} holds a {type(obj).__name__}, not a state dict.")
         return obj
     raise UserError(f"aligner checkpoint {str(p)!r} has suffix {p.suffix!r}; expected .pth, .pt or .safetensors.")
+
+
+def _first_line(e: BaseException) -> str:
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    unsafe = [ln for ln in lines if "Unsupported global" in ln or "GLOBAL" in ln]
+    text = (unsafe or lines or [type(e).__name__])[0]
+    return f"{type(e).__name__}: {text[:200]}"
+
+
+def _load_safetensors(p: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(p))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"aligner weights {str(p)!r} are not a readable safetensors file ({_first_line(e)}). "
+                        "Pass a file written by `img jobs train` or the released checkpoint.") from None
 
 
 def load_official_checkpoint(

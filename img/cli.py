@@ -52,12 +52,6 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
     _setup_logging(verbose)
 
 
-def _default_config(name: str) -> Optional[Path]:
-    """``jobs/<name>`` of the checkout when it exists (settings otherwise come from dataclass defaults)."""
-    path = Path(__file__).resolve().parent.parent / "jobs" / name
-    return path if path.is_file() else None
-
-
 # ---------------------------------------------------------------- data
 @data_app.command("sample")
 def data_sample(
@@ -105,11 +99,13 @@ def sql(
     lake: Path = typer.Option(Path("lake"), "--lake", help="Lake folder whose Lance tables become views."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON array of row objects."),
     source: Optional[Path] = typer.Option(None, "--source", help="Also expose these parquet shards as view `source`."),
+    memory_limit: str = typer.Option("2GB", "--memory-limit", help="DuckDB's memory limit (nothing spills to disk)."),
 ) -> None:
     """Run a read-only DuckDB query over every table in the lake."""
     from img.lake.sql import run_query
 
-    typer.echo(run_query(str(lake), query, as_json=as_json, source=str(source) if source else None))
+    typer.echo(run_query(str(lake), query, as_json=as_json, source=str(source) if source else None,
+                         memory_limit=memory_limit))
 
 
 # ---------------------------------------------------------------- jobs
@@ -127,11 +123,11 @@ def jobs_embed(
     """Embed every decisive preference pair once into Lance tables (Ray Data)."""
     if dataset != "pickapic":
         raise UserError(f"--dataset {dataset!r} is not supported. Use --dataset pickapic.")
-    from img.config import load_config
+    from img.config import load_config, project_file
     from pipelines.embed import run_embed, summary_json
     from pipelines.embed_config import EmbedConfig
 
-    cfg = load_config(EmbedConfig, config if config is not None else _default_config("embed.toml"),
+    cfg = load_config(EmbedConfig, config if config is not None else project_file("embed.toml"),
                       overrides={"limit": limit})
     summary = run_embed(source, lake, profile, cfg, new_table=new_table)
     typer.echo(summary.render())
@@ -156,7 +152,7 @@ def jobs_train(
     from img.config import load_config
     from img.training.trainer import DEFAULT_CONFIG, TrainConfig, run_training
 
-    cfg_path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    cfg_path = config if config is not None else DEFAULT_CONFIG
     cfg = load_config(TrainConfig, cfg_path, overrides={"checkpoint_every": checkpoint_every})
     summary = run_training(lake, profile, steps, run_dir, cfg, resume=resume)
     if os.environ.get("RANK", "0") == "0":
@@ -208,10 +204,10 @@ def infer(
     as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON."),
 ) -> None:
     """Generate with the base model, then regenerate with IMG (MLLM guidance -> aligner -> IP-Adapter)."""
-    from img.config import load_config
+    from img.config import load_config, project_file
     from img.inference.infer import InferConfig, read_prompts, run_infer
 
-    cfg = load_config(InferConfig, config if config is not None else _default_config("infer.toml"),
+    cfg = load_config(InferConfig, config if config is not None else project_file("infer.toml"),
                       overrides={"questions": str(questions) if questions is not None else None})
     summary = run_infer(
         read_prompts(prompt, prompts), profile, out, aligner=aligner, seed=seed, rounds=rounds, lake=lake,

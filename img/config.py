@@ -6,6 +6,15 @@ silently falls back to a default::
 
     cfg = load_config(EmbedConfig, "jobs/embed.toml", overrides={"limit": 100})
     fingerprint(cfg)  # stable hash of every setting, stored in table metadata
+
+The project's own files (``jobs/*.toml``, DeepSpeed JSONs, ``jobs/profiles/``)
+are found through :func:`jobs_dir`, next to the installed ``img`` package, never
+through the working directory: running ``img`` inside an untrusted folder
+cannot change which settings or weights are used::
+
+    jobs_dir()                                    # <project>/jobs
+    project_file("train.toml")                    # <project>/jobs/train.toml, or None if missing
+    resolve_project_path("jobs/deepspeed_zero0.json")   # relative -> <project>/..., absolute as is
 """
 from __future__ import annotations
 
@@ -22,6 +31,25 @@ import tomllib
 from img.errors import UserError
 
 T = TypeVar("T")
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]  # the folder holding img/, pipelines/ and jobs/
+
+
+def jobs_dir() -> Path:
+    """The installed project's ``jobs/`` folder (the only place default job files are read from)."""
+    return PROJECT_DIR / "jobs"
+
+
+def project_file(name: str) -> Path | None:
+    """``jobs/<name>`` of the installed project when it exists, else None (settings then come from defaults)."""
+    path = jobs_dir() / name
+    return path if path.is_file() else None
+
+
+def resolve_project_path(value: str | Path) -> Path:
+    """A path named in a job setting: absolute as given (``~`` expanded), relative to the project otherwise."""
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else PROJECT_DIR / p
 
 
 def _check_type(tp: Any, value: Any, key: str) -> Any:

@@ -36,6 +36,7 @@ from img.errors import UserError
 from img.features import GuidanceEncoder, IPTokenEncoder, TextGuidanceEncoder
 from img.lake import tables as lake_mod
 from img.models.profiles import get_profile
+from img.paths import check_lake_folder
 from img.questions import question_for, questions_id, resolve_questions
 from pipelines.embed_config import EmbedConfig
 from pipelines.source import SourceShard, list_shards, plan_units
@@ -460,9 +461,13 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
     """Embed every not-yet-done decisive pair of ``source`` into ``lake``; see the module docstring."""
 
     t_start = time.perf_counter()
+    # everything a user can get wrong, before the lake is touched
+    if cfg.limit is not None and cfg.limit < 1:
+        raise UserError(f"--limit must be >= 1, got {cfg.limit}. Omit it to embed everything.")
     profile = get_profile(profile_name)
     questions = resolve_questions(cfg.questions)  # a bad file fails here, before anything is written
     lake = _abs_lake(lake)
+    check_lake_folder(lake)
     so = cfg.storage_options or None
     shards = list_shards(source, so)
     fp = embed_fingerprint(profile, cfg, questions)

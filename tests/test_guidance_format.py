@@ -12,8 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from img.errors import UserError
 from img.conversation import LLAVA_V0_SYSTEM
+from img.errors import UserError
 from img.features import format_mllm_prompt, llava_input_ids, pad_to_square
 from img.models.profiles import PROFILES, get_profile
 from img.questions import QUESTIONS, QuestionFileError, load_questions, question_for, questions_id

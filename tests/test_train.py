@@ -201,7 +201,9 @@ def _train(args: list[str]):
 
 
 def _metrics(lake: str, run_id: str) -> dict[str, dict[int, float]]:
-    t = lance.dataset(f"{lake}/metrics.lance").to_table(filter=f"run_id = '{run_id}'")
+    import pyarrow.compute as pc
+
+    t = lance.dataset(f"{lake}/metrics.lance").to_table(filter=pc.field("run_id") == run_id)
     out: dict[str, dict[int, float]] = {}
     for s, n, v in zip(t["step"].to_pylist(), t["name"].to_pylist(), t["value"].to_pylist()):
         out.setdefault(n, {})[s] = v
@@ -275,6 +277,37 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, train_lake):
     with pytest.raises(UserError, match="fingerprint"):
         _train(["--lake", train_lake, "--config", str(_toml(tmp_path, batch=4)), "--steps", "30",
                 "--run-dir", str(b), "--resume"])
+
+
+def test_kill_leftovers_are_removed_and_pruning_keeps_the_pointer_target(tmp_path, train_lake):
+    """keep_checkpoints = 1 with a partial checkpoint a kill left past the pointer, in a run folder named with a quote."""
+    import shutil
+
+    from img.training.run_folder import COMPLETE
+
+    cfg = str(_toml(tmp_path, extra="keep_checkpoints = 1\n"))
+    run = tmp_path / "it's a run"  # the run id holds the quote; --resume filters metrics by it
+    base = ["--lake", train_lake, "--profile", "tiny", "--config", cfg, "--checkpoint-every", "2"]
+    _train([*base, "--steps", "4", "--run-dir", str(run)])
+    cks = run / "checkpoints"
+    assert sorted(p.name for p in cks.glob("step_*")) == ["step_00000004"]
+    assert (cks / "step_00000004" / COMPLETE).is_file()
+    # What a SIGKILL while saving step 8 leaves: DeepSpeed's files, no state.json, no COMPLETE ...
+    partial = cks / "step_00000008"
+    partial.mkdir()
+    for f in (cks / "step_00000004").glob("*.pt"):
+        shutil.copy(f, partial / f.name)
+    (run / ".aligner.tmp-0badc0de").mkdir()  # ... and one while installing the final aligner
+    _train([*base, "--steps", "6", "--run-dir", str(run), "--resume"])
+    tag = (run / "latest_checkpoint").read_text().strip()
+    assert tag == "step_00000006" and sorted(p.name for p in cks.glob("step_*")) == [tag]
+    assert (cks / tag / COMPLETE).is_file() and (cks / tag / "state.json").is_file()
+    assert not list(run.glob(".*.tmp-*")) and (run / "aligner" / "model.safetensors").is_file()
+    import pyarrow.compute as pc
+
+    t = lance.dataset(f"{train_lake}/metrics.lance").to_table(filter=pc.field("run_id") == _run_id(run))
+    seen = Counter(zip(t["step"].to_pylist(), t["name"].to_pylist()))
+    assert sorted(s for s, n in seen if n == "loss") == list(range(1, 7)) and max(seen.values()) == 1
 
 
 def _only_weights_only_torch_load(monkeypatch) -> list[str]:

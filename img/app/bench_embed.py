@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from img.config import load_config
+from img.config import load_config, project_file
 from img.data.sample import write_sample
 from pipelines.embed import Decode, Guidance, IPTokens, _init_ray, read_units, run_embed
 from pipelines.embed_config import EmbedConfig
@@ -62,8 +62,7 @@ def run_bench(pairs: int = 1024, profile_name: str = "bench", seed: int = 0, wor
     root = workdir or tempfile.mkdtemp(prefix="img-bench-embed-")
     data, lake = os.path.join(root, "data"), os.path.join(root, "lake")
     write_sample(data, pairs=pairs, seed=seed, corrupt=0.0, ties=0.0)
-    toml = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), "jobs", "embed.toml")
-    cfg = load_config(EmbedConfig, toml if os.path.isfile(toml) else None)
+    cfg = load_config(EmbedConfig, project_file("embed.toml"))
     import torch
 
     # The bare loop gets its best thread setting (1 thread, or all cores): the ratio is against the faster one.

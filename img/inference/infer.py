@@ -36,9 +36,10 @@ from typing import Any, Optional
 
 from img.errors import UserError
 from img.inference.generation import RELEASED_RESAMPLER, IMGPipeline, default_settings, load_aligner
-from img.lake.tables import append_rows, is_local, open_table, table_uri
+from img.lake.tables import append_rows, open_table, table_uri
 from img.models.loading import locate
 from img.models.profiles import get_profile
+from img.paths import check_lake_folder, check_writable_folder
 from img.questions import resolve_questions
 from schemas import generations
 from schemas.meta import read_provenance, with_provenance
@@ -99,33 +100,18 @@ def image_name(prompt_idx: int, prompt: str, seed: int, round_: int) -> str:
     return f"{prompt_idx:04d}-{slug(prompt)}-seed{seed}-round{round_}.png"
 
 
-def _nearest_existing(path: Path) -> Path:
-    p = path.absolute()
-    while not p.exists() and p != p.parent:
-        p = p.parent
-    return p
-
-
 def check_out_dir(out: Path) -> list[Path]:
-    """Create ``out`` if needed and prove it is writable; returns the folders created (for clean-up)."""
+    """Create ``out`` if needed once a write probe proved it writable; returns the folders created (for clean-up)."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
         raise UserError(f"--out {str(out)!r} exists and is not a folder. Pass a folder path.")
+    check_writable_folder(out, "--out")
     created: list[Path] = []
     p = out.absolute()
     while not p.exists():
         created.append(p)
         p = p.parent
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(prefix=".img-write-probe-", dir=out)
-        os.close(fd)
-        os.unlink(probe)
-    except OSError as e:
-        remove_empty(created)
-        raise UserError(
-            f"--out {str(out)!r} is not writable ({e.strerror or e}). Pass a folder you can write to."
-        ) from None
+    out.mkdir(parents=True, exist_ok=True)
     return created
 
 
@@ -143,13 +129,7 @@ def check_lake(lake: str) -> None:
     import pyarrow as pa
 
 
-    if is_local(lake):
-        path = Path(lake.removeprefix("file://")).expanduser()
-        if path.exists() and not path.is_dir():
-            raise UserError(f"--lake {lake!r} exists and is not a folder. Pass a lake folder.")
-        anchor = _nearest_existing(path)
-        if not os.access(anchor, os.W_OK):
-            raise UserError(f"--lake {lake!r} is not writable ({anchor} is read-only). Pass a folder you can write to.")
+    check_lake_folder(lake)  # a real write probe (os.access says yes to root on a read-only folder)
     try:
         ds = open_table(lake, "generations")
     except Exception as e:  # a broken table

@@ -56,10 +56,14 @@ def _repo_root(repo: str) -> tuple[Path | None, str, str]:
         flavour, _, part = repo[len("tiny:") :].partition("/")
         return tiny_root(flavour) / part, "tiny build", ""
     local = Path(os.path.expanduser(repo))
-    if local.exists():
-        return local, "local path", ""
-    if not _HUB_ID.match(repo):
+    # Only an absolute path is a local folder: overrides are made absolute by img.models.profiles, and a hub id
+    # must never pick up a same-named folder of the working directory.
+    if local.is_absolute():
+        if local.exists():
+            return local, "local path", ""
         return None, "", f"path {str(local)!r} does not exist"
+    if not _HUB_ID.match(repo):
+        return None, "", f"path {str(local)!r} does not exist (relative paths are taken from the profile TOML's folder)"
     from huggingface_hub import snapshot_download
 
     try:

@@ -19,8 +19,11 @@ Real profiles name Hugging Face hub ids. They are resolved **offline** from the
 HF cache (``HF_HOME`` / ``HF_HUB_CACHE``; nothing is ever downloaded) or from a
 local path. Override a model with an environment variable (highest priority)
 or with a key in ``jobs/profiles/<profile>.toml`` (folder: ``$IMG_PROFILES_DIR``,
-default ``jobs/profiles`` under the working directory). A value is either a
-local path or a hub id.
+default ``jobs/profiles`` of the installed project, never of the working
+directory). A value is either a local path or a hub id. A relative path in a
+TOML file is taken from the TOML's folder, in a variable from the working
+directory; a hub id (a profile's default included) never resolves to a folder
+of the working directory that happens to have its name.
 
 ==========================  =========================================  =================================
 environment variable        default (hub id)                           used by (TOML key)
@@ -61,7 +64,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
 from img.aligner import AlignerConfig
-from img.config import load_config
+from img.config import jobs_dir, load_config
 from img.errors import UserError
 from img.models.tiny import FLAVOURS, IP_ENCODER_SUBFOLDER, IP_WEIGHT_NAME, IP_WEIGHT_SUBFOLDER
 
@@ -323,8 +326,17 @@ class ProfileOverrides:
 
 
 def profiles_dir() -> Path:
-    """Folder of optional per-profile TOML overrides: ``$IMG_PROFILES_DIR`` or ``./jobs/profiles``."""
-    return Path(os.environ.get("IMG_PROFILES_DIR") or Path("jobs") / "profiles")
+    """Folder of optional per-profile TOML overrides: ``$IMG_PROFILES_DIR``, else the project's ``jobs/profiles``."""
+    env = os.environ.get("IMG_PROFILES_DIR")
+    return Path(env).expanduser() if env else jobs_dir() / "profiles"
+
+
+def _local_or_hub(value: str, base: Path) -> str:
+    """An override value as an absolute path when it names an existing path relative to ``base``, else as is."""
+    p = Path(os.path.expanduser(value))
+    if p.is_absolute():
+        return str(p)
+    return str((base / p).absolute()) if (base / p).exists() else value
 
 
 def _apply_overrides(p: Profile) -> Profile:
@@ -342,11 +354,13 @@ def _apply_overrides(p: Profile) -> Profile:
                         f"uses {p.mllm_kind}. Remove the key (its processor's chat template is used).")
     for comp, ref in p.components().items():
         value, source = getattr(ov, comp), f"TOML {toml}"
-        env_value = os.environ.get(ref.env) if ref.env else None
-        if env_value:
-            value, source = env_value, f"env {ref.env}"
         if value:
-            changes[comp] = dataclasses.replace(ref, repo=os.path.expanduser(value))
+            value = _local_or_hub(value, toml.parent)
+        env_value = os.environ.get(ref.env) if ref.env else None
+        if env_value:  # the user's own shell: a relative path is taken from the working directory
+            value, source = _local_or_hub(env_value, Path.cwd()), f"env {ref.env}"
+        if value:
+            changes[comp] = dataclasses.replace(ref, repo=value)
             sources.append((comp, source))
     if not changes:
         return p

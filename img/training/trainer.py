@@ -19,7 +19,15 @@ Run folder::
         aligner/  reference/          safetensors + config.json of f and f_ref
         state.json                    step, ReferenceKeeper, loader position
         rng_rank{r}.safetensors       torch RNG states
+        COMPLETE                      written last, once every rank's files are fsynced
     aligner/                          the final aligner (fp32), for `img infer`
+
+Checkpoints are durable before the pointer moves (files and folders fsynced,
+then ``COMPLETE``, then ``latest_checkpoint``, see :mod:`img.training.run_folder`).
+Pruning keeps ``keep_checkpoints`` complete checkpoints and never deletes the
+pointer's target; a partial checkpoint a kill left past the pointer is removed
+when the run starts again. The final ``aligner/`` is written under a temporary
+name and renamed into place.
 
 Scalars go to ``<lake>/metrics.lance`` (run_id, step, name, value).
 
@@ -37,7 +45,6 @@ import dataclasses
 import json
 import logging
 import os
-import shutil
 import socket
 import sys
 import time
@@ -49,19 +56,25 @@ from typing import Any, Literal
 import torch
 
 from img.aligner import AlignerConfig, ImplicitAligner
-from img.config import fingerprint
+from img.config import fingerprint, project_file, resolve_project_path
 from img.errors import UserError
 from img.lake import tables as lake_mod
 from img.models.profiles import get_profile
-from img.objective import ReferenceKeeper, copy_into_reference, iupo_loss, make_reference, sq_dist
-from img.training.checkpoint_io import use_weights_only_loading
+from img.objective import (
+    ReferenceKeeper,
+    copy_into_reference,
+    iupo_loss,
+    make_reference,
+    sq_dist,
+)
+from img.paths import check_lake_folder
+from img.training import run_folder
 from img.training.loader import LakeDims, TrainLoader
 from schemas import metrics as metrics_schema
 
 log = logging.getLogger(__name__)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_CONFIG = REPO_ROOT / "jobs" / "train.toml"
+DEFAULT_CONFIG = project_file("train.toml")  # the installed project's jobs/train.toml, or None
 PART_NAMES = ("loss", "loss_base", "loss_pref", "d_win", "d_win_ref", "d_lose", "d_lose_ref", "d_ref", "z",
               "win_vs_ref")
 
@@ -104,7 +117,7 @@ class TrainConfig:
     eval_passes: int = 3  # held-out figures are also given with this many passes (the inference setting)
     eval_max_pairs: int = 2000  # cap on held-out pairs evaluated (0 = all)
     # engine
-    deepspeed_config: str = "jobs/deepspeed_zero0.json"  # relative to the cwd or the repo root
+    deepspeed_config: str = "jobs/deepspeed_zero0.json"  # absolute, or relative to the img project (not the cwd)
     zero_stage: int | None = None  # overrides zero_optimization.stage of the JSON when set
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: fp32 on CPU, bf16 on GPU
     aligner: AlignerOverrides = field(default_factory=AlignerOverrides)
@@ -183,13 +196,15 @@ def resolve_aligner_config(profile: str | None, dims: LakeDims, guidance: str, l
 
 def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict[str, Any]:
     """The DeepSpeed JSON, with batch sizes and precision set from the TrainConfig."""
-    p = Path(cfg.deepspeed_config)
-    if not p.is_file() and not p.is_absolute():
-        p = REPO_ROOT / cfg.deepspeed_config
+    p = resolve_project_path(cfg.deepspeed_config)
     if not p.is_file():
-        raise UserError(f"DeepSpeed config {cfg.deepspeed_config!r} not found. Set deepspeed_config in the train TOML "
-                        "to a file such as jobs/deepspeed_zero0.json.")
-    ds = json.loads(p.read_text())
+        raise UserError(f"DeepSpeed config {cfg.deepspeed_config!r} not found (looked at {str(p)!r}; relative paths "
+                        "are taken from the img project folder, never the working directory). Set deepspeed_config "
+                        "in the train TOML to an absolute path or to a file such as jobs/deepspeed_zero0.json.")
+    try:
+        ds = json.loads(p.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserError(f"DeepSpeed config {str(p)!r} is not readable JSON ({e}). Fix the file.") from None
     ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
     ds.setdefault("gradient_accumulation_steps", 1)
     ds["train_batch_size"] = cfg.batch_size * ds["gradient_accumulation_steps"] * world_size
@@ -224,7 +239,11 @@ class MetricsWriter:
         if after_step is not None:
             ds = lake_mod.open_table(lake, "metrics")
             if ds is not None:
-                t = ds.to_table(columns=["step", "name"], filter=f"run_id = '{run_id}' AND step > {int(after_step)}")
+                import pyarrow.compute as pc
+
+                # an expression, not an SQL string: run ids come from --run-dir names, which may hold quotes
+                t = ds.to_table(columns=["step", "name"],
+                                filter=(pc.field("run_id") == run_id) & (pc.field("step") > int(after_step)))
                 self.seen = set(zip(t.column("step").to_pylist(), t.column("name").to_pylist()))
 
     def add(self, step: int, name: str, value: float) -> None:
@@ -285,6 +304,10 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
         raise UserError(f"--steps must be >= 1, got {steps}.")
     if cfg.checkpoint_every < 1 or cfg.log_every < 1:
         raise UserError(f"checkpoint_every ({cfg.checkpoint_every}) and log_every ({cfg.log_every}) must be >= 1.")
+    if rank == 0:  # before anything starts (DeepSpeed, the loader); one rank, so probes do not race
+        run_folder.check_run_dir(run_dir)
+        check_lake_folder(str(lake), must_exist=True)  # metrics are written there
+    deepspeed_config(cfg, world, False)  # a missing or broken DeepSpeed JSON, before the loader and DeepSpeed
     pointer = run_dir / "latest_checkpoint"
     run_json = run_dir / "run.json"
     fp = fingerprint(cfg, exclude=TrainConfig.RUN_KNOBS)
@@ -303,6 +326,8 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
         if pointer.exists():
             raise UserError(f"{str(run_dir)!r} already holds a run. Pass --resume to continue it, or a new --run-dir.")
         info, version, pairs_version = None, None, None
+    if rank == 0:
+        run_folder.remove_partial_checkpoints(run_dir)  # a kill mid-save; the pointer's target stays
 
     loader = TrainLoader(lake, rank=rank, world_size=world, batch_size=cfg.batch_size, seed=cfg.seed,
                          heldout_fraction=cfg.heldout_fraction, guidance=cfg.guidance, num_workers=cfg.num_workers,
@@ -312,6 +337,8 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
     import deepspeed
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
+
+    from img.training.checkpoint_io import use_weights_only_loading  # DeepSpeed's adapter: imports deepspeed
 
     on_gpu = get_accelerator().device_name() == "cuda"
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
@@ -383,14 +410,11 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
             _export(ref, acfg, ck / "reference")
             (ck / "state.json").write_text(json.dumps({"step": step, "keeper": keeper.state_dict(),
                                                         "loader": loader.state_dict(), "run_id": run_id}, indent=2))
+        run_folder.fsync_tree(ck)  # every rank: its own files are on disk before it reaches the barrier
         dist.barrier()
-        if rank == 0:  # the pointer moves only once every rank's files are written
-            tmp = pointer.with_suffix(".tmp")
-            tmp.write_text(tag + "\n")
-            os.replace(tmp, pointer)
-            done = sorted(p for p in (run_dir / "checkpoints").glob("step_*") if p.is_dir())
-            for old in done[: -max(1, cfg.keep_checkpoints)]:
-                shutil.rmtree(old, ignore_errors=True)
+        if rank == 0:  # COMPLETE, then the pointer, only once every rank's files are durable
+            run_folder.commit_checkpoint(run_dir, tag)
+            run_folder.prune_checkpoints(run_dir, cfg.keep_checkpoints)
         dist.barrier()
 
     t0 = time.perf_counter()
@@ -454,8 +478,8 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
             metrics.add(max(steps, start), n, v)
         metrics.flush()
     final_dir = run_dir / "aligner"
-    if rank == 0:
-        _export(engine.module, acfg, final_dir)
+    if rank == 0:  # under a temporary name, then renamed: a reader never sees half an aligner
+        run_folder.install_folder(final_dir, lambda tmp: _export(engine.module, acfg, tmp))
     dist.barrier()
     seconds = time.perf_counter() - t0
     done = max(steps - start, 0)
