@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from img.errors import UserError
+from img.lake_lock import writer_lock
 
 log = logging.getLogger(__name__)
 
@@ -317,8 +318,12 @@ def run_infer(
     negative_prompt: str = "",
     device: str = "cpu",
     progress: bool = True,
+    break_lock: bool = False,
 ) -> InferSummary:
-    """Validate everything, load the models, then for each prompt: generate, write PNGs, append rows."""
+    """Validate everything, load the models, then for each prompt: generate, write PNGs, append rows.
+
+    Each append to ``generations`` holds the lake's writer lock (``break_lock`` applies to the first).
+    """
     t_start = time.perf_counter()
     # 1. everything a user can get wrong, before anything is created
     if not prompts or any(not p.strip() for p in prompts):
@@ -395,7 +400,9 @@ def run_infer(
                     from img.lake import append_rows
 
                     rows = _rows(result, idx, paths, prof, aid, run_id, model_ids, datetime.now(timezone.utc))
-                    append_rows(str(lake), "generations", pa.Table.from_pylist(rows, schema=schema), schema)
+                    with writer_lock(str(lake), job="infer", break_lock=break_lock):
+                        append_rows(str(lake), "generations", pa.Table.from_pylist(rows, schema=schema), schema)
+                    break_lock = False
                 bar.end_prompt()
     except BaseException:
         if not written:

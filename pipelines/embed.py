@@ -34,6 +34,7 @@ import pyarrow as pa
 from img import lake as lake_mod
 from img.config import fingerprint
 from img.errors import UserError
+from img.lake_lock import writer_lock
 from pipelines.embed_config import EmbedConfig
 from pipelines.source import SourceShard, list_shards, plan_units
 from schemas import features as features_schema
@@ -452,8 +453,12 @@ def _disk_bytes(path: str) -> int:
 
 
 def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_table: bool = False,
-              progress: bool = True) -> EmbedSummary:
-    """Embed every not-yet-done decisive pair of ``source`` into ``lake``; see the module docstring."""
+              progress: bool = True, break_lock: bool = False) -> EmbedSummary:
+    """Embed every not-yet-done decisive pair of ``source`` into ``lake``; see the module docstring.
+
+    The whole run (table creation, reconcile, planning, every commit) holds the lake's writer lock
+    (``img.lake_lock``): a second writer waits for it. ``break_lock`` takes an object-store lease from a stuck holder.
+    """
     from img.profiles import get_profile
 
     t_start = time.perf_counter()
@@ -463,6 +468,13 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
     shards = list_shards(source, so)
     fp = embed_fingerprint(profile, cfg)
     schemas = table_schemas(profile, cfg, fp)
+    with writer_lock(lake, job="embed", break_lock=break_lock, storage_options=so) as lock:
+        return _embed_locked(lake, shards, profile_name, cfg, schemas, fp, new_table, progress, lock, t_start)
+
+
+def _embed_locked(lake, shards, profile_name, cfg, schemas, fp, new_table, progress, lock, t_start) -> EmbedSummary:
+    """run_embed's work once the lake's writer lock is held."""
+    so = cfg.storage_options or None
     if lake_mod.is_local(lake):
         os.makedirs(lake, exist_ok=True)
     for name, schema in schemas.items():
@@ -482,6 +494,7 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
         ds = build_dataset(units, lake, profile_name, cfg, schemas)
         with _Progress(todo, enabled=progress) as bar:
             for row in ds.iter_rows():
+                lock.check()  # an object-store lease taken over or not renewed: stop before committing
                 for name in ("features", "pairs", "quarantine"):  # pairs is the commit marker
                     lake_mod.commit_fragments(lake, name, json.loads(row[name]), so)
                 summary.written += int(row["n_good"])
