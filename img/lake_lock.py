@@ -29,9 +29,9 @@ same lake takes it once).
   clock (clock skew up to ``ttl`` is tolerated). ``break_lock=True``
   (``--break-lock``) takes it at once, for a holder that is alive but stuck.
   The holder stops trusting its lease once ``ttl / 2`` passed without a
-  successful renewal, and ``check()`` raises ``LockLost``; the remaining race
-  is a holder that stalls for more than ``ttl / 2`` between ``check()`` and the
-  end of its commit.
+  successful renewal; ``check()`` (before each commit) also reads the lease
+  and raises ``LockLost`` if it changed hands. The remaining race is a lease
+  taken over between ``check()`` and the end of the commit that follows it.
 
 ``IMG_LAKE_LOCK=lease`` forces the lease on a local path (shared file systems
 whose ``flock`` does not work across hosts, and tests); ``IMG_LAKE_LEASE_TTL``
@@ -205,9 +205,14 @@ class LeaseLock:
                  ttl: float | None = None) -> None:
         self.lake, self.job, self.storage_options = str(lake), job, storage_options or None
         self.uri = lease_uri(self.lake)
-        self.ttl = float(ttl if ttl is not None else os.environ.get("IMG_LAKE_LEASE_TTL", DEFAULT_TTL))
-        if self.ttl <= 0:
-            raise UserError(f"lease ttl must be > 0 seconds, got {self.ttl:g}. Set IMG_LAKE_LEASE_TTL to a positive number.")
+        raw = ttl if ttl is not None else os.environ.get("IMG_LAKE_LEASE_TTL", DEFAULT_TTL)
+        try:
+            self.ttl = float(raw)
+        except ValueError:
+            self.ttl = -1.0
+        if not self.ttl > 0:
+            raise UserError(f"lease ttl must be a number of seconds > 0, got {raw!r}. "
+                            "Set IMG_LAKE_LEASE_TTL to a positive number.")
         self.owner = uuid.uuid4().hex
         self.version: int | None = None
         self.holder: dict | None = None
@@ -261,8 +266,8 @@ class LeaseLock:
 
     def _record(self, *, released: bool = False) -> dict:
         now = time.time()
-        return {**(self.holder or {}), "owner": self.owner, "heartbeat": now, "expires": 0.0 if released else now + self.ttl,
-                "ttl": self.ttl, "released": released}
+        return {**(self.holder or {}), "owner": self.owner, "heartbeat": now,
+                "expires": 0.0 if released else now + self.ttl, "ttl": self.ttl, "released": released}
 
     def _stale(self, rec: dict, version: int, seen: dict[int, float]) -> bool:
         if rec.get("released") or not rec.get("owner"):
@@ -318,8 +323,7 @@ class LeaseLock:
                 self.version = self._swap(self.version, self._record())
             except CommitConflictError:
                 _, rec = self.read()
-                self._lost = (f"the writer lease on {self.lake} was taken over by {_holder_text(rec)} "
-                              "(--break-lock?)")
+                self._lost = f"the writer lease on {self.lake} was taken over by {_holder_text(rec)}"
                 return False
             except Exception as e:  # noqa: BLE001 - a store hiccup: retry at the next beat, expire if it persists
                 log.warning("could not renew the writer lease on %s: %s", self.lake, e)
@@ -346,10 +350,19 @@ class LeaseLock:
             log.debug("lease cleanup failed: %s", e)
 
     def check(self) -> None:
-        """Raise LockLost unless the lease is certainly still ours."""
-        if self._lost is None and time.monotonic() - self._last_ok > self.ttl / 2:
-            self._lost = (f"the writer lease on {self.lake} was not renewed for "
-                          f"{time.monotonic() - self._last_ok:.0f}s (ttl {self.ttl:g}s)")
+        """Raise LockLost unless the lease is still ours: renewed within ttl/2, and unchanged in the store."""
+        with self._mutex:
+            if self._lost is None and time.monotonic() - self._last_ok > self.ttl / 2:
+                self._lost = (f"the writer lease on {self.lake} was not renewed for "
+                              f"{time.monotonic() - self._last_ok:.0f}s (ttl {self.ttl:g}s)")
+            if self._lost is None:
+                try:
+                    version, rec = self.read()
+                except Exception as e:  # noqa: BLE001 - the store is unreachable: the ttl/2 rule above decides
+                    log.warning("could not read the writer lease on %s: %s", self.lake, e)
+                else:
+                    if version != self.version:
+                        self._lost = f"the writer lease on {self.lake} was taken over by {_holder_text(rec)}"
         if self._lost is not None:
             raise LockLost(f"{self._lost}; this {self.job} job stopped before its next commit. "
                            "Run the same command again to continue.")

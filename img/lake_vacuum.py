@@ -128,7 +128,7 @@ def vacuum(lake: str, older_than: timedelta = timedelta(hours=1), *, dry_run: bo
             try:
                 candidates = unreferenced_files(lake, name, storage_options)
             except (OSError, ValueError) as e:
-                log.warning("vacuum: skipping %s, not a readable Lance dataset (%s)", name, str(e).splitlines()[0])
+                log.warning("vacuum: skipping %s, not a readable Lance dataset (%s)", name, str(e).split(",")[0][:200])
                 report.skipped.append(name)
                 continue
             for rel, size in candidates:

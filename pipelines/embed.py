@@ -9,7 +9,9 @@ in the order features -> pairs -> quarantine. A pair is done when its
 ``pair_id`` is in ``pairs`` or ``quarantine``. On start, ``features`` rows whose
 pair is not in ``pairs`` (a kill between the two commits) are deleted and
 redone, so after any SIGKILL the same command finishes with every good pair
-present exactly once.
+present exactly once. The whole run holds the lake's writer lock
+(``img.lake_lock``), so a second embed on the same lake waits instead of
+planning the same pairs or reconciling between this run's commits.
 
     summary = run_embed("data/sample", "lake", "tiny", EmbedConfig())
 

@@ -16,44 +16,12 @@ import pytest
 from img.errors import UserError
 from img.lake_lock import LOCK_FILE, LakeLocked, LeaseLock, LockLost, writer_lock
 from img.sample import expected_counts, write_sample
+from lock_holder import ENV, Holder
 from schemas import features as features_schema
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ENV = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""), PYTHONUNBUFFERED="1")
 
-HOLDER = r"""
-import sys
-from img.lake_lock import LockLost, writer_lock
-kind, lake, ttl = sys.argv[1], sys.argv[2], float(sys.argv[3])
-with writer_lock(lake, job="holder", kind=kind, ttl=ttl) as lock:
-    print("locked", flush=True)
-    sys.stdin.readline()  # hold until told (or killed)
-    try:
-        lock.check()
-        print("still mine", flush=True)
-    except LockLost as e:
-        print("lost:", e, flush=True)
-"""
-
-
-class Holder:
-    """Another process holding the lake's writer lock until ``release()`` (or SIGKILL)."""
-
-    def __init__(self, lake, kind="file", ttl=60.0):
-        self.proc = subprocess.Popen([sys.executable, "-c", HOLDER, kind, str(lake), str(ttl)], env=ENV, text=True,
-                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        line = self.proc.stdout.readline()
-        assert line.strip() == "locked", line + self.proc.stderr.read()
-        self.pid = self.proc.pid
-
-    def release(self) -> str:
-        out, err = self.proc.communicate("go\n", timeout=60)
-        assert self.proc.returncode == 0, err
-        return out
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait()
+def _img(*args):
+    return [sys.executable, "-m", "img.cli", *args]
 
 
 # ----------------------------------------------------------------------------- local lake: flock
@@ -203,6 +171,21 @@ def test_lease_is_exclusive_under_contention(tmp_path):
         assert start >= end, spans
 
 
+def test_cli_break_lock_takes_the_lease_from_a_stuck_holder(tmp_path):
+    lake = str(tmp_path)
+    h = Holder(lake, kind="lease", ttl=60.0)  # renewing: it would never expire
+    env = dict(ENV, IMG_LAKE_LOCK="lease")
+    r = subprocess.run(_img("lake", "vacuum", "--lake", lake, "--break-lock"), env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and "vacuum" in r.stdout, r.stderr
+    assert f"breaking the writer lease on {lake} held by holder (host " in r.stderr and f"pid {h.pid}" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert h.release().startswith("lost: the writer lease")
+    bad = subprocess.run(_img("lake", "vacuum", "--lake", lake), env=dict(env, IMG_LAKE_LEASE_TTL="soon"),
+                         capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "'soon'" in bad.stderr
+
+
 # ----------------------------------------------------------------------------- the writers
 def test_metrics_flush_waits_for_the_lock(tmp_path):
     from img.trainer import MetricsWriter
@@ -221,6 +204,25 @@ def test_metrics_flush_waits_for_the_lock(tmp_path):
     t.join()
     assert lance.dataset(f"{lake}/metrics.lance").to_table().to_pylist() == \
         [{"run_id": "run1", "step": 1, "name": "loss", "value": 0.5}]
+
+
+def test_infer_waits_for_the_lock_before_appending_generations(tmp_path):
+    lake, out = tmp_path / "lake", tmp_path / "out"
+    h = Holder(lake)
+    p = subprocess.Popen(_img("infer", "--profile", "tiny", "--prompt", "a red circle", "--steps", "2", "--rounds", "1",
+                              "--lake", str(lake), "--out", str(out)), env=ENV, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while not (out.is_dir() and len(list(out.glob("*.png"))) == 2) and time.time() < deadline and p.poll() is None:
+        time.sleep(0.2)  # the images are written before the rows; then infer needs the lock
+    time.sleep(1.0)
+    assert p.poll() is None and not (lake / "generations.lance").exists()
+    h.release()
+    stdout, stderr = p.communicate(timeout=300)
+    assert p.returncode == 0, stderr
+    waits = [ln for ln in stderr.splitlines() if "is locked by holder" in ln]
+    assert len(waits) == 1 and f"pid {h.pid}" in waits[0] and "Traceback" not in stderr
+    assert lance.dataset(str(lake / "generations.lance")).count_rows() == 2
 
 
 def test_loader_drops_duplicate_pair_ids_and_logs_them(tmp_path, caplog):
@@ -246,10 +248,6 @@ def test_loader_drops_duplicate_pair_ids_and_logs_them(tmp_path, caplog):
 
 
 # ----------------------------------------------------------------------------- two embeds at once, end to end
-def _img(*args):
-    return [sys.executable, "-m", "img.cli", *args]
-
-
 def _sql_counts(lake):
     q = ("select (select count(*) from pairs) p, (select count(distinct pair_id) from pairs) pd, "
          "(select count(*) from features) f, (select count(distinct pair_id) from features) fd, "
