@@ -6,6 +6,7 @@
     img jobs embed --dataset pickapic --source data/sample --profile tiny --lake lake
     img jobs train --lake lake --profile tiny --steps 200 --run-dir runs/r1
     img infer --profile tiny --prompt "a red circle" --out out
+    img lake vacuum --lake lake --older-than 1h
 
 Every command has ``--help``. A user's mistake raises ``UserError``; ``main``
 prints it as one line and exits 2, with no traceback.
@@ -31,10 +32,15 @@ data_app = typer.Typer(no_args_is_help=True, help="Input data: the bundled Pick-
 profile_app = typer.Typer(no_args_is_help=True, help="Model profiles: what every job loads.")
 jobs_app = typer.Typer(no_args_is_help=True, help="Batch jobs: embed (Ray Data) and train (DeepSpeed).")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON.")
+lake_app = typer.Typer(no_args_is_help=True, help="Lake housekeeping.")
 app.add_typer(data_app, name="data")
 app.add_typer(profile_app, name="profile")
 app.add_typer(jobs_app, name="jobs")
 app.add_typer(bench_app, name="bench")
+app.add_typer(lake_app, name="lake")
+
+BREAK_LOCK_HELP = ("Object-store lake: take the writer lease from a holder that is alive but stuck (a dead holder's "
+                   "lease expires by itself). Without it a second writer waits for the lock.")
 
 
 def _setup_logging(verbose: bool = False) -> None:
@@ -119,8 +125,12 @@ def jobs_embed(
     config: Optional[Path] = typer.Option(None, "--config", help="Embed TOML (default: jobs/embed.toml settings)."),
     new_table: bool = typer.Option(False, "--new-table", help="Replace tables made with a different config fingerprint."),
     as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON."),
+    break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
 ) -> None:
-    """Embed every decisive preference pair once into Lance tables (Ray Data)."""
+    """Embed every decisive preference pair once into Lance tables (Ray Data).
+
+    The run holds the lake's writer lock; a second writer on the same lake waits for it.
+    """
     if dataset != "pickapic":
         raise UserError(f"--dataset {dataset!r} is not supported. Use --dataset pickapic.")
     from img.config import load_config, project_file
@@ -129,7 +139,7 @@ def jobs_embed(
 
     cfg = load_config(EmbedConfig, config if config is not None else project_file("embed.toml"),
                       overrides={"limit": limit})
-    summary = run_embed(source, lake, profile, cfg, new_table=new_table)
+    summary = run_embed(source, lake, profile, cfg, new_table=new_table, break_lock=break_lock)
     typer.echo(summary.render())
     if as_json:
         typer.echo(summary_json(summary))
@@ -144,6 +154,7 @@ def jobs_train(
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from the last checkpoint in --run-dir."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps."),
     config: Optional[Path] = typer.Option(None, "--config", help="Train TOML (default: jobs/train.toml settings)."),
+    break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
 ) -> None:
     """Train the Implicit Aligner on cached tensors with DeepSpeed.
 
@@ -154,7 +165,7 @@ def jobs_train(
 
     cfg_path = config if config is not None else DEFAULT_CONFIG
     cfg = load_config(TrainConfig, cfg_path, overrides={"checkpoint_every": checkpoint_every})
-    summary = run_training(lake, profile, steps, run_dir, cfg, resume=resume)
+    summary = run_training(lake, profile, steps, run_dir, cfg, resume=resume, break_lock=break_lock)
     if os.environ.get("RANK", "0") == "0":
         typer.echo(summary.render())
 
@@ -202,6 +213,7 @@ def infer(
         "default: the config's `questions`, else our own pool."),
     config: Optional[Path] = typer.Option(None, "--config", help="Infer TOML (default: jobs/infer.toml settings)."),
     as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON."),
+    break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
 ) -> None:
     """Generate with the base model, then regenerate with IMG (MLLM guidance -> aligner -> IP-Adapter)."""
     from img.config import load_config, project_file
@@ -213,6 +225,7 @@ def infer(
         read_prompts(prompt, prompts), profile, out, aligner=aligner, seed=seed, rounds=rounds, lake=lake,
         steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale, passes=passes,
         negative_prompt=negative_prompt, device=device, progress=True, questions=cfg.questions,
+        break_lock=break_lock,
     )
     typer.echo(summary.render())
     if as_json:
@@ -238,6 +251,29 @@ def bench_loader(
     import json
 
     typer.echo(json.dumps(result, indent=2))
+
+
+# ---------------------------------------------------------------- lake
+@lake_app.command("vacuum")
+def lake_vacuum(
+    lake: str = typer.Option(..., "--lake", help="Lake folder or object-store URI."),
+    older_than: str = typer.Option("1h", "--older-than", help="Only files last modified longer ago: 90s, 30m, 1h, 7d, 0."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Report what would be removed; delete nothing."),
+    break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
+    as_json: bool = typer.Option(False, "--json", help="Also print the report as JSON."),
+) -> None:
+    """Delete files that no version of any table references (left by killed jobs), under the writer lock.
+
+    Every table version is kept, so time travel and resumed training runs are unaffected.
+    """
+    from img.lake.vacuum import parse_age, vacuum
+
+    report = vacuum(lake, parse_age(older_than), dry_run=dry_run, break_lock=break_lock)
+    typer.echo(report.render())
+    if as_json:
+        import json
+
+        typer.echo(json.dumps(report.to_dict()))
 
 
 def main() -> None:

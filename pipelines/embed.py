@@ -9,7 +9,9 @@ in the order features -> pairs -> quarantine. A pair is done when its
 ``pair_id`` is in ``pairs`` or ``quarantine``. On start, ``features`` rows whose
 pair is not in ``pairs`` (a kill between the two commits) are deleted and
 redone, so after any SIGKILL the same command finishes with every good pair
-present exactly once.
+present exactly once. The whole run holds the lake's writer lock
+(``img.lake.lock``), so a second embed on the same lake waits instead of
+planning the same pairs or reconciling between this run's commits.
 
     summary = run_embed("data/sample", "lake", "tiny", EmbedConfig())
 
@@ -35,6 +37,7 @@ from img.config import fingerprint
 from img.errors import UserError
 from img.features import GuidanceEncoder, IPTokenEncoder, TextGuidanceEncoder
 from img.lake import tables as lake_mod
+from img.lake.lock import writer_lock
 from img.models.profiles import get_profile
 from img.paths import check_lake_folder
 from img.questions import question_for, questions_id, resolve_questions
@@ -457,8 +460,12 @@ def _disk_bytes(path: str) -> int:
 
 
 def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_table: bool = False,
-              progress: bool = True) -> EmbedSummary:
-    """Embed every not-yet-done decisive pair of ``source`` into ``lake``; see the module docstring."""
+              progress: bool = True, break_lock: bool = False) -> EmbedSummary:
+    """Embed every not-yet-done decisive pair of ``source`` into ``lake``; see the module docstring.
+
+    The whole run (table creation, reconcile, planning, every commit) holds the lake's writer lock
+    (``img.lake.lock``): a second writer waits for it. ``break_lock`` takes an object-store lease from a stuck holder.
+    """
 
     t_start = time.perf_counter()
     # everything a user can get wrong, before the lake is touched
@@ -472,6 +479,15 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
     shards = list_shards(source, so)
     fp = embed_fingerprint(profile, cfg, questions)
     schemas = table_schemas(profile, cfg, fp)
+    with writer_lock(lake, job="embed", break_lock=break_lock, storage_options=so) as lock:
+        return _embed_locked(lake, shards, profile_name, cfg, schemas, fp, questions, new_table, progress, lock,
+                             t_start)
+
+
+def _embed_locked(lake, shards, profile_name, cfg, schemas, fp, questions, new_table, progress, lock,
+                  t_start) -> EmbedSummary:
+    """run_embed's work once the lake's writer lock is held."""
+    so = cfg.storage_options or None
     if lake_mod.is_local(lake):
         os.makedirs(lake, exist_ok=True)
     for name, schema in schemas.items():
@@ -491,6 +507,7 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
         ds = build_dataset(units, lake, profile_name, cfg, schemas, questions)
         with _Progress(todo, enabled=progress) as bar:
             for row in ds.iter_rows():
+                lock.check()  # an object-store lease taken over or not renewed: stop before committing
                 for name in ("features", "pairs", "quarantine"):  # pairs is the commit marker
                     lake_mod.commit_fragments(lake, name, json.loads(row[name]), so)
                 summary.written += int(row["n_good"])

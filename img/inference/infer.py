@@ -36,6 +36,7 @@ from typing import Any, Optional
 
 from img.errors import UserError
 from img.inference.generation import RELEASED_RESAMPLER, IMGPipeline, default_settings, load_aligner
+from img.lake.lock import writer_lock
 from img.lake.tables import append_rows, open_table, table_uri
 from img.models.loading import locate
 from img.models.profiles import get_profile
@@ -311,10 +312,12 @@ def run_infer(
     device: str = "cpu",
     progress: bool = True,
     questions: Optional[str | Path] = None,
+    break_lock: bool = False,
 ) -> InferSummary:
     """Validate everything, load the models, then for each prompt: generate, write PNGs, append rows.
 
     ``questions``: a JSON file of question templates (``img.questions.load_questions``); None = our pool.
+    Each append to ``generations`` holds the lake's writer lock (``break_lock`` applies to the first).
     """
     t_start = time.perf_counter()
     # 1. everything a user can get wrong, before anything is created
@@ -388,7 +391,9 @@ def run_infer(
 
 
                     rows = _rows(result, idx, paths, prof, aid, run_id, model_ids, datetime.now(timezone.utc))
-                    append_rows(str(lake), "generations", pa.Table.from_pylist(rows, schema=schema), schema)
+                    with writer_lock(str(lake), job="infer", break_lock=break_lock):
+                        append_rows(str(lake), "generations", pa.Table.from_pylist(rows, schema=schema), schema)
+                    break_lock = False
                 bar.end_prompt()
     except BaseException:
         if not written:

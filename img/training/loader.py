@@ -15,7 +15,8 @@ Design (reference-facts.md, "Tooling facts"):
 - The versions of ``features`` and ``pairs`` are pinned when the loader starts
   (and saved in its state), so an embed job appending to the lake never changes
   the order of a running or resumed training run.
-- Only pairs committed to ``pairs.lance`` (the embed job's commit marker) are used.
+- Only pairs committed to ``pairs.lance`` (the embed job's commit marker) are used,
+  each once: duplicate ``pair_id`` rows are dropped (first kept) and counted in the start-up log.
 - Held-out split: a pair is held out when a hash of its ``pair_id`` falls below
   ``heldout_fraction``: stable across runs, machines and table growth.
 - Each epoch is a permutation of the training pairs drawn from (seed, epoch),
@@ -262,15 +263,22 @@ class TrainLoader:
             self.pairs_version = pairs.version
             committed = set(lake_mod.column_values(pairs, "pair_id"))
         train, held = [], []
-        skipped = 0
+        skipped = duplicates = 0
+        seen: set[str] = set()
         for i, pid in enumerate(pair_ids):
             if committed is not None and pid not in committed:
                 skipped += 1
                 continue
+            if pid in seen:  # defensive: exactly-once embedding should never produce one
+                duplicates += 1
+                continue
+            seen.add(pid)
             (held if is_heldout(pid, heldout_fraction) else train).append(i)
-        if skipped:
-            log.warning("%d features rows have no committed pair in pairs.lance (embed still running?); skipped",
-                        skipped)
+        self.uncommitted, self.duplicates = skipped, duplicates
+        log.log(logging.WARNING if skipped or duplicates else logging.INFO,
+                "loader: features v%d: %d rows -> %d train / %d held-out pairs; %d duplicate pair_id rows dropped, "
+                "%d rows without a committed pair skipped%s", self.version, len(pair_ids), len(train), len(held),
+                duplicates, skipped, " (embed still running?)" if skipped else "")
         self.pair_ids = pair_ids
         self.train_indices = np.asarray(train, dtype=np.int64)
         self.heldout_indices = np.asarray(held, dtype=np.int64)

@@ -59,6 +59,7 @@ from img.aligner import AlignerConfig, ImplicitAligner
 from img.config import fingerprint, project_file, resolve_project_path
 from img.errors import UserError
 from img.lake import tables as lake_mod
+from img.lake.lock import writer_lock
 from img.models.profiles import get_profile
 from img.objective import (
     ReferenceKeeper,
@@ -69,6 +70,7 @@ from img.objective import (
 )
 from img.paths import check_lake_folder
 from img.training import run_folder
+from img.training.checkpoint_io import use_weights_only_loading
 from img.training.loader import LakeDims, TrainLoader
 from schemas import metrics as metrics_schema
 
@@ -231,10 +233,12 @@ class MetricsWriter:
     """Buffers (run_id, step, name, value) rows on rank 0 and appends them to <lake>/metrics.lance.
 
     On resume, rows already recorded for this run (same step and name) are not written again.
+    Each flush holds the lake's writer lock (waiting while, e.g., an embed job holds it);
+    ``break_lock`` applies to the first flush only.
     """
 
-    def __init__(self, lake: str, run_id: str, after_step: int | None = None) -> None:
-        self.lake, self.run_id, self.rows = lake, run_id, []
+    def __init__(self, lake: str, run_id: str, after_step: int | None = None, break_lock: bool = False) -> None:
+        self.lake, self.run_id, self.rows, self.break_lock = lake, run_id, [], break_lock
         self.seen: set[tuple[int, str]] = set()
         if after_step is not None:
             ds = lake_mod.open_table(lake, "metrics")
@@ -259,8 +263,9 @@ class MetricsWriter:
         steps, names, values = zip(*self.rows)
         table = pa.table({"run_id": [self.run_id] * len(steps), "step": list(steps), "name": list(names),
                           "value": list(values)}, schema=metrics_schema.SCHEMA)
-        lake_mod.append_rows(self.lake, "metrics", table, metrics_schema.SCHEMA)
-        self.rows = []
+        with writer_lock(self.lake, job="train", break_lock=self.break_lock):
+            lake_mod.append_rows(self.lake, "metrics", table, metrics_schema.SCHEMA)
+        self.rows, self.break_lock = [], False
 
 
 # ----------------------------------------------------------------------------- checkpoints
@@ -296,7 +301,7 @@ def _load_rng(path: Path) -> None:
 
 # ----------------------------------------------------------------------------- the job
 def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path, cfg: TrainConfig,
-                 resume: bool = False) -> TrainSummary:
+                 resume: bool = False, break_lock: bool = False) -> TrainSummary:
     """Train to ``steps`` total optimizer steps; every rank calls this."""
     rank, world, local_rank = dist_env()
     run_dir = Path(run_dir)
@@ -338,7 +343,6 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
     import torch.distributed as dist
     from deepspeed.accelerator import get_accelerator
 
-    from img.training.checkpoint_io import use_weights_only_loading  # DeepSpeed's adapter: imports deepspeed
 
     on_gpu = get_accelerator().device_name() == "cuda"
     deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
@@ -391,7 +395,8 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
                 "train_pairs": int(len(loader.train_indices)), "heldout_pairs": int(len(loader.heldout_indices)),
             }, indent=2, sort_keys=True, default=str) + "\n")
 
-    metrics = MetricsWriter(lake, run_id, after_step=start if resume else None) if rank == 0 else None
+    metrics = MetricsWriter(lake, run_id, after_step=start if resume else None, break_lock=break_lock) \
+        if rank == 0 else None
     if rank == 0:
         log.info("run %s: %d train / %d held-out pairs, %d steps/epoch, aligner %s, %d rank(s), %s on %s",
                  run_id, len(loader.train_indices), len(loader.heldout_indices), loader.steps_per_epoch,
