@@ -41,6 +41,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
+import torch
+
 from img.errors import UserError
 from img.generation import GenerationSettings, IMGPipeline, IMGResult, weights_id
 from img.infer import (
@@ -279,6 +281,10 @@ def build_app(demo: Demo) -> Any:
             log.info("refused a request: %s", e)
             # the message is rendered as HTML: escape what a client may have sent
             raise gr.Error(html.escape(str(e), quote=False), title="Invalid input", print_exception=False) from None
+        except torch.cuda.OutOfMemoryError:
+            log.warning("out of GPU memory on %r (seed %s, %s rounds, %s steps)", prompt, seed, rounds, steps)
+            raise gr.Error("The GPU ran out of memory for this request. Try fewer rounds or steps, or retry when "
+                           "the server is less busy.", title="Out of memory", print_exception=False) from None
         images = served.result.images
         gallery = [(im, "round 0: base" if r == 0 else f"round {r}: IMG") for r, im in enumerate(images)]
         return served.base, served.final, gallery, served.timings, demo.aligner_label
@@ -364,4 +370,7 @@ def run_server(profile: str, aligner: Optional[str | Path] = None, *, mllm_adapt
         echo(f"img serve: each generation -> {demo.out / demo.run_id}/ and {demo.lake}/generations.lance")
     app.launch(server_name=host, server_port=port, share=False, ssr_mode=False, mcp_server=False,
                enable_monitoring=False, run_history=False, footer_links=["api", "settings"], show_error=False,
-               inbrowser=False, css=CSS)
+               inbrowser=False, quiet=True, prevent_thread_lock=True, css=CSS)
+    url_host = f"[{host}]" if ":" in host else host
+    echo(f"img serve: serving http://{url_host}:{port}/ (API: /generate; Ctrl-C stops)")
+    app.block_thread()
