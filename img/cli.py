@@ -218,7 +218,8 @@ def serve(
     profile: str = typer.Option(..., "--profile", help="Model profile: tiny, sdxl, sdxl-dpo, flux, ..."),
     aligner: Optional[Path] = typer.Option(
         None, "--aligner", help="Aligner, as for `img infer` (required except for tiny profiles)."),
-    mllm_adapter: Optional[Path] = typer.Option(None, "--mllm-adapter", help="Folder of a fine-tuned MLLM adapter."),
+    mllm_adapter: Optional[Path] = typer.Option(
+        None, "--mllm-adapter", help="Folder of a fine-tuned MLLM adapter (not loadable in this version: refused)."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. The default is this machine only; "
                              "0.0.0.0 makes the demo reachable from the network (no authentication)."),
     port: int = typer.Option(7860, "--port", help="TCP port."),

@@ -114,9 +114,11 @@ def check_request(prompt: Any, seed: Any, rounds: Any, passes: Any, ip_scale: An
         check_request("", 3, 1, 3, 0.2, 20, 7.5)                # UserError: the prompt is empty
     """
     if not isinstance(prompt, str) or not prompt.strip():
-        raise UserError("The prompt is empty. Type what the image should show, e.g. \"a red circle left of a blue star\".")
+        raise UserError("The prompt is empty. Type what the image should show, "
+                        "e.g. \"a red circle left of a blue star\".")
     if len(prompt) > limits.prompt_chars:
-        raise UserError(f"The prompt has {len(prompt)} characters; at most {limits.prompt_chars} are allowed. Shorten it.")
+        raise UserError(f"The prompt has {len(prompt)} characters; at most {limits.prompt_chars} are allowed. "
+                        "Shorten it.")
     return Request(
         prompt=prompt.strip(),
         seed=_number("Seed", seed, *limits.seed, integer=True),
@@ -147,8 +149,8 @@ class Served:
 
 
 @contextlib.contextmanager
-def lake_writer_lock(lake: str) -> Iterator[None]:
-    """Held while one generation is appended to ``lake``.
+def lake_writer_lock(lake: Optional[str]) -> Iterator[None]:
+    """Held while one generation is saved and appended to ``lake`` (nothing to hold without a lake).
 
     The lake's writer lock (``img.lake_lock.writer_lock(lake, job="serve")``) goes here once it exists;
     until then appends rely on Lance's own commit conflict handling.
@@ -231,17 +233,11 @@ class Demo:
             if self.out is not None:
                 out_dir = self.out / self.run_id
                 out_dir.mkdir(parents=True, exist_ok=True)
-                if self.lake is not None:
-                    with lake_writer_lock(self.lake):
-                        paths = self._save(result, idx, out_dir)
-                else:
-                    paths = self._save(result, idx, out_dir)
+                with lake_writer_lock(self.lake):
+                    paths = save_generation(result, idx, out_dir, profile=self.profile, run_id=self.run_id,
+                                            aligner_id=self.pipe.aligner_id, model_ids=self.model_ids, lake=self.lake)
         timings = {k: round(v, 4) for k, v in result.timings().items()}
         return Served(req, result, timings, paths)
-
-    def _save(self, result: IMGResult, idx: int, out_dir: Path) -> list[Path]:
-        return save_generation(result, idx, out_dir, profile=self.profile, aligner_id=self.pipe.aligner_id,
-                               run_id=self.run_id, model_ids=self.model_ids, lake=self.lake)
 
 
 # ----------------------------------------------------------------------------- the page
@@ -305,7 +301,7 @@ def build_app(demo: Demo) -> Any:
         with gr.Accordion("Advanced", open=False):
             with gr.Row():
                 rounds = gr.Number(label="Rounds", value=1, precision=0, elem_id="rounds",
-                                   info=f"analysis -> alignment -> regeneration; {lim.rounds[0]} to {lim.rounds[1]}")
+                                   info=f"analysis → alignment → regeneration; {lim.rounds[0]} to {lim.rounds[1]}")
                 passes = gr.Number(label="Aligner passes", value=d.passes, precision=0, elem_id="passes",
                                    info=f"{lim.passes[0]} to {lim.passes[1]}")
                 ip_scale = gr.Number(label="IP scale", value=d.ip_scale, elem_id="ip_scale",
@@ -373,4 +369,5 @@ def run_server(profile: str, aligner: Optional[str | Path] = None, *, mllm_adapt
                inbrowser=False, quiet=True, prevent_thread_lock=True, css=CSS)
     url_host = f"[{host}]" if ":" in host else host
     echo(f"img serve: serving http://{url_host}:{port}/ (API: /generate; Ctrl-C stops)")
-    app.block_thread()
+    app.block_thread()  # until Ctrl-C; then gradio closes the server
+    echo("img serve: stopped")

@@ -210,12 +210,19 @@ def test_page_in_headless_chromium(server, tmp_path):
             assert np.array_equal(pixels(rows[0]["path"]), pixels(images["base-image"]))
             assert np.array_equal(pixels(rows[1]["path"]), pixels(images["img-image"]))
 
-            # bad input: a message in the page, not a traceback
+            # bad input: a message in the page, not a traceback, and nothing generated or written
+            n_rows = len(generation_rows(server.lake))
             page.locator("#prompt textarea").fill("")
             page.locator("#generate").click()
             expect(page.get_by_text("The prompt is empty")).to_be_visible(timeout=20_000)
+            page.locator("#prompt textarea").fill(PROMPT)
+            page.get_by_text("Advanced").click()
+            page.locator("#rounds input").fill("99")
+            page.locator("#generate").click()
+            expect(page.get_by_text("Rounds must be a whole number from 1 to 8, got 99")).to_be_visible(timeout=20_000)
             assert "Traceback" not in page.content()
             page.screenshot(path=str(tmp_path / "serve-page-error.png"))
+            assert len(generation_rows(server.lake)) == n_rows
             assert not elsewhere, f"the page fetched from other hosts: {elsewhere}"
         finally:
             browser.close()
@@ -262,7 +269,8 @@ def test_cli_refuses_bad_flags_in_one_line_before_loading(case, tmp_path, monkey
         code, out, err = run_main(["serve", "--lake", str(tmp_path / "lake"), *args], monkeypatch, capsys)
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error:") and expect in lines[0], err
-    assert "img serve: loading" not in out + err and not (tmp_path / "lake").exists() and not (tmp_path / "serve-out").exists()
+    assert "img serve: loading" not in out + err
+    assert not (tmp_path / "lake").exists() and not (tmp_path / "serve-out").exists()
 
 
 def test_check_request_limits():
