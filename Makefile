@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-slow bench clean ablation
+.PHONY: setup demo test test-slow bench clean ablation browser
 
 setup: $(STAMP)
 
@@ -27,8 +27,20 @@ demo: $(STAMP)
 ablation: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash jobs/ablation.sh
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m "not slow" tests
+
+# tests/test_serve.py drives the web demo in Debian's headless chromium (through Playwright; never
+# `playwright install`). Installed here when missing, as root or through sudo; instant when present.
+CHROMIUM ?= $(or $(IMG_CHROMIUM),/usr/bin/chromium)
+browser:
+	@test -x "$(CHROMIUM)" || { \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=; elif command -v sudo >/dev/null 2>&1; then SUDO=sudo; else \
+	    echo "error: $(CHROMIUM) is missing and this is not root: run 'apt-get install -y chromium' as root" >&2; \
+	    exit 1; fi; \
+	  echo "installing Debian's chromium for the browser test (apt-get)"; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
+	  test -x "$(CHROMIUM)" || { echo "error: apt-get did not install $(CHROMIUM)" >&2; exit 1; }; }
 
 test-slow: $(STAMP)
 	$(BIN)/python -m pytest -q -m slow tests

@@ -232,6 +232,28 @@ def infer(
         typer.echo(summary.to_json())
 
 
+@app.command("serve")
+def serve(
+    profile: str = typer.Option(..., "--profile", help="Model profile: tiny, sdxl, sdxl-dpo, flux, ..."),
+    aligner: Optional[Path] = typer.Option(
+        None, "--aligner", help="Aligner, as for `img infer` (required except for tiny profiles)."),
+    mllm_adapter: Optional[Path] = typer.Option(
+        None, "--mllm-adapter", help="Folder of a fine-tuned MLLM adapter (not loadable in this version: refused)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. The default is this machine only; "
+                             "0.0.0.0 makes the demo reachable from the network (no authentication)."),
+    port: int = typer.Option(7860, "--port", help="TCP port."),
+    lake: Optional[str] = typer.Option(None, "--lake", help="Lake folder/URI: one `generations` row per image."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="Folder for every generation's PNGs (default with --lake: serve-out)."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+) -> None:
+    """Serve the IMG web demo (Gradio): prompt + seed -> base image and IMG image, with timings."""
+    from img.app.serve import run_server
+
+    run_server(profile, aligner, mllm_adapter=mllm_adapter, host=host, port=port, lake=lake, out=out, device=device,
+               echo=lambda line: typer.echo(line, err=True))
+
+
 @bench_app.command("loader")
 def bench_loader(
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON figures."),

@@ -38,6 +38,7 @@ from img.errors import UserError
 from img.inference.generation import RELEASED_RESAMPLER, IMGPipeline, default_settings, load_aligner
 from img.lake.lock import writer_lock
 from img.lake.tables import append_rows, open_table, table_uri
+from img.logs import quiet_loading, quiet_logger
 from img.models.loading import locate
 from img.models.profiles import get_profile
 from img.paths import check_lake_folder, check_writable_folder
@@ -295,6 +296,67 @@ def _set_threads(profile: Any, device: str) -> Optional[int]:
     return previous
 
 
+def check_models(profile: Any, aligner: Optional[str | Path]) -> tuple[Any, str]:
+    """Check that every model of ``profile`` is present, then load the aligner: (aligner, aligner id).
+
+    Cheap checks first (a fresh tiny aligner, or "pass --aligner"; each component located, ``ModelNotFound``
+    naming the env var / TOML key to set), the real aligner (~0.8 GB) last.
+    """
+
+    if aligner is None:
+        model, aid = load_aligner(profile, None)
+    for comp in profile.components():
+        locate(profile, comp)
+    if aligner is not None:
+        model, aid = load_aligner(profile, aligner)
+    return model, aid
+
+
+def load_pipeline(profile: Any, aligner: Optional[str | Path], aligner_model: Any, aligner_id: str,
+                  device: str, questions: Any = None) -> Any:
+    """The ``IMGPipeline`` of ``profile`` on ``device`` with the aligner of ``check_models``, quietly.
+
+    ``aligner`` is the user's path: an SDXL folder holding the released ``resampler.pth`` makes ``c_I`` with it.
+    ``questions``: the MLLM question pool (``img.questions.resolve_questions``); None = our own.
+    """
+    quiet_loading()
+    with quiet_logger("transformers"):
+        resampler = None  # the released resampler.pth next to aligner_sdxl.pth
+        if aligner is not None and profile.family == "sdxl" and Path(aligner).expanduser().is_dir():
+            found = Path(aligner).expanduser() / RELEASED_RESAMPLER
+            resampler = found if found.is_file() else None
+        return IMGPipeline.from_profile(profile, aligner=aligner_model, device=device, aligner_id=aligner_id,
+                                        resampler=resampler, questions=questions)
+
+
+def save_generation(result: Any, prompt_idx: int, out_dir: Path, *, profile: Any, aligner_id: str, run_id: str,
+                    model_ids: str, lake: Optional[str] = None, written: Optional[list[str]] = None,
+                    job: str = "infer", break_lock: bool = False) -> list[Path]:
+    """Write the PNGs of one ``IMGResult`` (round 0 = base) and, with ``lake``, append its ``generations`` rows.
+
+    The rows go in one commit after every PNG is on disk, under the lake's writer lock (``job`` names the
+    holder; ``break_lock`` takes a stuck object-store lease); ``written`` collects each file as it lands.
+    Shared by ``img infer`` and ``img serve``::
+
+        paths = save_generation(result, 0, Path("out"), profile=prof, aligner_id=pipe.aligner_id,
+                                run_id="r1", model_ids=json.dumps(prof.model_ids()), lake="lake")
+    """
+    paths = [(out_dir / image_name(prompt_idx, result.prompt, result.seed, r)).absolute()
+             for r in range(len(result.images))]
+    for image, path in zip(result.images, paths):
+        write_png(image, path)
+        if written is not None:
+            written.append(str(path))
+    if lake is not None:
+        import pyarrow as pa
+
+        schema = generations_schema()
+        rows = _rows(result, prompt_idx, paths, profile, aligner_id, run_id, model_ids, datetime.now(timezone.utc))
+        with writer_lock(str(lake), job=job, break_lock=break_lock):
+            append_rows(str(lake), "generations", pa.Table.from_pylist(rows, schema=schema), schema)
+    return paths
+
+
 def run_infer(
     prompts: list[str],
     profile: str,
@@ -331,12 +393,7 @@ def run_infer(
     settings = default_settings(prof, steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale, passes=passes,
                                 negative_prompt=negative_prompt)
     dev = resolve_device(device)
-    if aligner is None:  # cheap: a fresh aligner (tiny) or "pass --aligner" (real profiles)
-        aligner_model, aid = load_aligner(prof, None)
-    for comp in prof.components():
-        locate(prof, comp)  # ModelNotFound names the env var / TOML key to set
-    if aligner is not None:  # after the cheap checks: a real aligner is ~0.8 GB
-        aligner_model, aid = load_aligner(prof, aligner)
+    aligner_model, aid = check_models(prof, aligner)
     if lake is not None:
         check_lake(str(lake))
     out_dir = Path(out).expanduser()
@@ -346,24 +403,8 @@ def run_infer(
     threads = _set_threads(prof, dev)
     try:
         # 2. models
-        from diffusers.utils import logging as dlog
-        from transformers.utils import logging as tlog
-
-
-        dlog.disable_progress_bar()
-        tlog.disable_progress_bar()
         t_load = time.perf_counter()
-        level = tlog.get_verbosity()
-        tlog.set_verbosity_error()
-        try:
-            resampler = None  # the released resampler.pth next to aligner_sdxl.pth
-            if aligner is not None and prof.family == "sdxl" and Path(aligner).expanduser().is_dir():
-                found = Path(aligner).expanduser() / RELEASED_RESAMPLER
-                resampler = found if found.is_file() else None
-            pipe = IMGPipeline.from_profile(prof, aligner=aligner_model, device=dev, aligner_id=aid,
-                                            resampler=resampler, questions=pool)
-        finally:
-            tlog.set_verbosity(level)
+        pipe = load_pipeline(prof, aligner, aligner_model, aid, dev, questions=pool)
         aid = pipe.aligner_id
         load_s = time.perf_counter() - t_load
         log.info("loaded %s on %s in %.1fs (aligner %s)", prof.name, dev, load_s, aid)
@@ -371,7 +412,6 @@ def run_infer(
         # 3. generate, one prompt at a time
         run_id = uuid.uuid4().hex[:12]
         model_ids = json.dumps(prof.model_ids(), sort_keys=True)
-        schema = generations_schema() if lake is not None else None
         stages = {k: 0.0 for k in STAGES}
         with _Progress(len(prompts), settings.steps, rounds, progress) as bar:
             for idx, prompt in enumerate(prompts):
@@ -382,18 +422,9 @@ def run_infer(
                 for k, v in result.timings().items():
                     if k in stages:
                         stages[k] += v
-                paths = [(out_dir / image_name(idx, prompt, seed, r)).absolute() for r in range(rounds + 1)]
-                for image, path in zip(result.images, paths):
-                    write_png(image, path)
-                    written.append(str(path))
-                if lake is not None:
-                    import pyarrow as pa
-
-
-                    rows = _rows(result, idx, paths, prof, aid, run_id, model_ids, datetime.now(timezone.utc))
-                    with writer_lock(str(lake), job="infer", break_lock=break_lock):
-                        append_rows(str(lake), "generations", pa.Table.from_pylist(rows, schema=schema), schema)
-                    break_lock = False
+                save_generation(result, idx, out_dir, profile=prof, aligner_id=aid, run_id=run_id,
+                                model_ids=model_ids, lake=lake, written=written, break_lock=break_lock)
+                break_lock = False  # --break-lock applies to the first write only
                 bar.end_prompt()
     except BaseException:
         if not written:
