@@ -64,11 +64,16 @@ def data_sample(
     corrupt: float = typer.Option(0.0, "--corrupt", help="Fraction of rows whose JPEG bytes are corrupted."),
     ties: float = typer.Option(0.1, "--ties", help="Fraction of rows that are ties (label_0 = 0.5)."),
     shard_rows: int = typer.Option(500, "--shard-rows", help="Rows per parquet shard."),
+    fmt: str = typer.Option("sample", "--format", help="sample: published columns + `broken` + provenance; "
+                            "pickapic: exactly the published Pick-a-Pic v2 columns, HF shard names and row groups."),
+    row_group_rows: Optional[int] = typer.Option(None, "--row-group-rows",
+                                                 help="Rows per parquet row group (default: a shard; 100 for pickapic)."),
 ) -> None:
     """Write a procedurally drawn shapes-world sample with Pick-a-Pic v2 columns."""
     from img.sample import write_sample
 
-    summary = write_sample(out, pairs=pairs, seed=seed, corrupt=corrupt, ties=ties, shard_rows=shard_rows)
+    summary = write_sample(out, pairs=pairs, seed=seed, corrupt=corrupt, ties=ties, shard_rows=shard_rows,
+                           fmt=fmt, row_group_rows=row_group_rows)
     typer.echo(summary)
 
 

@@ -35,10 +35,11 @@ from img import lake as lake_mod
 from img.config import fingerprint
 from img.errors import UserError
 from pipelines.embed_config import EmbedConfig
-from pipelines.source import SourceShard, list_shards, plan_units
+from pipelines.source import READ_ERRORS, SourceShard, describe_error, list_shards, plan_units
 from schemas import features as features_schema
 from schemas import pairs as pairs_schema
 from schemas import quarantine as quarantine_schema
+from schemas.pickapic import REQUIRED
 from schemas.meta import with_provenance
 
 log = logging.getLogger(__name__)
@@ -53,34 +54,79 @@ def read_units(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def read_unit(unit: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Read one unit (todo rows of one row group) and orient each pair as (winner, loser)."""
+def _text(values: list) -> np.ndarray:
+    """Strings as an object array with "" for null: an all-null column would reach the next Ray stage as floats."""
+    return np.array([v if isinstance(v, str) else "" for v in values], dtype=object)
+
+
+def _read_rows(shard: SourceShard, unit: dict[str, Any], rows: list[int]) -> dict[str, list]:
+    """The unit's rows (indices in the shard) of its row group, read up to the last one, as column lists."""
     import pyarrow.parquet as pq
 
+    stream = bool(unit.get("stream", False))  # a huge row group: read page by page, not whole
+    with shard.open() as f:
+        pf = pq.ParquetFile(f, pre_buffer=not stream, buffer_size=(8 << 20) if stream else 0)
+        cols = list(REQUIRED)
+        schema = pf.schema_arrow
+        if "broken" in schema.names and pa.types.is_string(schema.field("broken").type):
+            cols.append("broken")  # the shapes-world sample's extra column
+        want = [r - int(unit["rg_start"]) for r in rows]
+        pieces, seen = [], 0
+        for b in pf.iter_batches(batch_size=64, row_groups=[int(unit["row_group"])], columns=cols,
+                                 use_threads=False):
+            idx = [w - seen for w in want if seen <= w < seen + b.num_rows]
+            if idx:
+                pieces.append(b.take(pa.array(idx)))
+            seen += b.num_rows
+            if seen > want[-1]:
+                break
+    table = pa.Table.from_batches(pieces, schema=pa.schema([schema.field(c) for c in cols]))
+    if table.num_rows != len(rows):
+        raise OSError(f"row group holds {seen} rows, fewer than the footer says")
+    return table.to_pydict()
+
+
+def read_unit(unit: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Read one unit (todo rows of one row group) and orient each pair as (winner, loser).
+
+    A unit that cannot be read (a damaged page, say) comes back with every row
+    carrying a ``read_error`` that names the shard, the row group's rows and the
+    error; those rows go to ``quarantine``.
+    """
     t0 = time.perf_counter()
     shard = SourceShard(**json.loads(str(unit["shard"])))
     rows = json.loads(str(unit["rows"]))
-    pf = pq.ParquetFile(shard.open())
-    cols = ["caption", "jpg_0", "jpg_1", "label_0", "image_0_uid", "image_1_uid", "best_image_uid"]
-    if "broken" in pf.schema_arrow.names:
-        cols.append("broken")
-    rg_start = int(unit["rg_start"])
-    table = pf.read_row_group(int(unit["row_group"]), columns=cols)
-    table = table.take(pa.array([r - rg_start for r in rows]))
-    d = table.to_pydict()
-    n = table.num_rows
+    n = len(rows)
+    d, read_error = None, ""
+    attempts = 1 if "://" not in shard.uri else 3  # object stores: retry transient errors first
+    for attempt in range(attempts):
+        try:
+            d, read_error = _read_rows(shard, unit, rows), ""
+            break
+        except READ_ERRORS as e:
+            lo = int(unit["rg_start"])
+            hi = lo + int(unit["rg_rows"]) - 1
+            read_error = (f"shard {shard.name} row group {int(unit['row_group'])} (rows {lo}-{hi}): "
+                          f"unreadable ({describe_error(e)})")
+            if attempt + 1 < attempts:
+                time.sleep(2.0 * (attempt + 1))
+    if d is None:
+        log.warning("%s; its %d todo rows are quarantined", read_error, n)
+        d = {c: [None] * n for c in REQUIRED}
+        d["label_0"] = [1.0] * n
     first = np.array([lab == 1.0 for lab in d["label_0"]])
     out = {
         "pair_id": np.array([f"{shard.name}#{r}" for r in rows], dtype=object),
         "source": np.array([shard.uri] * n, dtype=object),
         "row": np.array(rows, dtype=np.int64),
-        "caption": np.array([c if c is not None else "" for c in d["caption"]], dtype=object),
+        "caption": _text(d["caption"]),
         "winner_jpg": np.array([a if f else b for a, b, f in zip(d["jpg_0"], d["jpg_1"], first)], dtype=object),
         "loser_jpg": np.array([b if f else a for a, b, f in zip(d["jpg_0"], d["jpg_1"], first)], dtype=object),
-        "winner_uid": np.array([a if f else b for a, b, f in zip(d["image_0_uid"], d["image_1_uid"], first)], dtype=object),
-        "loser_uid": np.array([b if f else a for a, b, f in zip(d["image_0_uid"], d["image_1_uid"], first)], dtype=object),
-        "best_image_uid": np.array(d["best_image_uid"], dtype=object),
-        "broken": np.array(d.get("broken", [None] * n), dtype=object),
+        "winner_uid": _text([a if f else b for a, b, f in zip(d["image_0_uid"], d["image_1_uid"], first)]),
+        "loser_uid": _text([b if f else a for a, b, f in zip(d["image_0_uid"], d["image_1_uid"], first)]),
+        "best_image_uid": _text(d["best_image_uid"]),
+        "broken": _text(d.get("broken", [None] * n)),  # "" = none; written as null
+        "read_error": np.array([read_error] * n, dtype=object),
     }
     out["t_read"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
     return out
@@ -117,9 +163,11 @@ class Decode:
         n = len(batch["pair_id"])
         winners, losers, errors, questions = [], [], [], []
         for i in range(n):
-            err = None
+            err = batch["read_error"][i] or None  # the whole unit could not be read
             caption = str(batch["caption"][i]).strip()
-            if not caption:
+            if err:
+                pass
+            elif not caption:
                 err = "empty caption"
             elif batch["winner_uid"][i] != batch["best_image_uid"][i]:
                 err = "label_0 disagrees with best_image_uid"
@@ -292,7 +340,8 @@ class WriteFragments:
                 feat[f"{col}_len"] = pa.array([int(batch[f"{col}_len"][i]) for i in gi], pa.int32())
                 nbytes += sum(len(v) for v in vals)
         pairs = {k: [batch[k][i] for i in gi] for k in ("pair_id", "caption", "question", "winner_uid", "loser_uid",
-                                                        "source", "row", "broken")}
+                                                        "source", "row")}
+        pairs["broken"] = [batch["broken"][i] or None for i in gi]  # "" stands for null between stages
         quarantine = {
             "pair_id": [batch["pair_id"][i] for i in bi], "source": [batch["source"][i] for i in bi],
             "row": [int(batch["row"][i]) for i in bi], "reason": [batch["error"][i] for i in bi],
@@ -468,12 +517,17 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
     for name, schema in schemas.items():
         lake_mod.ensure_table(lake, name, schema, new_table=new_table, storage_options=so)
     done, orphans = reconcile(lake, so)
-    units, counts = plan_units(shards, done, cfg.limit, unit_rows=cfg.read_rows)
+    units, counts, damaged = plan_units(shards, done, cfg.limit, unit_rows=cfg.read_rows)
     summary = EmbedSummary(skipped_done=counts["done"], skipped_ties=counts["ties"], orphans_redone=orphans,
                            fingerprint=fp)
     todo = counts["todo"]
-    log.info("plan: %d rows in %d shards: %d to embed, %d already done, %d ties dropped",
-             counts["rows"], len(shards), todo, counts["done"], counts["ties"])
+    log.info("plan: %d rows in %d shards: %d to embed, %d already done, %d ties dropped, %d unreadable",
+             counts["rows"], len(shards), todo, counts["done"], counts["ties"], len(damaged))
+    if damaged:  # unreadable shards and row groups: quarantined now, in one commit
+        table = pa.Table.from_pylist(damaged, schema=schemas["quarantine"])
+        lake_mod.commit_fragments(lake, "quarantine",
+                                  lake_mod.write_fragments(lake, "quarantine", table, schemas["quarantine"], so), so)
+        summary.quarantined += len(damaged)
     timers = {t: 0.0 for t in TIMERS}
     tensor_bytes = 0
     if todo:
