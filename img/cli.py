@@ -169,6 +169,8 @@ def jobs_train(
 def bench_embed(
     pairs: int = typer.Option(1024, "--pairs", help="Pairs in the generated sample."),
     profile: str = typer.Option("bench", "--profile", help="Profile whose models do the work."),
+    fmt: str = typer.Option("sample", "--format", help="Sample format, as in `img data sample --format`: "
+                            "sample or pickapic (exactly the published columns)."),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON figures."),
 ) -> None:
     """Embed job (Ray + Lance) vs a bare in-process loop over the same models and data."""
@@ -176,7 +178,7 @@ def bench_embed(
 
     if pairs < 8:
         raise UserError(f"--pairs must be >= 8, got {pairs}. Pass a larger sample size.")
-    result = run_bench(pairs=pairs, profile_name=profile)
+    result = run_bench(pairs=pairs, profile_name=profile, fmt=fmt)
     if not as_json:
         typer.echo(f"job {result['job_pairs_per_s']} pairs/s, bare {result['bare_pairs_per_s']} pairs/s, "
                    f"ratio {result['ratio']}, bytes_ratio {result['bytes_ratio']}")

@@ -112,6 +112,8 @@ def list_shards(source: str, storage_options: dict | None = None) -> list[Source
         try:
             schema = pq.ParquetFile(shard.open()).schema_arrow
         except READ_ERRORS as e:
+            if isinstance(e, NotImplementedError):  # a limit of ours, not damage: fail loudly
+                raise
             why = describe_error(e)
             log.warning("source shard %s cannot be read (%s); it is quarantined whole as %s", full, why,
                         shard.whole_id)
@@ -170,6 +172,8 @@ def plan_units(shards: list[SourceShard], done: set[str], limit: int | None,
             try:
                 labels = pf.read_row_group(rg, columns=["label_0"]).column("label_0").to_pylist()[:take]
             except READ_ERRORS as e:
+                if isinstance(e, NotImplementedError):
+                    raise
                 reason = (f"shard {shard.name} row group {rg} (rows {start}-{start + n_rg - 1}): "
                           f"label_0 unreadable ({describe_error(e)})")
                 new = [r for r in range(start, start + take) if f"{shard.name}#{r}" not in done]
