@@ -39,8 +39,9 @@ from pipelines.source import READ_ERRORS, SourceShard, describe_error, list_shar
 from schemas import features as features_schema
 from schemas import pairs as pairs_schema
 from schemas import quarantine as quarantine_schema
-from schemas.pickapic import REQUIRED
 from schemas.meta import with_provenance
+from schemas.pickapic import REQUIRED
+from schemas.pickapic import SCHEMA as PUBLISHED
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,12 @@ def _text(values: list) -> np.ndarray:
     return np.array([v if isinstance(v, str) else "" for v in values], dtype=object)
 
 
+def _plain(t: pa.DataType) -> bool:
+    """A flat type every reader decodes (numbers, bools, times, strings, bytes)."""
+    return pa.types.is_primitive(t) or pa.types.is_string(t) or pa.types.is_large_string(t) \
+        or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
 def _read_rows(shard: SourceShard, unit: dict[str, Any], rows: list[int]) -> dict[str, list]:
     """The unit's rows (indices in the shard) of its row group, read up to the last one, as column lists."""
     import pyarrow.parquet as pq
@@ -66,14 +73,17 @@ def _read_rows(shard: SourceShard, unit: dict[str, Any], rows: list[int]) -> dic
     stream = bool(unit.get("stream", False))  # a huge row group: read page by page, not whole
     with shard.open() as f:
         pf = pq.ParquetFile(f, pre_buffer=not stream, buffer_size=(8 << 20) if stream else 0)
-        cols = list(REQUIRED)
         schema = pf.schema_arrow
+        cols = list(REQUIRED)
         if "broken" in schema.names and pa.types.is_string(schema.field("broken").type):
             cols.append("broken")  # the shapes-world sample's extra column
+        # The other published columns are decoded too, not kept: a damaged page anywhere in the
+        # published data makes the rows unreadable. Columns outside the published set are never read.
+        checked = [c for c in PUBLISHED.names if c in schema.names and c not in cols and _plain(schema.field(c).type)]
         want = [r - int(unit["rg_start"]) for r in rows]
         d: dict[str, list] = {c: [] for c in cols}
         seen = 0
-        for b in pf.iter_batches(batch_size=64, row_groups=[int(unit["row_group"])], columns=cols,
+        for b in pf.iter_batches(batch_size=64, row_groups=[int(unit["row_group"])], columns=cols + checked,
                                  use_threads=False):
             idx = [w - seen for w in want if seen <= w < seen + b.num_rows]
             for c in cols:  # scalar access works for every accepted type (view types have no take kernel)

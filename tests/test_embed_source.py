@@ -65,7 +65,7 @@ def damaged(tmp_path_factory):
                  row_group_rows=25)
     shutil.copytree(orig, data)
     a, b = shard_paths(data)
-    _damage_page_header(a, 0, "image_0_url")  # a column the job never reads: harmless
+    _damage_page_header(a, 0, "are_different")  # the file's first page: published, not used, still checked
     _damage_page_header(a, 1, "jpg_1")  # found by the reader of row group 1's units
     _damage_page_header(a, 3, "label_0")  # found by planning
     cut = data / "train-00002-of-00002-ffffffffffffffff.parquet"
@@ -82,21 +82,25 @@ def test_damaged_units_are_quarantined_and_the_rest_completes(damaged):
     assert len(warn) == 1 and "cannot be read" in warn[0], run.stderr[-3000:]
     src = {f"{p.name}#{i}": r for p in shard_paths(orig) for i, r in enumerate(_rows(p))}
     decisive = {k for k, r in src.items() if r["label_0"] in (0.0, 1.0)}
-    rg1 = {f"{a}#{r}" for r in range(25, 50)} & decisive  # ties of an unreadable row group are still dropped
+    rg0 = {f"{a}#{r}" for r in range(0, 25)} & decisive  # ties of an unreadable row group are still dropped
+    rg1 = {f"{a}#{r}" for r in range(25, 50)} & decisive
     rg3 = {f"{a}#{r}" for r in range(75, 100)}  # label_0 unreadable: ties cannot be told, all 25 rows
-    unreadable = rg1 | rg3
+    unreadable = rg0 | rg1 | rg3
     good = {k for k in decisive - unreadable if decodes(src[k]["jpg_0"]) and decodes(src[k]["jpg_1"])}
     bad_jpeg = decisive - unreadable - good
-    assert rg1 and bad_jpeg and any(k.startswith(b) for k in good)
+    assert rg0 and rg1 and bad_jpeg and any(k.startswith(b) for k in good)
+    assert any(k.startswith(a) for k in good)  # shard a's row group 2 is intact
 
     pairs = _table(lake, "pairs")
     assert sorted(p["pair_id"] for p in pairs) == sorted(good)  # shard b and shard a's readable groups complete
     assert all(p["winner_uid"] == src[p["pair_id"]]["best_image_uid"] for p in pairs)
     quarantine = {q["pair_id"]: q for q in _table(lake, "quarantine")}
     assert set(quarantine) == unreadable | bad_jpeg | {f"{cut}#*"}
-    for k in rg1:
-        reason = quarantine[k]["reason"]
-        assert f"shard {a} row group 1 (rows 25-49)" in reason and "Couldn't deserialize thrift" in reason, reason
+    for group, keys in ((0, rg0), (1, rg1)):
+        for k in keys:
+            reason = quarantine[k]["reason"]
+            rows = f"rows {25 * group}-{25 * group + 24}"
+            assert f"shard {a} row group {group} ({rows})" in reason and "Couldn't deserialize thrift" in reason, reason
     for k in rg3:
         reason = quarantine[k]["reason"]
         assert f"shard {a} row group 3 (rows 75-99)" in reason and "label_0 unreadable" in reason, reason
@@ -159,7 +163,7 @@ def test_wrong_type_cli_is_one_line_exit_2(small, tmp_path):
 
 @pytest.mark.parametrize("stream", [False, True])
 def test_type_variants_odd_row_groups_and_extra_columns_read_the_same(small, tmp_path, monkeypatch, stream):
-    """float32 labels, large_binary JPEGs, large_string/string_view text, 7-row groups, extra columns."""
+    """float32 labels, large_binary JPEGs, large_string/string_view text, 7-row groups, a damaged extra column."""
     data = tmp_path / "variant"
     data.mkdir()
     for p in shard_paths(small):
@@ -171,6 +175,7 @@ def test_type_variants_odd_row_groups_and_extra_columns_read_the_same(small, tmp
         t = t.cast(cast).append_column("extra", pa.array([[1, 2]] * t.num_rows, pa.list_(pa.int8())))
         pq.write_table(t, data / p.name, row_group_size=7)
     assert pq.read_schema(data / p.name).field("image_0_uid").type == pa.string_view()
+    _damage_page_header(data / p.name, 1, "extra")  # not a published column: never read, so harmless
     if stream:
         monkeypatch.setattr(source_mod, "STREAM_ROW_GROUP_BYTES", 0)
 
