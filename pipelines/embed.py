@@ -369,6 +369,7 @@ class WriteFragments:
         t_write = time.perf_counter() - t0
         out["n_good"] = np.array([len(gi)])
         out["n_bad"] = np.array([len(bi)])
+        out["n_unreadable"] = np.array([sum(1 for e in batch.get("read_error", ()) if e)])
         out["tensor_bytes"] = np.array([nbytes])
         for t in TIMERS:
             out[t] = np.array([float(np.sum(batch[t])) if t in batch else 0.0])
@@ -382,6 +383,7 @@ class WriteFragments:
 class EmbedSummary:
     written: int = 0
     quarantined: int = 0
+    unreadable: int = 0  # of the quarantined: rows (or whole shards) whose parquet data could not be read
     skipped_done: int = 0
     skipped_ties: int = 0
     orphans_redone: int = 0
@@ -395,7 +397,8 @@ class EmbedSummary:
 
     def render(self) -> str:
         split = ", ".join(f"{k[2:]} {v:.1f}s" for k, v in self.time_split.items() if v > 0)
-        return (f"embed done in {self.seconds:.1f}s: {self.written} pairs written, {self.quarantined} quarantined, "
+        damaged = f" ({self.unreadable} unreadable input)" if self.unreadable else ""
+        return (f"embed done in {self.seconds:.1f}s: {self.written} pairs written, {self.quarantined} quarantined{damaged}, "
                 f"{self.skipped_done} skipped as already done, {self.skipped_ties} ties dropped; "
                 f"{self.bytes_per_pair / 1e3:.1f} kB/pair on disk ({self.tensor_bytes_per_pair / 1e3:.1f} kB raw tensors); "
                 f"stage time (summed over workers): {split}; fingerprint {self.fingerprint}")
@@ -541,6 +544,7 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
         lake_mod.commit_fragments(lake, "quarantine",
                                   lake_mod.write_fragments(lake, "quarantine", table, schemas["quarantine"], so), so)
         summary.quarantined += len(damaged)
+        summary.unreadable += len(damaged)
     timers = {t: 0.0 for t in TIMERS}
     tensor_bytes = 0
     if todo:
@@ -553,6 +557,7 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
                     lake_mod.commit_fragments(lake, name, json.loads(row[name]), so)
                 summary.written += int(row["n_good"])
                 summary.quarantined += int(row["n_bad"])
+                summary.unreadable += int(row["n_unreadable"])
                 tensor_bytes += int(row["tensor_bytes"])
                 for t in TIMERS:
                     timers[t] += float(row[t])
@@ -560,6 +565,10 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
                 if not summary.first_commit_seconds:
                     summary.first_commit_seconds = time.perf_counter() - t_start
                     summary.first_commit_pairs = summary.written
+    if summary.unreadable:
+        log.warning("%d quarantined rows (or whole shards) are unreadable input; list them with: img sql --lake %s "
+                    "\"select reason, count(*) from quarantine where reason like 'shard %%' group by 1\"",
+                    summary.unreadable, lake)
     summary.seconds = time.perf_counter() - t_start
     summary.time_split = timers
     feats = lake_mod.open_table(lake, "features", so)

@@ -32,7 +32,7 @@ ENV = dict(os.environ, PYTHONUNBUFFERED="1")
 
 def _embed_cmd(data, lake):
     return [sys.executable, "-m", "img.cli", "jobs", "embed", "--dataset", "pickapic", "--source", str(data),
-            "--profile", "tiny", "--lake", str(lake)]
+            "--profile", "tiny", "--lake", str(lake), "--json"]
 
 
 def _rows(path) -> list[dict]:
@@ -110,6 +110,9 @@ def test_damaged_units_are_quarantined_and_the_rest_completes(damaged):
     assert all("\n" not in q["reason"] for q in quarantine.values())
     n_feat = lance.dataset(lake_mod.table_uri(lake, "features")).count_rows()
     assert n_feat == len(good)
+    summary = json.loads(run.stdout.strip().splitlines()[-1])
+    assert summary["written"] == len(good) and summary["quarantined"] == len(quarantine)
+    assert summary["unreadable"] == len(unreadable) + 1
 
 
 def test_rerun_does_not_loop_on_damaged_units(damaged):
