@@ -67,11 +67,16 @@ def data_sample(
     corrupt: float = typer.Option(0.0, "--corrupt", help="Fraction of rows whose JPEG bytes are corrupted."),
     ties: float = typer.Option(0.1, "--ties", help="Fraction of rows that are ties (label_0 = 0.5)."),
     shard_rows: int = typer.Option(500, "--shard-rows", help="Rows per parquet shard."),
+    fmt: str = typer.Option("sample", "--format", help="sample: published columns + `broken` + provenance; "
+                            "pickapic: exactly the published Pick-a-Pic v2 columns, HF shard names and row groups."),
+    row_group_rows: Optional[int] = typer.Option(None, "--row-group-rows",
+                                                 help="Rows per parquet row group (default: a shard; 100 for pickapic)."),
 ) -> None:
     """Write a procedurally drawn shapes-world sample with Pick-a-Pic v2 columns."""
     from img.data.sample import write_sample
 
-    summary = write_sample(out, pairs=pairs, seed=seed, corrupt=corrupt, ties=ties, shard_rows=shard_rows)
+    summary = write_sample(out, pairs=pairs, seed=seed, corrupt=corrupt, ties=ties, shard_rows=shard_rows,
+                           fmt=fmt, row_group_rows=row_group_rows)
     typer.echo(summary)
 
 
@@ -174,6 +179,8 @@ def jobs_train(
 def bench_embed(
     pairs: int = typer.Option(1024, "--pairs", help="Pairs in the generated sample."),
     profile: str = typer.Option("bench", "--profile", help="Profile whose models do the work."),
+    fmt: str = typer.Option("sample", "--format", help="Sample format, as in `img data sample --format`: "
+                            "sample or pickapic (exactly the published columns)."),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON figures."),
 ) -> None:
     """Embed job (Ray + Lance) vs a bare in-process loop over the same models and data."""
@@ -181,7 +188,7 @@ def bench_embed(
 
     if pairs < 8:
         raise UserError(f"--pairs must be >= 8, got {pairs}. Pass a larger sample size.")
-    result = run_bench(pairs=pairs, profile_name=profile)
+    result = run_bench(pairs=pairs, profile_name=profile, fmt=fmt)
     if not as_json:
         typer.echo(f"job {result['job_pairs_per_s']} pairs/s, bare {result['bare_pairs_per_s']} pairs/s, "
                    f"ratio {result['ratio']}, bytes_ratio {result['bytes_ratio']}")

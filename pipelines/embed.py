@@ -42,11 +42,13 @@ from img.models.profiles import get_profile
 from img.paths import check_lake_folder
 from img.questions import question_for, questions_id, resolve_questions
 from pipelines.embed_config import EmbedConfig
-from pipelines.source import SourceShard, list_shards, plan_units
+from pipelines.source import READ_ERRORS, SourceShard, describe_error, list_shards, plan_units
 from schemas import features as features_schema
 from schemas import pairs as pairs_schema
 from schemas import quarantine as quarantine_schema
 from schemas.meta import with_provenance
+from schemas.pickapic import REQUIRED
+from schemas.pickapic import SCHEMA as PUBLISHED
 
 log = logging.getLogger(__name__)
 
@@ -60,34 +62,91 @@ def read_units(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
-def read_unit(unit: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Read one unit (todo rows of one row group) and orient each pair as (winner, loser)."""
+def _text(values: list) -> np.ndarray:
+    """Strings as an object array with "" for null: an all-null column would reach the next Ray stage as floats."""
+    return np.array([v if isinstance(v, str) else "" for v in values], dtype=object)
+
+
+def _plain(t: pa.DataType) -> bool:
+    """A flat type every reader decodes (numbers, bools, times, strings, bytes)."""
+    return pa.types.is_primitive(t) or pa.types.is_string(t) or pa.types.is_large_string(t) \
+        or pa.types.is_binary(t) or pa.types.is_large_binary(t)
+
+
+def _read_rows(shard: SourceShard, unit: dict[str, Any], rows: list[int]) -> dict[str, list]:
+    """The unit's rows (indices in the shard) of its row group, read up to the last one, as column lists."""
     import pyarrow.parquet as pq
 
+    stream = bool(unit.get("stream", False))  # a huge row group: read page by page, not whole
+    with shard.open() as f:
+        pf = pq.ParquetFile(f, pre_buffer=not stream, buffer_size=(8 << 20) if stream else 0)
+        schema = pf.schema_arrow
+        cols = list(REQUIRED)
+        if "broken" in schema.names and pa.types.is_string(schema.field("broken").type):
+            cols.append("broken")  # the shapes-world sample's extra column
+        # The other published columns are decoded too, not kept: a damaged page anywhere in the
+        # published data makes the rows unreadable. Columns outside the published set are never read.
+        checked = [c for c in PUBLISHED.names if c in schema.names and c not in cols and _plain(schema.field(c).type)]
+        want = [r - int(unit["rg_start"]) for r in rows]
+        d: dict[str, list] = {c: [] for c in cols}
+        seen = 0
+        for b in pf.iter_batches(batch_size=64, row_groups=[int(unit["row_group"])], columns=cols + checked,
+                                 use_threads=False):
+            idx = [w - seen for w in want if seen <= w < seen + b.num_rows]
+            for c in cols:  # scalar access works for every accepted type (view types have no take kernel)
+                col = b.column(c)
+                d[c] += [col[i].as_py() for i in idx]
+            seen += b.num_rows
+            if seen > want[-1]:
+                break
+    if len(d["label_0"]) != len(rows):
+        raise OSError(f"row group holds {seen} rows, fewer than the footer says")
+    return d
+
+
+def read_unit(unit: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Read one unit (todo rows of one row group) and orient each pair as (winner, loser).
+
+    A unit that cannot be read (a damaged page, say) comes back with every row
+    carrying a ``read_error`` that names the shard, the row group's rows and the
+    error; those rows go to ``quarantine``.
+    """
     t0 = time.perf_counter()
     shard = SourceShard(**json.loads(str(unit["shard"])))
     rows = json.loads(str(unit["rows"]))
-    pf = pq.ParquetFile(shard.open())
-    cols = ["caption", "jpg_0", "jpg_1", "label_0", "image_0_uid", "image_1_uid", "best_image_uid"]
-    if "broken" in pf.schema_arrow.names:
-        cols.append("broken")
-    rg_start = int(unit["rg_start"])
-    table = pf.read_row_group(int(unit["row_group"]), columns=cols)
-    table = table.take(pa.array([r - rg_start for r in rows]))
-    d = table.to_pydict()
-    n = table.num_rows
+    n = len(rows)
+    d, read_error = None, ""
+    attempts = 1 if "://" not in shard.uri else 3  # object stores: retry transient errors first
+    for attempt in range(attempts):
+        try:
+            d, read_error = _read_rows(shard, unit, rows), ""
+            break
+        except READ_ERRORS as e:
+            if isinstance(e, NotImplementedError):  # a limit of ours, not damage: fail loudly
+                raise
+            lo = int(unit["rg_start"])
+            hi = lo + int(unit["rg_rows"]) - 1
+            read_error = (f"shard {shard.name} row group {int(unit['row_group'])} (rows {lo}-{hi}): "
+                          f"unreadable ({describe_error(e)})")
+            if attempt + 1 < attempts:
+                time.sleep(2.0 * (attempt + 1))
+    if d is None:
+        log.warning("%s; its %d todo rows are quarantined", read_error, n)
+        d = {c: [None] * n for c in REQUIRED}
+        d["label_0"] = [1.0] * n
     first = np.array([lab == 1.0 for lab in d["label_0"]])
     out = {
         "pair_id": np.array([f"{shard.name}#{r}" for r in rows], dtype=object),
         "source": np.array([shard.uri] * n, dtype=object),
         "row": np.array(rows, dtype=np.int64),
-        "caption": np.array([c if c is not None else "" for c in d["caption"]], dtype=object),
+        "caption": _text(d["caption"]),
         "winner_jpg": np.array([a if f else b for a, b, f in zip(d["jpg_0"], d["jpg_1"], first)], dtype=object),
         "loser_jpg": np.array([b if f else a for a, b, f in zip(d["jpg_0"], d["jpg_1"], first)], dtype=object),
-        "winner_uid": np.array([a if f else b for a, b, f in zip(d["image_0_uid"], d["image_1_uid"], first)], dtype=object),
-        "loser_uid": np.array([b if f else a for a, b, f in zip(d["image_0_uid"], d["image_1_uid"], first)], dtype=object),
-        "best_image_uid": np.array(d["best_image_uid"], dtype=object),
-        "broken": np.array(d.get("broken", [None] * n), dtype=object),
+        "winner_uid": _text([a if f else b for a, b, f in zip(d["image_0_uid"], d["image_1_uid"], first)]),
+        "loser_uid": _text([b if f else a for a, b, f in zip(d["image_0_uid"], d["image_1_uid"], first)]),
+        "best_image_uid": _text(d["best_image_uid"]),
+        "broken": _text(d.get("broken", [None] * n)),  # "" = none; written as null
+        "read_error": np.array([read_error] * n, dtype=object),
     }
     out["t_read"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
     return out
@@ -124,9 +183,11 @@ class Decode:
         n = len(batch["pair_id"])
         winners, losers, errors, questions = [], [], [], []
         for i in range(n):
-            err = None
+            err = batch["read_error"][i] or None  # the whole unit could not be read
             caption = str(batch["caption"][i]).strip()
-            if not caption:
+            if err:
+                pass
+            elif not caption:
                 err = "empty caption"
             elif batch["winner_uid"][i] != batch["best_image_uid"][i]:
                 err = "label_0 disagrees with best_image_uid"
@@ -296,7 +357,8 @@ class WriteFragments:
                 feat[f"{col}_len"] = pa.array([int(batch[f"{col}_len"][i]) for i in gi], pa.int32())
                 nbytes += sum(len(v) for v in vals)
         pairs = {k: [batch[k][i] for i in gi] for k in ("pair_id", "caption", "question", "winner_uid", "loser_uid",
-                                                        "source", "row", "broken")}
+                                                        "source", "row")}
+        pairs["broken"] = [batch["broken"][i] or None for i in gi]  # "" stands for null between stages
         quarantine = {
             "pair_id": [batch["pair_id"][i] for i in bi], "source": [batch["source"][i] for i in bi],
             "row": [int(batch["row"][i]) for i in bi], "reason": [batch["error"][i] for i in bi],
@@ -311,6 +373,7 @@ class WriteFragments:
         t_write = time.perf_counter() - t0
         out["n_good"] = np.array([len(gi)])
         out["n_bad"] = np.array([len(bi)])
+        out["n_unreadable"] = np.array([sum(1 for e in batch.get("read_error", ()) if e)])
         out["tensor_bytes"] = np.array([nbytes])
         for t in TIMERS:
             out[t] = np.array([float(np.sum(batch[t])) if t in batch else 0.0])
@@ -324,6 +387,7 @@ class WriteFragments:
 class EmbedSummary:
     written: int = 0
     quarantined: int = 0
+    unreadable: int = 0  # of the quarantined: rows (or whole shards) whose parquet data could not be read
     skipped_done: int = 0
     skipped_ties: int = 0
     orphans_redone: int = 0
@@ -337,7 +401,8 @@ class EmbedSummary:
 
     def render(self) -> str:
         split = ", ".join(f"{k[2:]} {v:.1f}s" for k, v in self.time_split.items() if v > 0)
-        return (f"embed done in {self.seconds:.1f}s: {self.written} pairs written, {self.quarantined} quarantined, "
+        damaged = f" ({self.unreadable} unreadable input)" if self.unreadable else ""
+        return (f"embed done in {self.seconds:.1f}s: {self.written} pairs written, {self.quarantined} quarantined{damaged}, "
                 f"{self.skipped_done} skipped as already done, {self.skipped_ties} ties dropped; "
                 f"{self.bytes_per_pair / 1e3:.1f} kB/pair on disk ({self.tensor_bytes_per_pair / 1e3:.1f} kB raw tensors); "
                 f"stage time (summed over workers): {split}; fingerprint {self.fingerprint}")
@@ -493,12 +558,18 @@ def _embed_locked(lake, shards, profile_name, cfg, schemas, fp, questions, new_t
     for name, schema in schemas.items():
         lake_mod.ensure_table(lake, name, schema, new_table=new_table, storage_options=so)
     done, orphans = reconcile(lake, so)
-    units, counts = plan_units(shards, done, cfg.limit, unit_rows=cfg.read_rows)
+    units, counts, damaged = plan_units(shards, done, cfg.limit, unit_rows=cfg.read_rows)
     summary = EmbedSummary(skipped_done=counts["done"], skipped_ties=counts["ties"], orphans_redone=orphans,
                            fingerprint=fp)
     todo = counts["todo"]
-    log.info("plan: %d rows in %d shards: %d to embed, %d already done, %d ties dropped",
-             counts["rows"], len(shards), todo, counts["done"], counts["ties"])
+    log.info("plan: %d rows in %d shards: %d to embed, %d already done, %d ties dropped, %d unreadable",
+             counts["rows"], len(shards), todo, counts["done"], counts["ties"], len(damaged))
+    if damaged:  # unreadable shards and row groups: quarantined now, in one commit
+        table = pa.Table.from_pylist(damaged, schema=schemas["quarantine"])
+        lake_mod.commit_fragments(lake, "quarantine",
+                                  lake_mod.write_fragments(lake, "quarantine", table, schemas["quarantine"], so), so)
+        summary.quarantined += len(damaged)
+        summary.unreadable += len(damaged)
     timers = {t: 0.0 for t in TIMERS}
     tensor_bytes = 0
     if todo:
@@ -512,6 +583,7 @@ def _embed_locked(lake, shards, profile_name, cfg, schemas, fp, questions, new_t
                     lake_mod.commit_fragments(lake, name, json.loads(row[name]), so)
                 summary.written += int(row["n_good"])
                 summary.quarantined += int(row["n_bad"])
+                summary.unreadable += int(row["n_unreadable"])
                 tensor_bytes += int(row["tensor_bytes"])
                 for t in TIMERS:
                     timers[t] += float(row[t])
@@ -519,6 +591,10 @@ def _embed_locked(lake, shards, profile_name, cfg, schemas, fp, questions, new_t
                 if not summary.first_commit_seconds:
                     summary.first_commit_seconds = time.perf_counter() - t_start
                     summary.first_commit_pairs = summary.written
+    if summary.unreadable:
+        log.warning("%d quarantined rows (or whole shards) are unreadable input; list them with: img sql --lake %s "
+                    "\"select reason, count(*) from quarantine where reason like 'shard %%' group by 1\"",
+                    summary.unreadable, lake)
     summary.seconds = time.perf_counter() - t_start
     summary.time_split = timers
     feats = lake_mod.open_table(lake, "features", so)

@@ -1,24 +1,40 @@
 """Pick-a-Pic v2 parquet shards as input: listing, validation and work planning.
 
     shards = list_shards("data/sample")            # or "s3://bucket/pickapic/train"
-    units, counts = plan_units(shards, done_ids, limit=None)
+    units, counts, damaged = plan_units(shards, done_ids, limit=None)
 
-Planning reads only ``label_0`` (a few bytes per row) from every shard, drops
-ties (label_0 = 0.5) and rows already done, and emits units of at most
-``unit_rows`` todo rows of one parquet row group. A reader reads the unit's row
-group and keeps its rows (Pick-a-Pic's shards, written by HF datasets, have
-~100-row groups, so the re-read factor is small).
+``list_shards`` reads every shard's footer and checks the Arrow types of the
+columns the job reads (a wrong type is a ``UserError`` naming the column, both
+types and the shard). Planning reads only ``label_0`` (a few bytes per row)
+from every shard, drops ties (label_0 = 0.5) and rows already done, and emits
+units of at most ``unit_rows`` todo rows of one parquet row group. A reader
+streams the unit's row group up to its last row (Pick-a-Pic's shards, written
+by HF datasets, have ~100-row groups, so the re-read factor is small).
+
+Damaged input does not stop the job: a shard whose footer cannot be read, and a
+row group whose ``label_0`` cannot be read, come back in ``damaged`` as
+quarantine rows (pair ids ``<shard>#*`` and ``<shard>#<row>``); a rerun counts
+those ids as done.
 """
 from __future__ import annotations
 
 import json
+import logging
+import re
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import pyarrow as pa
 
 from img.errors import UserError
-from schemas.pickapic import REQUIRED
+from schemas.pickapic import KIND_TYPES, READ_KINDS, REQUIRED, type_fits
+
+log = logging.getLogger(__name__)
+
+# Row groups bigger than this (compressed bytes) are streamed page by page instead of read whole.
+STREAM_ROW_GROUP_BYTES = 256 << 20
+# Errors a damaged parquet file raises while being read (UnicodeDecodeError, a ValueError, for broken strings).
+READ_ERRORS = (OSError, pa.ArrowException, ValueError, EOFError)
 
 
 @dataclass(frozen=True)
@@ -26,6 +42,7 @@ class SourceShard:
     uri: str  # full path or URI of the parquet file
     name: str  # file name; with the row index it forms the pair_id
     storage_options: str = "{}"  # JSON of pyarrow filesystem options (unused for local paths)
+    error: str = ""  # why the footer cannot be read (then the shard is quarantined whole, as ``<name>#*``)
 
     def open(self):
         """A readable file object for the shard (local or object store)."""
@@ -34,9 +51,38 @@ class SourceShard:
         fs, path = pafs.FileSystem.from_uri(self.uri if "://" in self.uri else "file://" + self.uri)
         return fs.open_input_file(path)
 
+    @property
+    def whole_id(self) -> str:
+        """The quarantine pair id that stands for every row of an unreadable shard."""
+        return f"{self.name}#*"
+
+
+def describe_error(e: BaseException, limit: int = 200) -> str:
+    """``Type: message`` on one printable line (parquet errors carry newlines and control bytes)."""
+    text = re.sub(r"\s+", " ", "".join(c if c.isprintable() or c.isspace() else "?" for c in str(e))).strip()
+    return f"{type(e).__name__}: {text[:limit]}" if text else type(e).__name__
+
+
+def check_columns(schema: pa.Schema, shard: str) -> None:
+    """Raise ``UserError`` unless ``schema`` has every column the job reads, with a usable Arrow type."""
+    missing = [c for c in REQUIRED if c not in schema.names]
+    if missing:
+        raise UserError(f"source shard {shard!r} lacks Pick-a-Pic v2 column(s) {missing}. "
+                        "Pass Pick-a-Pic v2 shards (see `img data sample --format pickapic`).")
+    for col, kind in READ_KINDS.items():
+        t = schema.field(col).type
+        if not type_fits(kind, t):
+            raise UserError(f"source shard {shard!r}: column {col!r} has type {t}, expected {KIND_TYPES[kind]}. "
+                            "Pass Pick-a-Pic v2 shards (see `img data sample --format pickapic`).")
+
 
 def list_shards(source: str, storage_options: dict | None = None) -> list[SourceShard]:
-    """All ``*.parquet`` files under ``source`` (a folder, a file, or a URI), sorted by name."""
+    """All ``*.parquet`` files under ``source`` (a folder, a file, or a URI), sorted by name.
+
+    A shard whose footer cannot be read is kept with ``error`` set (and a
+    warning logged); a readable one with a missing or mistyped column is a
+    ``UserError``.
+    """
     import os
 
     import pyarrow.fs as pafs
@@ -64,13 +110,16 @@ def list_shards(source: str, storage_options: dict | None = None) -> list[Source
         full = f.path if prefix == "file" else f"{prefix}://{f.path}"
         shard = SourceShard(uri=full, name=f.base_name, storage_options=json.dumps(storage_options or {}))
         try:
-            names = pq.ParquetFile(shard.open()).schema_arrow.names
-        except (pa.ArrowInvalid, OSError) as e:
-            raise UserError(f"source shard {full!r} is not a readable parquet file ({e}). Remove or replace it.") from None
-        missing = [c for c in REQUIRED if c not in names]
-        if missing:
-            raise UserError(f"source shard {full!r} lacks Pick-a-Pic v2 column(s) {missing}. "
-                            "Pass Pick-a-Pic v2 shards (see `img data sample`).")
+            schema = pq.ParquetFile(shard.open()).schema_arrow
+        except READ_ERRORS as e:
+            if isinstance(e, NotImplementedError):  # a limit of ours, not damage: fail loudly
+                raise
+            why = describe_error(e)
+            log.warning("source shard %s cannot be read (%s); it is quarantined whole as %s", full, why,
+                        shard.whole_id)
+            shards.append(SourceShard(shard.uri, shard.name, shard.storage_options, error=why))
+            continue
+        check_columns(schema, full)
         shards.append(shard)
     if len({s.name for s in shards}) != len(shards):
         raise UserError(f"--source {source!r} holds two shards with the same file name; pair ids would collide. "
@@ -78,32 +127,62 @@ def list_shards(source: str, storage_options: dict | None = None) -> list[Source
     return shards
 
 
-def plan_units(shards: list[SourceShard], done: set[str], limit: int | None,
-               unit_rows: int = 32) -> tuple[list[dict[str, Any]], dict[str, int]]:
-    """Work units (at most ``unit_rows`` todo rows of one row group each) and counts: rows, ties, done, todo.
+def _damaged(shard: SourceShard, row: int | None, pair_id: str, reason: str) -> dict[str, Any]:
+    return {"pair_id": pair_id, "source": shard.uri, "row": row, "reason": reason, "caption": ""}
 
-    Small units keep Ray blocks small, so results (and commits) stream out as
-    they finish instead of once per row group.
+
+def plan_units(shards: list[SourceShard], done: set[str], limit: int | None,
+               unit_rows: int = 32) -> tuple[list[dict[str, Any]], dict[str, int], list[dict[str, Any]]]:
+    """Work units, counts (rows, ties, done, todo, damaged) and quarantine rows for unreadable input.
+
+    A unit is at most ``unit_rows`` todo rows of one row group. Small units keep
+    Ray blocks small, so results (and commits) stream out as they finish
+    instead of once per row group.
     """
     import pyarrow.parquet as pq
 
     if limit is not None and limit < 1:
         raise UserError(f"--limit must be >= 1, got {limit}. Omit it to embed everything.")
-    counts = {"rows": 0, "ties": 0, "done": 0, "todo": 0}
+    counts = {"rows": 0, "ties": 0, "done": 0, "todo": 0, "damaged": 0}
     units: list[dict[str, Any]] = []
+    damaged: list[dict[str, Any]] = []
     remaining = limit if limit is not None else float("inf")
     for shard in shards:
         if remaining <= 0:
             break
+        if shard.error:
+            if shard.whole_id in done:
+                counts["done"] += 1
+            else:
+                damaged.append(_damaged(shard, None, shard.whole_id,
+                                        f"shard {shard.name}: footer unreadable, all rows skipped ({shard.error})"))
+                counts["damaged"] += 1
+            continue
         pf = pq.ParquetFile(shard.open())
+        shard_json = json.dumps(asdict(shard))
         start = 0
         for rg in range(pf.num_row_groups):
             if remaining <= 0:
                 break
-            labels = pf.read_row_group(rg, columns=["label_0"]).column("label_0").to_pylist()
-            labels = labels[: int(min(len(labels), remaining))]
-            remaining -= len(labels)
-            counts["rows"] += len(labels)
+            meta = pf.metadata.row_group(rg)
+            n_rg = meta.num_rows
+            take = int(min(n_rg, remaining))
+            remaining -= take
+            counts["rows"] += take
+            try:
+                labels = pf.read_row_group(rg, columns=["label_0"]).column("label_0").to_pylist()[:take]
+            except READ_ERRORS as e:
+                if isinstance(e, NotImplementedError):
+                    raise
+                reason = (f"shard {shard.name} row group {rg} (rows {start}-{start + n_rg - 1}): "
+                          f"label_0 unreadable ({describe_error(e)})")
+                new = [r for r in range(start, start + take) if f"{shard.name}#{r}" not in done]
+                log.warning("%s; %d rows quarantined now, %d earlier", reason, len(new), take - len(new))
+                damaged += [_damaged(shard, r, f"{shard.name}#{r}", reason) for r in new]
+                counts["damaged"] += len(new)
+                counts["done"] += take - len(new)
+                start += n_rg
+                continue
             rows = []
             for i, lab in enumerate(labels):
                 r = start + i
@@ -113,9 +192,11 @@ def plan_units(shards: list[SourceShard], done: set[str], limit: int | None,
                     counts["done"] += 1
                 else:
                     rows.append(r)
+            stream = sum(meta.column(c).total_compressed_size for c in range(meta.num_columns)) \
+                > STREAM_ROW_GROUP_BYTES
             for i in range(0, len(rows), unit_rows):
-                units.append({"shard": json.dumps(asdict(shard)), "row_group": rg, "rg_start": start,
-                              "rows": json.dumps(rows[i: i + unit_rows])})
+                units.append({"shard": shard_json, "row_group": rg, "rg_start": start, "rg_rows": n_rg,
+                              "stream": stream, "rows": json.dumps(rows[i: i + unit_rows])})
             counts["todo"] += len(rows)
-            start += pf.metadata.row_group(rg).num_rows
-    return units, counts
+            start += n_rg
+    return units, counts, damaged

@@ -36,5 +36,38 @@ SCHEMA = pa.schema(
 SAMPLE_EXTRA = pa.schema([("broken", pa.string())])
 SAMPLE_SCHEMA = pa.schema(list(SCHEMA) + list(SAMPLE_EXTRA))
 
-# What the embed job reads; any other column is ignored.
-REQUIRED = ("caption", "jpg_0", "jpg_1", "label_0", "image_0_uid", "image_1_uid", "best_image_uid")
+# What the embed job reads, and the kind of Arrow type each must have; any other column is ignored.
+READ_KINDS = {
+    "caption": "string",
+    "jpg_0": "binary",
+    "jpg_1": "binary",
+    "label_0": "float",
+    "image_0_uid": "string",
+    "image_1_uid": "string",
+    "best_image_uid": "string",
+}
+REQUIRED = tuple(READ_KINDS)
+
+# What each kind admits, as the error message names it.
+KIND_TYPES = {
+    "string": "string, large_string or string_view",
+    "binary": "binary, large_binary or binary_view",
+    "float": "a float (float16, float32 or float64)",
+}
+
+
+def type_fits(kind: str, t: pa.DataType) -> bool:
+    """Whether Arrow type ``t`` holds values of ``kind`` ("string", "binary" or "float").
+
+        type_fits("float", pa.float32())        # True
+        type_fits("binary", pa.large_binary())  # True
+    """
+    if kind == "float":
+        return pa.types.is_floating(t)
+    if pa.types.is_dictionary(t):  # dictionary-encoded strings read back as plain values
+        t = t.value_type
+    if kind == "string":
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_string_view(t)
+    if kind == "binary":
+        return pa.types.is_binary(t) or pa.types.is_large_binary(t) or pa.types.is_binary_view(t)
+    raise ValueError(f"unknown column kind {kind!r}")

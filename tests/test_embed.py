@@ -1,4 +1,9 @@
-"""The embed job on Pick-a-Pic-format data with ties and corrupt images: exact counts, shapes, resume."""
+"""The embed job on Pick-a-Pic-format data with ties and corrupt images: exact counts, shapes, resume.
+
+Every job test runs on both sample formats: ``sample`` (published columns +
+``broken``) and ``pickapic`` (exactly the published columns, HF shard names,
+100-row row groups).
+"""
 from __future__ import annotations
 
 import os
@@ -19,6 +24,7 @@ from img.models.profiles import get_profile
 from pipelines.embed import run_embed
 from pipelines.embed_config import EmbedConfig
 from schemas.meta import read_provenance
+from schemas.pickapic import SCHEMA
 
 
 def _source_rows(data_dir):
@@ -36,11 +42,17 @@ def _decodes(b):
     return decodes(b)
 
 
-@pytest.fixture(scope="module")
-def embedded(tmp_path_factory):
-    root = tmp_path_factory.mktemp("embed")
+FORMATS = ("sample", "pickapic")
+
+
+@pytest.fixture(scope="module", params=FORMATS)
+def embedded(request, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"embed-{request.param}")
     data, lake = str(root / "data"), str(root / "lake")
-    write_sample(data, pairs=240, seed=5, corrupt=0.05, ties=0.1, shard_rows=100)
+    write_sample(data, pairs=240, seed=5, corrupt=0.05, ties=0.1, shard_rows=100, fmt=request.param)
+    if request.param == "pickapic":  # the published form: nothing but the published columns
+        assert all(pq.read_schema(os.path.join(data, f)).equals(SCHEMA, check_metadata=True)
+                   for f in os.listdir(data))
     summary = run_embed(data, lake, "tiny", EmbedConfig(rows_per_fragment=16), progress=False)
     return data, lake, summary
 
@@ -63,7 +75,7 @@ def test_counts_are_exact(embedded):
         r = src[p["pair_id"]]
         assert p["winner_uid"] == r["best_image_uid"]
         assert p["loser_uid"] == (r["image_1_uid"] if r["label_0"] == 1.0 else r["image_0_uid"])
-        assert p["caption"] == r["caption"] and p["broken"] == r["broken"] and p["question"]
+        assert p["caption"] == r["caption"] and p["broken"] == r.get("broken") and p["question"]
 
 
 def test_features_decode_to_profile_shapes(embedded):
@@ -130,10 +142,11 @@ def _embed_cmd(data, lake):
             "--profile", "tiny", "--lake", lake]
 
 
-def test_sigkill_then_resume_is_exactly_once(tmp_path):
-    """A 520-pair run killed with SIGKILL mid-way, then started again, ends exactly once complete."""
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_sigkill_then_resume_is_exactly_once(tmp_path, fmt):
+    """A 600-row run killed with SIGKILL mid-way, then started again, ends exactly once complete."""
     data, lake = str(tmp_path / "data"), str(tmp_path / "lake")
-    write_sample(data, pairs=600, seed=11, corrupt=0.02, ties=0.1, shard_rows=200)
+    write_sample(data, pairs=600, seed=11, corrupt=0.02, ties=0.1, shard_rows=200, fmt=fmt)
     exp = expected_counts(600, corrupt=0.02, ties=0.1)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.Popen(_embed_cmd(data, lake), env=env, start_new_session=True,
@@ -158,4 +171,7 @@ def test_sigkill_then_resume_is_exactly_once(tmp_path):
     assert len(pairs) == len(set(pairs)) == exp["decisive"] - exp["corrupt"]
     assert sorted(feats) == sorted(pairs)
     assert len(quar) == len(set(quar)) == exp["corrupt"] and not set(quar) & set(pairs)
+    src = _source_rows(data)
+    winners = lance.dataset(lake_mod.table_uri(lake, "pairs")).to_table(columns=["pair_id", "winner_uid"]).to_pylist()
+    assert all(w["winner_uid"] == src[w["pair_id"]]["best_image_uid"] for w in winners)
     assert "skipped as already done" in r.stdout  # the summary line

@@ -259,7 +259,7 @@ def test_embed_and_infer_guidance_are_bit_identical(tmp_path, profile):
     pool = load_questions(qfile)
     data = tmp_path / "data"
     write_sample(data, pairs=12, seed=3, corrupt=0.0, ties=0.0, shard_rows=12)
-    units, _ = plan_units(list_shards(str(data)), set(), None, unit_rows=12)
+    units, _, _ = plan_units(list_shards(str(data)), set(), None, unit_rows=12)
     batch = {k: np.array([u[k] for u in units], dtype=object) for k in units[0]}
     rows = read_units(batch)
     # Pick-a-Pic images are not all square: make the losers wide or tall so the padding matters

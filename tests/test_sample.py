@@ -313,3 +313,46 @@ def test_cli_bad_corrupt_is_one_line_exit_2(tmp_path):
     assert len(lines) == 1 and "--corrupt" in lines[0] and "2.0" in lines[0], res.stderr
     assert "Traceback" not in res.stderr
     assert not (tmp_path / "o").exists()
+
+
+# ---------------------------------------------------------------- the published form
+def test_pickapic_format_is_exactly_the_published_columns(tmp_path, rows):
+    out = tmp_path / "pp"
+    write_sample(out, pairs=PAIRS, seed=SEED, corrupt=CORRUPT, ties=TIES, shard_rows=SHARD_ROWS, fmt="pickapic",
+                 row_group_rows=50)
+    paths = shard_paths(out)
+    assert sorted(p.name for p in out.iterdir()) == [p.name for p in paths] and len(paths) == 4
+    for i, p in enumerate(paths):  # HF's names: train-00000-of-00004-<16 hex>.parquet
+        assert p.name.startswith(f"train-{i:05d}-of-00004-") and len(p.name) == len("train-00000-of-00004-") + 24
+        schema = pq.read_schema(p)
+        assert schema.equals(pickapic.SCHEMA, check_metadata=True) and schema.metadata is None
+        assert "broken" not in schema.names
+        md = pq.read_metadata(p)
+        assert set(md.metadata) <= {b"ARROW:schema"}  # pyarrow's own schema key, nothing of ours
+        assert [md.row_group(g).num_rows for g in range(md.num_row_groups)] == ([50, 14] if i < 3 else [48])
+    # The same rows as the default format, minus `broken`.
+    assert read_sample(out).to_pylist() == [{k: v for k, v in r.items() if k != "broken"} for r in rows]
+    # Default row groups: 100 rows, as HF datasets writes binary columns.
+    write_sample(tmp_path / "pp2", pairs=250, seed=1, shard_rows=250, fmt="pickapic")
+    md = pq.read_metadata(shard_paths(tmp_path / "pp2")[0])
+    assert [md.row_group(g).num_rows for g in range(md.num_row_groups)] == [100, 100, 50]
+    # A second pickapic sample replaces the first one's shards (names with a hash included).
+    write_sample(out, pairs=10, seed=2, shard_rows=5, fmt="pickapic")
+    assert len(shard_paths(out)) == 2 and len(list(out.iterdir())) == 2
+
+
+@pytest.mark.parametrize("kwargs, needle", [(dict(fmt="hf"), "--format"), (dict(row_group_rows=0), "--row-group-rows")])
+def test_bad_format_arguments_are_user_errors(tmp_path, kwargs, needle):
+    with pytest.raises(UserError) as e:
+        write_sample(tmp_path / "o", pairs=4, **kwargs)
+    assert needle in str(e.value) and not (tmp_path / "o").exists()
+
+
+def test_cli_pickapic_format(tmp_path):
+    from img.cli import app
+
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(app, ["data", "sample", "--out", str(out), "--pairs", "6", "--format", "pickapic"])
+    assert res.exit_code == 0, res.output
+    assert "pickapic format" in res.output
+    assert pq.read_schema(shard_paths(out)[0]).equals(pickapic.SCHEMA, check_metadata=True)

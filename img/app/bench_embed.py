@@ -1,6 +1,7 @@
 """``img bench embed``: the embed job against a bare in-process loop, in one run.
 
     img bench embed --pairs 1024 --profile bench --json
+    img bench embed --pairs 1024 --format pickapic   # the sample in the published form (no `broken`)
 
 Both sides embed the same generated sample with the same models: the job is
 the full Ray Data + Lance pipeline (``run_embed``, Ray already started, so the
@@ -22,7 +23,8 @@ from typing import Any
 import numpy as np
 
 from img.config import load_config, project_file
-from img.data.sample import write_sample
+from img.data.sample import FORMATS, write_sample
+from img.errors import UserError
 from pipelines.embed import Decode, Guidance, IPTokens, _init_ray, read_units, run_embed
 from pipelines.embed_config import EmbedConfig
 from pipelines.source import list_shards, plan_units
@@ -31,7 +33,7 @@ from pipelines.source import list_shards, plan_units
 def _bare_loop(data: str, profile_name: str, cfg) -> dict[str, Any]:
     """Decode + IP tokens + guidance over every decisive pair, in process, no Ray and no writes."""
 
-    units, _ = plan_units(list_shards(data), set(), None, unit_rows=cfg.read_rows)
+    units, _, _ = plan_units(list_shards(data), set(), None, unit_rows=cfg.read_rows)
     batch = {k: np.array([u[k] for u in units], dtype=object) for k in units[0]}
     ip, mllm = IPTokens(profile_name, "cpu"), Guidance(profile_name, "cpu")
     decode = Decode(cfg.min_side, cfg.max_pixels, cfg.question_seed)
@@ -56,12 +58,17 @@ def _bare_loop(data: str, profile_name: str, cfg) -> dict[str, Any]:
     return {"pairs": good, "seconds": seconds, "raw_bytes_per_pair": raw_bytes / max(good, 1)}
 
 
-def run_bench(pairs: int = 1024, profile_name: str = "bench", seed: int = 0, workdir: str | None = None) -> dict[str, Any]:
-    """Generate a sample, run the job and the bare loop on it, and return the figures."""
+def run_bench(pairs: int = 1024, profile_name: str = "bench", seed: int = 0, workdir: str | None = None,
+              fmt: str = "sample") -> dict[str, Any]:
+    """Generate a sample (``fmt`` as in ``img data sample --format``), run the job and the bare loop on it."""
 
+
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}. Pass --format pickapic "
+                        "for exactly the published columns.")
     root = workdir or tempfile.mkdtemp(prefix="img-bench-embed-")
     data, lake = os.path.join(root, "data"), os.path.join(root, "lake")
-    write_sample(data, pairs=pairs, seed=seed, corrupt=0.0, ties=0.0)
+    write_sample(data, pairs=pairs, seed=seed, corrupt=0.0, ties=0.0, fmt=fmt)
     cfg = load_config(EmbedConfig, project_file("embed.toml"))
     import torch
 
@@ -83,6 +90,7 @@ def run_bench(pairs: int = 1024, profile_name: str = "bench", seed: int = 0, wor
     steady = (summary.written - summary.first_commit_pairs) / max(summary.seconds - summary.first_commit_seconds, 1e-9)
     return {
         "profile": profile_name,
+        "format": fmt,
         "pairs": summary.written,
         "job_pairs_per_s": round(job_rate, 3),
         "bare_pairs_per_s": round(bare_rate, 3),

@@ -1,13 +1,20 @@
 """The bundled Pick-a-Pic-format sample: shapes-world pairs written as parquet shards.
 
     img data sample --out data/sample --pairs 2000 --seed 0 --corrupt 0.02
+    img data sample --out data/pp --pairs 2000 --format pickapic   # only the published columns
 
     from img.data.sample import write_sample, read_sample, expected_counts
     print(write_sample("data/sample", pairs=200, seed=0, corrupt=0.05))
     table = read_sample("data/sample")          # one pyarrow Table, shards in order
 
-Each row has exactly the Pick-a-Pic v2 columns and types
-(``schemas.pickapic.SCHEMA``) plus ``broken``:
+Two formats. ``sample`` (the default): every row has exactly the Pick-a-Pic v2
+columns and types (``schemas.pickapic.SCHEMA``) plus ``broken``, the schema
+carries ``img.*`` provenance metadata, one row group per shard, shards named
+``train-00000-of-00004.parquet``. ``pickapic``: only the published columns, no
+schema metadata, row groups of 100 rows (what HF datasets writes for binary
+columns) and HF's shard names with a content hash,
+``train-00000-of-00004-<16 hex>.parquet`` - the form the published shards have.
+The rows (bytes included) are the same in both formats:
 
 * decisive rows: one image draws the caption faithfully (the winner), the
   other breaks exactly one element; ``broken`` says which ("colour", "shape",
@@ -61,7 +68,9 @@ logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 JPEG_QUALITY = 90
-SHARD_RE = re.compile(r"^train-(\d{5})-of-(\d{5})\.parquet$")
+SHARD_RE = re.compile(r"^train-(\d{5})-of-(\d{5})(-[0-9a-f]{16})?\.parquet$")
+FORMATS = ("sample", "pickapic")
+HF_ROW_GROUP_ROWS = 100  # HF datasets' parquet row group size for datasets with binary columns
 CORRUPTIONS = ("truncated", "garbage", "empty")
 # The plan holds ~420 bytes per row in memory (0.42 GB per million rows, measured) and the shards take ~4.7 kB
 # per row on disk; 2M rows is twice Pick-a-Pic v2's 959K training rows and hours of drawing on a CPU.
@@ -89,8 +98,9 @@ def expected_counts(pairs: int, corrupt: float = 0.0, ties: float = 0.1) -> dict
     return {"pairs": pairs, "ties": n_ties, "decisive": pairs - n_ties, "corrupt": n_corrupt}
 
 
-def shard_name(index: int, count: int) -> str:
-    return f"train-{index:05d}-of-{count:05d}.parquet"
+def shard_name(index: int, count: int, tag: str = "") -> str:
+    """``train-00000-of-00004.parquet``; with ``tag`` (16 hex digits) HF's ``train-00000-of-00004-<tag>.parquet``."""
+    return f"train-{index:05d}-of-{count:05d}" + (f"-{tag}" if tag else "") + ".parquet"
 
 
 def shard_paths(path: str | os.PathLike) -> list[Path]:
@@ -109,7 +119,14 @@ def read_sample(path: str | os.PathLike) -> pa.Table:
 
 
 # ---------------------------------------------------------------- validation
-def _validate(out: Path, pairs: int, seed: int, corrupt: float, ties: float, shard_rows: int) -> None:
+def _validate(out: Path, pairs: int, seed: int, corrupt: float, ties: float, shard_rows: int,
+              fmt: str = "sample", row_group_rows: int | None = None) -> None:
+    if fmt not in FORMATS:
+        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}. "
+                        "Pass --format pickapic for exactly the published columns.")
+    if row_group_rows is not None and (isinstance(row_group_rows, bool) or not isinstance(row_group_rows, int)
+                                       or row_group_rows < 1):
+        raise UserError(f"--row-group-rows must be an integer >= 1, got {row_group_rows!r}. Pass e.g. 100.")
     if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
         raise UserError(f"--pairs must be an integer >= 1, got {pairs!r}. Pass e.g. --pairs 2000.")
     if pairs > MAX_PAIRS:
@@ -269,6 +286,7 @@ def _make_row(seed: int, row: int, plan: _Plan, per_prompt: Counter) -> dict:
 
 
 def _table(rows: list[dict], schema: pa.Schema) -> pa.Table:
+    """The rows as a table of ``schema``'s columns (others, such as ``broken`` for the published form, dropped)."""
     cols = {name: [r[name] for r in rows] for name in schema.names}
     cols["created_at"] = pa.array(np.array(cols["created_at"], dtype="datetime64[ns]"), pa.timestamp("ns"))
     return pa.Table.from_pydict(cols, schema=schema)
@@ -297,24 +315,33 @@ def write_sample(
     corrupt: float = 0.0,
     ties: float = 0.1,
     shard_rows: int = 500,
+    fmt: str = "sample",
+    row_group_rows: int | None = None,
 ) -> str:
     """Write ``pairs`` shapes-world rows as Pick-a-Pic v2 parquet shards into ``out``.
 
-    ``out`` must be new, empty, or hold only shards of a previous sample (they
-    are replaced). Returns a one-line summary.
+    ``fmt`` is ``"sample"`` (published columns + ``broken`` + provenance) or
+    ``"pickapic"`` (exactly the published columns, nothing else);
+    ``row_group_rows`` defaults to ``shard_rows`` for ``sample`` and 100 for
+    ``pickapic``. ``out`` must be new, empty, or hold only shards of a previous
+    sample (they are replaced). Returns a one-line summary.
     """
     t0 = time.perf_counter()
     out = Path(out).expanduser().absolute()
-    _validate(out, pairs, seed, corrupt, ties, shard_rows)
+    _validate(out, pairs, seed, corrupt, ties, shard_rows, fmt, row_group_rows)
     counts = expected_counts(pairs, corrupt, ties)
     plan = _Plan(pairs, seed, corrupt, ties)
     per_prompt = Counter(_row_scene(seed, r, plan.broken[r])[0].caption() for r in range(pairs))
     params = {"pairs": pairs, "seed": seed, "corrupt": corrupt, "ties": ties, "generator": "img.data.sample",
               "image_size": sw.SIZE, "jpeg_quality": JPEG_QUALITY}
-    schema = with_provenance(
-        pickapic.SAMPLE_SCHEMA, table="pickapic_sample", version=SCHEMA_VERSION,
-        fingerprint=hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:16], extra=params,
-    )
+    params_hash = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+    if fmt == "pickapic":
+        schema = pickapic.SCHEMA.remove_metadata()
+        group_rows = row_group_rows or HF_ROW_GROUP_ROWS
+    else:
+        schema = with_provenance(pickapic.SAMPLE_SCHEMA, table="pickapic_sample", version=SCHEMA_VERSION,
+                                 fingerprint=params_hash[:16], extra=params)
+        group_rows = row_group_rows or shard_rows
     n_shards = math.ceil(pairs / shard_rows)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     umask = os.umask(0)
@@ -325,8 +352,9 @@ def write_sample(
         for s in range(n_shards):
             lo, hi = s * shard_rows, min(pairs, (s + 1) * shard_rows)
             table = _table([_make_row(seed, r, plan, per_prompt) for r in range(lo, hi)], schema)
-            path = tmp / shard_name(s, n_shards)
-            pq.write_table(table, path, row_group_size=shard_rows, compression="snappy")
+            tag = hashlib.sha256(f"{params_hash}:{s}".encode()).hexdigest()[:16] if fmt == "pickapic" else ""
+            path = tmp / shard_name(s, n_shards, tag)
+            pq.write_table(table, path, row_group_size=group_rows, compression="snappy")
             nbytes += path.stat().st_size
             logger.info("wrote %s (%d rows)", path.name, hi - lo)
         _install(tmp, out)
@@ -336,7 +364,7 @@ def write_sample(
     kinds = Counter(k for k in plan.broken if k is not None)
     dt = time.perf_counter() - t0
     return (
-        f"wrote {pairs} pairs to {out} in {n_shards} shard(s), {nbytes / 1e6:.1f} MB, {dt:.1f}s: "
+        f"wrote {pairs} pairs to {out} in {n_shards} shard(s) ({fmt} format), {nbytes / 1e6:.1f} MB, {dt:.1f}s: "
         f"{counts['decisive']} decisive (broken " + ", ".join(f"{k} {kinds[k]}" for k in sw.BROKEN_KINDS)
         + f"), {counts['ties']} ties, {counts['corrupt']} corrupt rows"
     )
