@@ -5,6 +5,8 @@
     img sql --lake lake "select count(*) from pairs"
     img jobs embed --dataset pickapic --source data/sample --profile tiny --lake lake
     img jobs train --lake lake --profile tiny --steps 200 --run-dir runs/r1
+    img data sample --kind edits --out data/edits --pairs 400 --seed 0
+    img jobs finetune-mllm --profile tiny --data data/edits --steps 200 --run-dir runs/ft --lake lake
     img infer --profile tiny --prompt "a red circle" --out out
 
 Every command has ``--help``. A user's mistake raises ``UserError``; ``main``
@@ -24,9 +26,9 @@ from img.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="IMG: Implicit Multimodal Guidance - embed, train, infer, query.")
-data_app = typer.Typer(no_args_is_help=True, help="Input data: the bundled Pick-a-Pic-format sample.")
+data_app = typer.Typer(no_args_is_help=True, help="Input data: the bundled Pick-a-Pic and InstructPix2Pix-format samples.")
 profile_app = typer.Typer(no_args_is_help=True, help="Model profiles: what every job loads.")
-jobs_app = typer.Typer(no_args_is_help=True, help="Batch jobs: embed (Ray Data) and train (DeepSpeed).")
+jobs_app = typer.Typer(no_args_is_help=True, help="Batch jobs: embed (Ray Data), train and finetune-mllm (DeepSpeed).")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON.")
 app.add_typer(data_app, name="data")
 app.add_typer(profile_app, name="profile")
@@ -59,16 +61,29 @@ def _default_config(name: str) -> Optional[Path]:
 @data_app.command("sample")
 def data_sample(
     out: Path = typer.Option(..., "--out", help="Folder to write parquet shards into (created)."),
-    pairs: int = typer.Option(2000, "--pairs", help="Number of rows (pairs) to draw."),
+    kind: str = typer.Option("pickapic", "--kind", help="pickapic: preference pairs (Pick-a-Pic v2 columns); "
+                             "edits: instruction-edit records (InstructPix2Pix columns) for `img jobs finetune-mllm`."),
+    pairs: int = typer.Option(2000, "--pairs", help="Number of rows (pairs, or edit records) to draw."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
-    corrupt: float = typer.Option(0.0, "--corrupt", help="Fraction of rows whose JPEG bytes are corrupted."),
-    ties: float = typer.Option(0.1, "--ties", help="Fraction of rows that are ties (label_0 = 0.5)."),
+    corrupt: float = typer.Option(0.0, "--corrupt", help="Fraction of rows whose JPEG bytes (or instruction) are damaged."),
+    ties: Optional[float] = typer.Option(None, "--ties", help="Fraction of rows that are ties (label_0 = 0.5); "
+                                         "pickapic only, default 0.1."),
     shard_rows: int = typer.Option(500, "--shard-rows", help="Rows per parquet shard."),
 ) -> None:
-    """Write a procedurally drawn shapes-world sample with Pick-a-Pic v2 columns."""
+    """Write a procedurally drawn shapes-world sample: preference pairs, or instruction edits."""
+    if kind == "edits":
+        from img.finetune.edit_sample import write_edits_sample
+
+        if ties is not None:
+            raise UserError("--ties applies to --kind pickapic only (edit records have no ties). Drop --ties.")
+        typer.echo(write_edits_sample(out, records=pairs, seed=seed, corrupt=corrupt, shard_rows=shard_rows))
+        return
+    if kind != "pickapic":
+        raise UserError(f"--kind {kind!r} is not known. Use --kind pickapic or --kind edits.")
     from img.sample import write_sample
 
-    summary = write_sample(out, pairs=pairs, seed=seed, corrupt=corrupt, ties=ties, shard_rows=shard_rows)
+    summary = write_sample(out, pairs=pairs, seed=seed, corrupt=corrupt, ties=0.1 if ties is None else ties,
+                           shard_rows=shard_rows)
     typer.echo(summary)
 
 
@@ -119,6 +134,9 @@ def jobs_embed(
     limit: Optional[int] = typer.Option(None, "--limit", help="Embed at most N input rows."),
     config: Optional[Path] = typer.Option(None, "--config", help="Embed TOML (default: jobs/embed.toml settings)."),
     new_table: bool = typer.Option(False, "--new-table", help="Replace tables made with a different config fingerprint."),
+    mllm_adapter: Optional[Path] = typer.Option(
+        None, "--mllm-adapter", help="Fine-tuned MLLM adapter (RUN_DIR/adapter of `img jobs finetune-mllm`); "
+        "part of the fingerprint."),
     as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON."),
 ) -> None:
     """Embed every decisive preference pair once into Lance tables (Ray Data)."""
@@ -130,7 +148,7 @@ def jobs_embed(
 
     cfg = load_config(EmbedConfig, config if config is not None else _default_config("embed.toml"),
                       overrides={"limit": limit})
-    summary = run_embed(source, lake, profile, cfg, new_table=new_table)
+    summary = run_embed(source, lake, profile, cfg, new_table=new_table, mllm_adapter=mllm_adapter)
     typer.echo(summary.render())
     if as_json:
         typer.echo(summary_json(summary))
@@ -156,6 +174,36 @@ def jobs_train(
     cfg_path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
     cfg = load_config(TrainConfig, cfg_path, overrides={"checkpoint_every": checkpoint_every})
     summary = run_training(lake, profile, steps, run_dir, cfg, resume=resume)
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(summary.render())
+
+
+@jobs_app.command("finetune-mllm")
+def jobs_finetune_mllm(
+    profile: str = typer.Option("tiny", "--profile", help="Model profile whose MLLM is fine-tuned."),
+    data: str = typer.Option(..., "--data", help="Folder (or file/URI) of InstructPix2Pix-layout parquet or JSONL shards."),
+    steps: int = typer.Option(..., "--steps", help="Optimizer steps (the run's total)."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="Folder for checkpoints and the adapter."),
+    lake: str = typer.Option(..., "--lake", help="Lake folder/URI: metrics and quarantined records are written there."),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly from the last checkpoint in --run-dir."),
+    method: Optional[str] = typer.Option(None, "--method", help="lora (default) or full fine-tuning."),
+    merge: bool = typer.Option(False, "--merge", help="Also export base + adapter merged as RUN_DIR/merged "
+                               "(a plain transformers folder)."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML (default: jobs/finetune_mllm.toml settings)."),
+) -> None:
+    """Fine-tune the MLLM to answer misalignment questions with edit instructions (DeepSpeed; LoRA by default).
+
+    --steps is the run's total; with --resume the run continues from its last checkpoint up to it.
+    """
+    from img.config import load_config
+    from img.finetune.train import DEFAULT_CONFIG, FinetuneConfig, run_finetune
+
+    if method not in (None, "lora", "full"):
+        raise UserError(f"--method {method!r} is not known. Use --method lora or --method full.")
+    cfg_path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
+    cfg = load_config(FinetuneConfig, cfg_path, overrides={"checkpoint_every": checkpoint_every, "method": method})
+    summary = run_finetune(profile, data, steps, run_dir, lake, cfg, resume=resume, merge=merge)
     if os.environ.get("RANK", "0") == "0":
         typer.echo(summary.render())
 
@@ -198,6 +246,8 @@ def infer(
     passes: Optional[int] = typer.Option(None, "--passes", help="Aligner passes (default 3)."),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt of every image."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
+    mllm_adapter: Optional[Path] = typer.Option(
+        None, "--mllm-adapter", help="Fine-tuned MLLM adapter (RUN_DIR/adapter of `img jobs finetune-mllm`)."),
     as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON."),
 ) -> None:
     """Generate with the base model, then regenerate with IMG (MLLM guidance -> aligner -> IP-Adapter)."""
@@ -206,7 +256,7 @@ def infer(
     summary = run_infer(
         read_prompts(prompt, prompts), profile, out, aligner=aligner, seed=seed, rounds=rounds, lake=lake,
         steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale, passes=passes,
-        negative_prompt=negative_prompt, device=device, progress=True,
+        negative_prompt=negative_prompt, device=device, progress=True, mllm_adapter=mllm_adapter,
     )
     typer.echo(summary.render())
     if as_json:

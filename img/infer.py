@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from img.errors import UserError
+from img.finetune.adapter import with_mllm_adapter
 
 log = logging.getLogger(__name__)
 
@@ -317,6 +318,7 @@ def run_infer(
     negative_prompt: str = "",
     device: str = "cpu",
     progress: bool = True,
+    mllm_adapter: Optional[str | Path] = None,
 ) -> InferSummary:
     """Validate everything, load the models, then for each prompt: generate, write PNGs, append rows."""
     t_start = time.perf_counter()
@@ -329,7 +331,7 @@ def run_infer(
     from img.model_loading import locate
     from img.profiles import get_profile
 
-    prof = get_profile(profile)
+    prof = with_mllm_adapter(get_profile(profile), mllm_adapter)  # a fine-tuned MLLM (img jobs finetune-mllm)
     settings = default_settings(prof, steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale, passes=passes,
                                 negative_prompt=negative_prompt)
     dev = resolve_device(device)

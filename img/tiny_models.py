@@ -83,10 +83,11 @@ def _question_words() -> list[str]:
 
 def vocabulary_words() -> list[str]:
     """Deterministic, de-duplicated word list shared by the tiny tokenizers."""
+    from img.finetune.edits import INSTRUCTION_WORDS
     from img.shapes_world import vocabulary
 
     seen: dict[str, None] = {}
-    for w in [*CAPTION_WORDS, *vocabulary(), *CHAT_WORDS, *_question_words()]:
+    for w in [*CAPTION_WORDS, *vocabulary(), *CHAT_WORDS, *_question_words(), *INSTRUCTION_WORDS]:
         seen.setdefault(w.lower(), None)
     return list(seen)
 

@@ -34,6 +34,7 @@ import pyarrow as pa
 from img import lake as lake_mod
 from img.config import fingerprint
 from img.errors import UserError
+from img.finetune.adapter import with_mllm_adapter
 from pipelines.embed_config import EmbedConfig
 from pipelines.source import SourceShard, list_shards, plan_units
 from schemas import features as features_schema
@@ -183,14 +184,18 @@ class _ModelStage:
 
     timer = ""
 
-    def __init__(self, profile_name: str, device: str = "auto", threads: int = 0):
+    def __init__(self, profile_name: str, device: str = "auto", threads: int = 0, mllm_adapter: str | None = None,
+                 mllm_adapter_id: str = ""):
         import torch
 
         from img.profiles import get_profile
 
         if threads:
             torch.set_num_threads(threads)  # one actor per core share; Ray's OMP default may differ
-        self.profile = get_profile(profile_name)
+        self.profile = with_mllm_adapter(get_profile(profile_name), mllm_adapter)
+        if mllm_adapter and self.profile.mllm_adapter_id != mllm_adapter_id:  # the driver's fingerprint names this id
+            raise UserError(f"the MLLM adapter {mllm_adapter!r} changed since the embed job started "
+                            f"({mllm_adapter_id} -> {self.profile.mllm_adapter_id}). Re-run the job.")
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.encoder = self.load()
 
@@ -418,7 +423,8 @@ def check_reservations(cfg: EmbedConfig) -> None:
                         "Set num_gpus = 0 (CPU) or lower concurrency in the --config TOML.")
 
 
-def build_dataset(units: list[dict], lake: str, profile_name: str, cfg: EmbedConfig, schemas: dict[str, pa.Schema]):
+def build_dataset(units: list[dict], lake: str, profile_name: str, cfg: EmbedConfig, schemas: dict[str, pa.Schema],
+                  mllm_adapter: str | None = None, mllm_adapter_id: str = ""):
     """The Ray Data plan: read -> decode -> model actor pools -> fragment writers."""
     import ray
 
@@ -431,7 +437,8 @@ def build_dataset(units: list[dict], lake: str, profile_name: str, cfg: EmbedCon
     stages = [(IPTokens, cfg.ip), (Guidance, cfg.mllm)] + ([(TextGuidance, cfg.text)] if cfg.text_guidance else [])
     for stage, pool in stages:
         threads = max(1, int(round(pool.num_cpus)))
-        ds = ds.map_batches(stage, fn_constructor_args=(profile_name, "auto", threads), batch_size=pool.batch_size,
+        ds = ds.map_batches(stage, fn_constructor_args=(profile_name, "auto", threads, mllm_adapter, mllm_adapter_id),
+                            batch_size=pool.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=pool.concurrency),
                             num_gpus=pool.num_gpus or None, num_cpus=pool.num_cpus)
     ds = ds.map_batches(WriteFragments, fn_constructor_args=(lake, schemas, cfg.storage_options),
@@ -452,12 +459,16 @@ def _disk_bytes(path: str) -> int:
 
 
 def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_table: bool = False,
-              progress: bool = True) -> EmbedSummary:
-    """Embed every not-yet-done decisive pair of ``source`` into ``lake``; see the module docstring."""
+              progress: bool = True, mllm_adapter: str | os.PathLike | None = None) -> EmbedSummary:
+    """Embed every not-yet-done decisive pair of ``source`` into ``lake``; see the module docstring.
+
+    ``mllm_adapter``: a fine-tuned MLLM adapter folder (else the profile's, if it names one); its id is part of
+    the fingerprint, so guidance with and without it never mix in one table.
+    """
     from img.profiles import get_profile
 
     t_start = time.perf_counter()
-    profile = get_profile(profile_name)
+    profile = with_mllm_adapter(get_profile(profile_name), mllm_adapter)
     lake = _abs_lake(lake)
     so = cfg.storage_options or None
     shards = list_shards(source, so)
@@ -479,7 +490,7 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
     if todo:
         _init_ray()
         check_reservations(cfg)
-        ds = build_dataset(units, lake, profile_name, cfg, schemas)
+        ds = build_dataset(units, lake, profile_name, cfg, schemas, profile.mllm_adapter, profile.mllm_adapter_id)
         with _Progress(todo, enabled=progress) as bar:
             for row in ds.iter_rows():
                 for name in ("features", "pairs", "quarantine"):  # pairs is the commit marker

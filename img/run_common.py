@@ -1,0 +1,211 @@
+"""Pieces shared by the DeepSpeed jobs (`img jobs train`, `img jobs finetune-mllm`).
+
+    rank, world, local_rank = dist_env()              # a plain process is a world of one
+    device, bf16, dtype = init_distributed(local_rank, cfg.precision)
+    engine = build_engine(model, optimizer, cfg, world, bf16)   # checkpoints read with weights_only=True
+    metrics = MetricsWriter(lake, run_id, after_step=start)    # rank 0: rows of the `metrics` table
+    save_rng(ck / "rng_rank0.safetensors"); load_rng(...)
+    write_pointer(run_dir, checkpoint_tag(200)); prune_checkpoints(run_dir, keep=2)
+
+A run folder holds ``run.json``, ``latest_checkpoint`` (the tag of the last
+*complete* checkpoint) and ``checkpoints/step_XXXXXXXX/``; the pointer moves only
+after every rank has written its files.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from img import lake as lake_mod
+from img.errors import UserError
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def dist_env() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); a plain process becomes a world of one on 127.0.0.1."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", "29500")
+    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
+
+
+def init_distributed(local_rank: int, precision: str) -> tuple[torch.device, bool, torch.dtype]:
+    """Start the process group (nccl on GPU, gloo on CPU); (device, bf16?, compute dtype).
+
+    ``precision``: "auto" (fp32 on CPU, bf16 on GPU), "fp32" or "bf16".
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    on_gpu = get_accelerator().device_name() == "cuda"
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    device = torch.device(get_accelerator().device_name(local_rank) if on_gpu else "cpu")
+    bf16 = precision == "bf16" or (precision == "auto" and on_gpu)
+    return device, bf16, torch.bfloat16 if bf16 else torch.float32
+
+
+def deepspeed_config(cfg: Any, world_size: int, bf16: bool) -> dict[str, Any]:
+    """The DeepSpeed JSON named by ``cfg.deepspeed_config``, with batch sizes and precision set from ``cfg``.
+
+    ``cfg`` has ``deepspeed_config``, ``batch_size`` (per rank) and ``zero_stage`` (None = the JSON's), and
+    optionally ``grad_accum`` (gradient accumulation steps; default: the JSON's, else 1).
+    """
+    p = Path(cfg.deepspeed_config)
+    if not p.is_file() and not p.is_absolute():
+        p = REPO_ROOT / cfg.deepspeed_config
+    if not p.is_file():
+        raise UserError(f"DeepSpeed config {cfg.deepspeed_config!r} not found. Set deepspeed_config in the job's TOML "
+                        "to a file such as jobs/deepspeed_zero0.json.")
+    ds = json.loads(p.read_text())
+    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
+    if getattr(cfg, "grad_accum", None):
+        ds["gradient_accumulation_steps"] = cfg.grad_accum
+    ds.setdefault("gradient_accumulation_steps", 1)
+    ds["train_batch_size"] = cfg.batch_size * ds["gradient_accumulation_steps"] * world_size
+    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
+    ds["fp16"] = {"enabled": False}
+    if cfg.zero_stage is not None:
+        ds.setdefault("zero_optimization", {})["stage"] = cfg.zero_stage
+    ds.setdefault("steps_per_print", 10**9)
+    return ds
+
+
+def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: Any, world_size: int, bf16: bool,
+                 lr_scheduler: Any = None):
+    """``deepspeed.initialize`` with :func:`deepspeed_config`; every checkpoint read goes through weights_only=True."""
+    import deepspeed
+
+    from img.checkpoint_io import use_weights_only_loading
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
+                                           config=deepspeed_config(cfg, world_size, bf16))
+    use_weights_only_loading(engine)  # DeepSpeed's own loader would unpickle with weights_only=False
+    return engine
+
+
+def _rss_gb() -> float:
+    try:
+        import psutil
+
+        return psutil.Process().memory_info().rss / 2**30
+    except ImportError:  # pragma: no cover
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+
+
+class MetricsWriter:
+    """Buffers (run_id, step, name, value) rows on rank 0 and appends them to <lake>/metrics.lance.
+
+    On resume, rows already recorded for this run (same step and name) are not written again.
+    """
+
+    def __init__(self, lake: str, run_id: str, after_step: int | None = None) -> None:
+        self.lake, self.run_id, self.rows = lake, run_id, []
+        self.seen: set[tuple[int, str]] = set()
+        if after_step is not None:
+            ds = lake_mod.open_table(lake, "metrics")
+            if ds is not None:
+                t = ds.to_table(columns=["step", "name"], filter=f"run_id = '{run_id}' AND step > {int(after_step)}")
+                self.seen = set(zip(t.column("step").to_pylist(), t.column("name").to_pylist()))
+
+    def add(self, step: int, name: str, value: float) -> None:
+        if (step, name) not in self.seen:
+            self.rows.append((step, name, float(value)))
+
+    def flush(self) -> None:
+        if not self.rows:
+            return
+        import pyarrow as pa
+
+        from schemas import metrics as metrics_schema
+
+        steps, names, values = zip(*self.rows)
+        table = pa.table({"run_id": [self.run_id] * len(steps), "step": list(steps), "name": list(names),
+                          "value": list(values)}, schema=metrics_schema.SCHEMA)
+        lake_mod.append_rows(self.lake, "metrics", table, metrics_schema.SCHEMA)
+        self.rows = []
+
+
+# ----------------------------------------------------------------------------- checkpoints
+def _tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+checkpoint_tag = _tag
+
+
+def _save_rng(path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {"torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["torch_cuda"] = torch.cuda.get_rng_state()
+    save_file(state, str(path))
+
+
+def _load_rng(path: Path) -> None:
+    from safetensors.torch import load_file
+
+    state = load_file(str(path))
+    torch.set_rng_state(state["torch_cpu"])
+    if "torch_cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["torch_cuda"])
+
+
+save_rng, load_rng = _save_rng, _load_rng
+
+
+def write_pointer(run_dir: Path, tag: str) -> None:
+    """Point ``run_dir/latest_checkpoint`` at ``tag`` atomically (call once every rank's files are written)."""
+    pointer = Path(run_dir) / "latest_checkpoint"
+    tmp = pointer.with_suffix(".tmp")
+    tmp.write_text(tag + "\n")
+    os.replace(tmp, pointer)
+
+
+def prune_checkpoints(run_dir: Path, keep: int) -> None:
+    """Delete all but the newest ``keep`` (>= 1) checkpoint folders."""
+    done = sorted(p for p in (Path(run_dir) / "checkpoints").glob("step_*") if p.is_dir())
+    for old in done[: -max(1, keep)]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def open_run(run_dir: Path, resume: bool, expect: dict[str, Any], fix: str) -> dict[str, Any] | None:
+    """``run.json`` of the run to resume (checked against ``expect``), or None for a new run.
+
+    A new run in a folder that already holds a checkpoint, a resume without one, and a resume whose
+    ``run.json`` differs from ``expect`` in any key are ``UserError`` s; ``fix`` ends the last message.
+    """
+    run_dir = Path(run_dir)
+    pointer, run_json = run_dir / "latest_checkpoint", run_dir / "run.json"
+    if not resume:
+        if pointer.exists():
+            raise UserError(f"{str(run_dir)!r} already holds a run. Pass --resume to continue it, or a new --run-dir.")
+        return None
+    if not pointer.is_file() or not run_json.is_file():
+        raise UserError(f"--resume: no complete checkpoint in {str(run_dir)!r}. Drop --resume to start a new run.")
+    info = json.loads(run_json.read_text())
+    diff = {k: (info.get(k), v) for k, v in expect.items() if info.get(k) != v}
+    if diff:
+        have = ", ".join(f"{k} {a!r}" for k, (a, _) in diff.items())
+        want = ", ".join(f"{k} {b!r}" for k, (_, b) in diff.items())
+        raise UserError(f"--resume: {run_json} was made with {have}; this command has {want}. {fix}")
+    return info
