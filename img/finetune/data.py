@@ -141,19 +141,40 @@ def _parquet_blocks(shard: EditShard) -> tuple[list[tuple[int, int]], Any]:
     return [(rg, pf.metadata.row_group(rg).num_rows) for rg in range(pf.num_row_groups)], pf
 
 
+def _lines(f: Any, offset: int = 0, chunk: int = 1 << 20) -> Iterator[tuple[int, bytes]]:
+    """(byte offset, line) of every non-empty line of a seekable binary file, from ``offset`` on."""
+    f.seek(offset)
+    buf, pos = b"", offset
+    while True:
+        data = f.read(chunk)
+        if data:
+            buf += data
+        start = 0
+        while True:
+            end = buf.find(b"\n", start)
+            if end < 0:
+                break
+            if buf[start:end].strip():
+                yield pos + start, buf[start:end]
+            start = end + 1
+        buf, pos = buf[start:], pos + start
+        if not data:
+            if buf.strip():
+                yield pos, buf
+            return
+
+
 def _jsonl_blocks(shard: EditShard) -> list[tuple[int, int]]:
     """(byte offset, lines) of every block of ``JSONL_BLOCK_ROWS`` non-empty lines."""
-    blocks, offset, start, n = [], 0, 0, 0
+    blocks, start, n = [], 0, 0
     with shard.open() as f:
-        for line in iter(f.readline, b""):
-            if line.strip():
-                if n == 0:
-                    start = offset
-                n += 1
-                if n == JSONL_BLOCK_ROWS:
-                    blocks.append((start, n))
-                    n = 0
-            offset += len(line)
+        for offset, _ in _lines(f):
+            if n == 0:
+                start = offset
+            n += 1
+            if n == JSONL_BLOCK_ROWS:
+                blocks.append((start, n))
+                n = 0
     if n:
         blocks.append((start, n))
     return blocks
@@ -168,13 +189,7 @@ def read_block(shard: EditShard, locator: int, rows: int, parquet_file: Any = No
         return pf.read_row_group(locator, columns=list(REQUIRED)).to_pylist()
     out = []
     with shard.open() as f:
-        f.seek(locator)
-        while len(out) < rows:
-            line = f.readline()
-            if not line:
-                break
-            if not line.strip():
-                continue
+        for _, line in _lines(f, locator, chunk=1 << 16):
             try:
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
@@ -182,6 +197,8 @@ def read_block(shard: EditShard, locator: int, rows: int, parquet_file: Any = No
             if not isinstance(rec, dict):
                 rec = {"__error__": "not a JSON object"}
             out.append(rec)
+            if len(out) == rows:
+                break
     return out
 
 

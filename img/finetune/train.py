@@ -351,7 +351,7 @@ def _save_folder(out_dir: Path, write: Callable[[Path], Any]) -> None:
 
 def _save_adapter(model: Any, out_dir: Path, meta: dict[str, Any]) -> None:
     def write(d: Path) -> None:
-        model.save_pretrained(str(d), safe_serialization=True)
+        model.save_pretrained(str(d), safe_serialization=True, save_embedding_layers=False)  # frozen: not saved
         (d / META_NAME).write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
     _save_folder(out_dir, write)
