@@ -370,12 +370,73 @@ def test_adapter_changes_guidance_and_merged_export_matches(finetuned, tmp_path)
         with_mllm_adapter(get_profile("bench"), run / "adapter")
 
 
-def test_embed_with_the_adapter_differs_from_the_base_and_needs_a_new_table(finetuned, tmp_path):
+def _stored_vs_encoders(lake: str, data: str, adapter: Path, n: int = 2) -> None:
+    """The guidance stored for ``n`` pairs equals the fine-tuned MLLM's and differs from the base MLLM's."""
+    feats = lance.dataset(f"{lake}/features.lance")
+    pairs = {p["pair_id"]: p for p in lance.dataset(f"{lake}/pairs.lance").to_table().to_pylist()}
+    t = feats.to_table(columns=["pair_id", "guidance_len"])
+    rows = pq.read_table(next(Path(data).iterdir())).to_pylist()
+    tiny = get_profile("tiny")
+    base_enc, tuned_enc = GuidanceEncoder(tiny), GuidanceEncoder(with_mllm_adapter(tiny, adapter))
+    for i, blob in enumerate(feats.take_blobs("guidance", indices=list(range(n)))):
+        pid, length = t["pair_id"][i].as_py(), t["guidance_len"][i].as_py()
+        stored = torch.from_numpy(np.frombuffer(blob.readall(), np.float16).reshape(length, 64).astype(np.float32))
+        row = rows[int(pid.split("#")[1])]
+        image = Image.open(io.BytesIO(row["jpg_1"] if row["label_0"] == 1.0 else row["jpg_0"])).convert("RGB")
+        tuned = tuned_enc([image], [pairs[pid]["question"]])[0]
+        base = base_enc([image], [pairs[pid]["question"]])[0]
+        assert torch.allclose(stored, tuned, atol=2e-2, rtol=1e-2)  # the stored guidance is the fine-tuned MLLM's
+        assert (stored - base).abs().max() > 0.05  # ... and not the base MLLM's
+    assert json.loads(feats.schema.metadata[b"img.model_ids"])["mllm_adapter"] == adapter_id(adapter)
+
+
+def test_embed_stage_and_fingerprint_use_the_adapter(finetuned, tmp_path):
+    """The embed job's Guidance stage (as its Ray actors build it) and its table fingerprint, without Ray."""
+    from img import lake as lake_mod
+    from img.sample import write_sample
+    from pipelines.embed import Decode, Guidance, embed_fingerprint, read_units, run_embed, table_schemas
+    from pipelines.embed_config import EmbedConfig
+    from pipelines.source import list_shards, plan_units
+
+    run, _ = finetuned
+    adapter = run / "adapter"
+    data = str(tmp_path / "pick")
+    write_sample(data, pairs=4, seed=2, ties=0.0)
+    units, _ = plan_units(list_shards(data), set(), None)
+    batch = Decode(16, 60_000_000, 0)(read_units({k: np.array([u[k] for u in units]) for k in units[0]}))
+    aid = adapter_id(adapter)
+    base = Guidance("tiny", "cpu", 1)(batch)
+    tuned = Guidance("tiny", "cpu", 1, str(adapter), aid)(batch)
+    tiny = get_profile("tiny")
+    enc = GuidanceEncoder(with_mllm_adapter(tiny, adapter))
+    for i in range(len(batch["pair_id"])):
+        a = np.frombuffer(base["guidance"][i], np.float16)
+        b = np.frombuffer(tuned["guidance"][i], np.float16)
+        assert a.shape == b.shape and np.abs(a.astype(np.float32) - b.astype(np.float32)).max() > 0.05
+        want = enc([Image.fromarray(batch["loser_image"][i])], [batch["question"][i]])[0].half().numpy().ravel()
+        assert np.allclose(b, want, atol=1e-3)
+    with pytest.raises(UserError, match="changed since the embed job started"):
+        Guidance("tiny", "cpu", 1, str(adapter), "sha256:0000000000000000")
+    # a lake whose tables were made with the adapter refuses guidance without it (and vice versa) unless --new-table
+    lake, cfg = str(tmp_path / "lake"), EmbedConfig()
+    tuned_profile = with_mllm_adapter(tiny, adapter)
+    fp = embed_fingerprint(tuned_profile, cfg)
+    assert fp != embed_fingerprint(tiny, cfg)
+    for name, schema in table_schemas(tuned_profile, cfg, fp).items():
+        lake_mod.ensure_table(lake, name, schema)
+    with pytest.raises(UserError, match=r"models differ: mllm_adapter 'sha256:[0-9a-f]{16}' -> None.*--new-table"):
+        run_embed(data, lake, "tiny", cfg, progress=False)
+    code, msg = _cli(["jobs", "embed", "--source", data, "--lake", lake, "--mllm-adapter", str(tmp_path / "none")],
+                     ok=False)
+    assert code == 2 and "--mllm-adapter" in msg
+
+
+@pytest.mark.slow
+def test_embed_job_with_the_adapter_stores_the_fine_tuned_guidance(finetuned, tmp_path):
+    """The external check's command end to end (Ray): `img jobs embed ... --mllm-adapter R/adapter`."""
     import ray
 
     from img.sample import write_sample
-    from pipelines.embed import run_embed
-    from pipelines.embed_config import EmbedConfig
 
     run, _ = finetuned
     data, lake = str(tmp_path / "pick"), str(tmp_path / "lake")
@@ -386,30 +447,7 @@ def test_embed_with_the_adapter_differs_from_the_base_and_needs_a_new_table(fine
     finally:
         ray.shutdown()
     assert "8 pairs written" in s.output
-    feats = lance.dataset(f"{lake}/features.lance")
-    pairs = {p["pair_id"]: p for p in lance.dataset(f"{lake}/pairs.lance").to_table().to_pylist()}
-    t = feats.to_table(columns=["pair_id", "guidance_len"])
-    blobs = feats.take_blobs("guidance", indices=[0, 1])
-    rows = pq.read_table(next(Path(data).iterdir())).to_pylist()
-    tiny = get_profile("tiny")
-    base_enc, tuned_enc = GuidanceEncoder(tiny), GuidanceEncoder(with_mllm_adapter(tiny, run / "adapter"))
-    for i, blob in enumerate(blobs):
-        pid, n = t["pair_id"][i].as_py(), t["guidance_len"][i].as_py()
-        stored = torch.from_numpy(np.frombuffer(blob.readall(), np.float16).reshape(n, 64).astype(np.float32))
-        row = rows[int(pid.split("#")[1])]
-        loser = row["jpg_1"] if row["label_0"] == 1.0 else row["jpg_0"]
-        image = Image.open(io.BytesIO(loser)).convert("RGB")
-        tuned = tuned_enc([image], [pairs[pid]["question"]])[0]
-        base = base_enc([image], [pairs[pid]["question"]])[0]
-        assert torch.allclose(stored, tuned, atol=2e-2, rtol=1e-2)  # the stored guidance is the fine-tuned MLLM's
-        assert (stored - base).abs().max() > 0.05  # ... and not the base MLLM's
-    ids = json.loads(feats.schema.metadata[b"img.model_ids"])
-    assert ids["mllm_adapter"] == adapter_id(run / "adapter")
-    with pytest.raises(UserError, match=r"models differ: mllm_adapter 'sha256:[0-9a-f]{16}' -> None.*--new-table"):
-        run_embed(data, lake, "tiny", EmbedConfig(), progress=False)
-    code, msg = _cli(["jobs", "embed", "--source", data, "--lake", lake, "--mllm-adapter", str(tmp_path / "none")],
-                     ok=False)
-    assert code == 2 and "--mllm-adapter" in msg
+    _stored_vs_encoders(lake, data, run / "adapter")
 
 
 def test_infer_records_the_adapter(finetuned, tmp_path):
