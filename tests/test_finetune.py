@@ -492,3 +492,5 @@ def test_the_shipped_config_states_the_defaults(repo_root):
     from img.finetune.train import FinetuneConfig
 
     assert load_config(FinetuneConfig, repo_root / "jobs" / "finetune_mllm.toml") == FinetuneConfig()
+    big = load_config(FinetuneConfig, repo_root / "jobs" / "finetune_mllm_13b.toml")
+    assert big.gradient_checkpointing and big.zero_stage == 2 and big.lora == FinetuneConfig().lora
