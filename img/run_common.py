@@ -4,8 +4,12 @@
     device, bf16, dtype = init_distributed(local_rank, cfg.precision)
     engine = build_engine(model, optimizer, cfg, world, bf16)   # checkpoints read with weights_only=True
     metrics = MetricsWriter(lake, run_id, after_step=start)    # rank 0: rows of the `metrics` table
+    info = open_run(run_dir, resume, expect={...}, fix="...")  # run.json of the run to resume, or None
+    run_id = new_run_id(run_dir, world)                        # the same on every rank
+    ck = load_engine_checkpoint(engine, run_dir, tag)          # --resume
     save_rng(ck / "rng_rank0.safetensors"); load_rng(...)
-    write_pointer(run_dir, checkpoint_tag(200)); prune_checkpoints(run_dir, keep=2)
+    commit_checkpoint(run_dir, checkpoint_tag(200), keep=2, rank=rank)   # pointer + pruning, after every rank
+    with progress_bar(rank, "train", total=steps, completed=start) as advance: ...
 
 A run folder holds ``run.json``, ``latest_checkpoint`` (the tag of the last
 *complete* checkpoint) and ``checkpoints/step_XXXXXXXX/``; the pointer moves only
@@ -13,12 +17,15 @@ after every rank has written its files.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import socket
+import sys
+import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -209,3 +216,53 @@ def open_run(run_dir: Path, resume: bool, expect: dict[str, Any], fix: str) -> d
         want = ", ".join(f"{k} {b!r}" for k, (_, b) in diff.items())
         raise UserError(f"--resume: {run_json} was made with {have}; this command has {want}. {fix}")
     return info
+
+
+def new_run_id(run_dir: Path, world_size: int) -> str:
+    """``<run folder name>-<8 hex>``, broadcast from rank 0 so every rank has the same id."""
+    run_id = f"{Path(run_dir).name}-{uuid.uuid4().hex[:8]}"
+    if world_size > 1:
+        import torch.distributed as dist
+
+        box = [run_id]
+        dist.broadcast_object_list(box, src=0)
+        run_id = box[0]
+    return run_id
+
+
+def load_engine_checkpoint(engine: Any, run_dir: Path, tag: str, **kwargs: Any) -> Path:
+    """Restore the DeepSpeed state (weights, optimizer, LR schedule) of checkpoint ``tag``; returns its folder."""
+    ck = Path(run_dir) / "checkpoints" / tag
+    load_path, _ = engine.load_checkpoint(str(Path(run_dir) / "checkpoints"), tag=tag, load_optimizer_states=True,
+                                          load_lr_scheduler_states=True, **kwargs)
+    if load_path is None:
+        raise UserError(f"--resume: DeepSpeed could not load {ck}. The checkpoint is incomplete; delete it.")
+    return ck
+
+
+def commit_checkpoint(run_dir: Path, tag: str, keep: int, rank: int) -> None:
+    """Once every rank has written its files: rank 0 points ``latest_checkpoint`` at ``tag`` and prunes old ones."""
+    import torch.distributed as dist
+
+    dist.barrier()
+    if rank == 0:
+        write_pointer(run_dir, tag)
+        prune_checkpoints(run_dir, keep)
+    dist.barrier()
+
+
+@contextlib.contextmanager
+def progress_bar(rank: int, label: str, total: int, completed: int) -> Iterator[Callable[[int], None]]:
+    """A transient rich bar on rank 0 when stderr is a terminal; yields ``advance(step)`` (a no-op otherwise)."""
+    if rank != 0 or not sys.stderr.isatty():
+        yield lambda step: None
+        return
+    from rich.progress import Progress
+
+    bar = Progress(transient=True)
+    task = bar.add_task(label, total=total, completed=completed)
+    bar.start()
+    try:
+        yield lambda step: bar.update(task, completed=step)
+    finally:
+        bar.stop()

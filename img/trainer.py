@@ -40,7 +40,6 @@ import os
 import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -52,7 +51,8 @@ from img.config import fingerprint
 from img.errors import UserError
 from img.objective import ReferenceKeeper, copy_into_reference, iupo_loss, make_reference, sq_dist
 from img.run_common import (MetricsWriter, _free_port, _load_rng, _rss_gb, _save_rng, _tag,  # noqa: F401 (re-exported)
-                            build_engine, deepspeed_config, dist_env, init_distributed)
+                            build_engine, deepspeed_config, dist_env, init_distributed, load_engine_checkpoint,
+                            new_run_id)
 from img.train_loader import LakeDims, TrainLoader
 
 log = logging.getLogger(__name__)
@@ -222,11 +222,7 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
     start = 0
     if resume:
         tag = pointer.read_text().strip()
-        ck = run_dir / "checkpoints" / tag
-        load_path, _ = engine.load_checkpoint(str(run_dir / "checkpoints"), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        if load_path is None:
-            raise UserError(f"--resume: DeepSpeed could not load {ck}. The checkpoint is incomplete; delete it.")
+        ck = load_engine_checkpoint(engine, run_dir, tag)
         state = json.loads((ck / "state.json").read_text())
         from safetensors.torch import load_file
 
@@ -238,11 +234,7 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
         run_id = info["run_id"]
         log.info("resumed %s from %s (step %d)", run_id, tag, start)
     else:
-        run_id = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
-        if world > 1:  # every rank needs the same id
-            box = [run_id]
-            dist.broadcast_object_list(box, src=0)
-            run_id = box[0]
+        run_id = new_run_id(run_dir, world)
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             run_json.write_text(json.dumps({

@@ -24,6 +24,7 @@ from img.finetune.edit_sample import EDIT_CORRUPTIONS, write_edits_sample
 from img.finetune.edits import EDIT_KINDS, INSTRUCTION_WORDS, applicable, edit_scene
 from img.profiles import get_profile
 from schemas import instructpix2pix as ip2p
+from torch_load_guard import only_weights_only_torch_load
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.py
 
@@ -117,7 +118,7 @@ def test_edits_sample_layout_pixels_and_determinism(tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     summary = write_edits_sample(a, records=60, seed=4, corrupt=0.1, shard_rows=25)
     write_edits_sample(b, records=60, seed=4, corrupt=0.1, shard_rows=25)
-    assert "60 edit records" in summary and "3 shard(s)" in summary
+    assert "60 edit records" in summary and "3 shard(s)" in summary and all(k in summary for k in EDIT_CORRUPTIONS)
     files = sorted(a.iterdir())
     assert [f.read_bytes() for f in files] == [f.read_bytes() for f in sorted(b.iterdir())]
     table = pa.concat_tables([pq.read_table(f) for f in files])
@@ -303,20 +304,6 @@ def test_finetune_learns_and_records_metrics_and_quarantine(finetuned, edits):
     assert code == 2 and "--resume" in msg
 
 
-def _only_weights_only_torch_load(monkeypatch) -> list[str]:
-    real, loaded = torch.load, []
-
-    def guarded(f, *args, **kwargs):
-        if kwargs.get("weights_only") is not True:
-            raise AssertionError(f"torch.load({f!r}) with weights_only={kwargs.get('weights_only')!r}")
-        loaded.append(Path(f).name)
-        return real(f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", guarded)
-    monkeypatch.setattr(torch.serialization, "load", guarded)
-    return loaded
-
-
 def test_resume_continues_exactly(edits, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
@@ -327,7 +314,7 @@ def test_resume_continues_exactly(edits, tmp_path, monkeypatch):
     a, b = tmp_path / "a", tmp_path / "b"
     _cli([*base, "--steps", "8", "--run-dir", str(a)])
     _cli([*base, "--steps", "4", "--run-dir", str(b)])
-    loaded = _only_weights_only_torch_load(monkeypatch)
+    loaded = only_weights_only_torch_load(monkeypatch)
     _cli([*base, "--steps", "8", "--run-dir", str(b), "--resume"])
     monkeypatch.undo()
     assert set(loaded) == {"mp_rank_00_model_states.pt"}  # every DeepSpeed file read with weights_only=True

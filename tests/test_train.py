@@ -23,6 +23,7 @@ from typer.testing import CliRunner
 from img.errors import UserError
 from img.train_loader import TrainLoader, is_heldout
 from synthetic_lake import tiny_dims, write_synthetic_lake
+from torch_load_guard import only_weights_only_torch_load
 
 REPO = Path(__file__).resolve().parents[1]
 DIMS = tiny_dims()
@@ -277,21 +278,6 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, train_lake):
                 "--run-dir", str(b), "--resume"])
 
 
-def _only_weights_only_torch_load(monkeypatch) -> list[str]:
-    """Make torch.load raise unless called with weights_only=True; returns the files it loaded."""
-    real, loaded = torch.load, []
-
-    def guarded(f, *args, **kwargs):
-        if kwargs.get("weights_only") is not True:
-            raise AssertionError(f"torch.load({f!r}) with weights_only={kwargs.get('weights_only')!r}")
-        loaded.append(Path(f).name)
-        return real(f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", guarded)
-    monkeypatch.setattr(torch.serialization, "load", guarded)
-    return loaded
-
-
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_resume_never_unpickles_with_weights_only_false(tmp_path, train_lake, monkeypatch, stage):
     """Resume (in-process) reads every DeepSpeed file with weights_only=True and still matches an uninterrupted run."""
@@ -309,7 +295,7 @@ def test_resume_never_unpickles_with_weights_only_false(tmp_path, train_lake, mo
     assert files == (["mp_rank_00_model_states.pt"] if stage == 0 else
                      ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
 
-    loaded = _only_weights_only_torch_load(monkeypatch)
+    loaded = only_weights_only_torch_load(monkeypatch)
     with pytest.raises(AssertionError, match="weights_only=False"):  # DeepSpeed's own loader is caught
         TorchCheckpointEngine().load(str(ck / files[0]))
     _train([*base, "--steps", "6", "--run-dir", str(b), "--resume"])

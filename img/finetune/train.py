@@ -39,9 +39,7 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Optional
@@ -59,8 +57,8 @@ from img.finetune.data import EditLoader, EditPlan, EditRecord, gather_plans, li
 from img.model_loading import load_mllm, locate
 from img.profiles import Profile, get_profile
 from img.questions import question_for
-from img.run_common import (MetricsWriter, build_engine, checkpoint_tag, dist_env, init_distributed, load_rng,
-                            open_run, prune_checkpoints, save_rng, write_pointer)
+from img.run_common import (MetricsWriter, build_engine, checkpoint_tag, commit_checkpoint, dist_env, init_distributed,
+                            load_engine_checkpoint, load_rng, new_run_id, open_run, progress_bar, save_rng)
 from schemas import finetune_quarantine
 
 log = logging.getLogger(__name__)
@@ -436,22 +434,14 @@ def _run(profile: Profile, shards: list, steps: int, run_dir: Path, lake: str, c
     start, before = 0, {}
     if info is not None:
         tag = (run_dir / "latest_checkpoint").read_text().strip()
-        ck = run_dir / "checkpoints" / tag
-        load_path, _ = engine.load_checkpoint(str(run_dir / "checkpoints"), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True, load_module_strict=False)
-        if load_path is None:
-            raise UserError(f"--resume: DeepSpeed could not load {ck}. The checkpoint is incomplete; delete it.")
+        ck = load_engine_checkpoint(engine, run_dir, tag, load_module_strict=False)  # frozen weights are not in it
         state = json.loads((ck / "state.json").read_text())
         loader.load_state_dict(state["loader"])
         load_rng(ck / f"rng_rank{rank}.safetensors")
         start, before, run_id = int(state["step"]), state["before"], info["run_id"]
         log.info("resumed %s from %s (step %d)", run_id, tag, start)
     else:
-        run_id = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
-        if world > 1:  # every rank needs the same id
-            box = [run_id]
-            dist.broadcast_object_list(box, src=0)
-            run_id = box[0]
+        run_id = new_run_id(run_dir, world)
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             (run_dir / "data_plan.json").write_text(plan.to_json())
@@ -491,24 +481,13 @@ def _run(profile: Profile, shards: list, steps: int, run_dir: Path, lake: str, c
                 _save_adapter(engine.module, ck / "adapter", {**meta, "step": step})
             (ck / "state.json").write_text(json.dumps({"step": step, "loader": loader.state_dict(), "before": before,
                                                         "run_id": run_id}, indent=2))
-        dist.barrier()
-        if rank == 0:  # the pointer moves only once every rank's files are written
-            write_pointer(run_dir, tag)
-            prune_checkpoints(run_dir, cfg.keep_checkpoints)
-        dist.barrier()
+        commit_checkpoint(run_dir, tag, cfg.keep_checkpoints, rank)
 
     t0 = time.perf_counter()
     win_t, win_steps, last_loss = time.perf_counter(), 0, float("nan")
     engine.train()
     it = iter(loader)
-    progress = None
-    if rank == 0 and sys.stderr.isatty():
-        from rich.progress import Progress
-
-        progress = Progress(transient=True)
-        task = progress.add_task("fine-tune", total=steps, completed=start)
-        progress.start()
-    try:
+    with progress_bar(rank, "fine-tune", total=steps, completed=start) as advance:
         for step in range(start + 1, steps + 1):
             total = torch.zeros(1, dtype=torch.float64)
             for _ in range(cfg.grad_accum):
@@ -533,13 +512,9 @@ def _run(profile: Profile, shards: list, steps: int, run_dir: Path, lake: str, c
                     metrics.add(step, "lr", engine.get_lr()[0])
                     log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", step, steps, last_loss,
                              engine.get_lr()[0], rate)
-            if progress is not None:
-                progress.update(task, completed=step)
+            advance(step)
             if step % cfg.checkpoint_every == 0 or step == steps:
                 checkpoint(step)
-    finally:
-        if progress is not None:
-            progress.stop()
 
     after = evaluate_heldout(engine.module, batcher, loader, cfg, device, dtype, world)
     after = {"heldout_loss_after" if k == "heldout_loss" else k: v for k, v in after.items()}
