@@ -333,7 +333,7 @@ def test_resume_continues_exactly(edits, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- the adapter in use
-def test_adapter_changes_guidance_and_merged_export_matches(finetuned, tmp_path):
+def test_adapter_changes_guidance_and_merged_export_matches(finetuned, tmp_path, monkeypatch):
     import dataclasses
 
     from img.finetune.train import export_merged
@@ -353,6 +353,12 @@ def test_adapter_changes_guidance_and_merged_export_matches(finetuned, tmp_path)
     assert torch.allclose(GuidanceEncoder(plain)([image], q)[0], tuned_h, atol=1e-5)
     with pytest.raises(UserError, match="not a peft adapter folder"):
         with_mllm_adapter(tiny, run)
+    # a profile names one in jobs/profiles/<name>.toml
+    (tmp_path / "profiles").mkdir()
+    (tmp_path / "profiles" / "tiny.toml").write_text(f'mllm_adapter = "{run / "adapter"}"\n')
+    monkeypatch.setenv("IMG_PROFILES_DIR", str(tmp_path / "profiles"))
+    named = get_profile("tiny")
+    assert named.mllm_adapter == str(run / "adapter") and named.model_ids() == tuned.model_ids()
     with pytest.raises(UserError, match="width 64"):
         with_mllm_adapter(get_profile("bench"), run / "adapter")
 
