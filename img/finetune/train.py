@@ -382,9 +382,7 @@ def run_finetune(profile_name: str, data: str, steps: int, run_dir: str | Path, 
         raise UserError(f"profile {profile.name!r} already names an MLLM adapter ({profile.mllm_adapter}); fine-tuning "
                         "starts from the base MLLM. Remove mllm_adapter from the profile's TOML.")
     shards = list_edit_shards(data)
-    from deepspeed.accelerator import get_accelerator
-
-    threads = _set_threads(profile, get_accelerator().device_name())  # tiny models on CPU: one thread
+    threads = _set_threads(profile, "cuda" if torch.cuda.is_available() else "cpu")  # tiny models on CPU: 1 thread
     try:
         return _run(profile, shards, steps, Path(run_dir), lake, cfg, resume, merge)
     finally:
