@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from img.errors import UserError
+from img.finetune.adapter import with_mllm_adapter
 from img.inference.generation import RELEASED_RESAMPLER, IMGPipeline, default_settings, load_aligner
 from img.lake.lock import writer_lock
 from img.lake.tables import append_rows, open_table, table_uri
@@ -375,6 +376,7 @@ def run_infer(
     progress: bool = True,
     questions: Optional[str | Path] = None,
     break_lock: bool = False,
+    mllm_adapter: Optional[str | Path] = None,
 ) -> InferSummary:
     """Validate everything, load the models, then for each prompt: generate, write PNGs, append rows.
 
@@ -388,7 +390,7 @@ def run_infer(
     if rounds < 0:
         raise UserError(f"--rounds must be >= 0, got {rounds}. 1 is the paper's setting.")
 
-    prof = get_profile(profile)
+    prof = with_mllm_adapter(get_profile(profile), mllm_adapter)  # a fine-tuned MLLM (img jobs finetune-mllm)
     pool = resolve_questions(questions)
     settings = default_settings(prof, steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale, passes=passes,
                                 negative_prompt=negative_prompt)

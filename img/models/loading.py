@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from img.errors import UserError
+from img.finetune.adapter import merge_adapter
 from img.logs import quiet_loading, quiet_logger
 from img.models.processors import clip_image_processor
 from img.models.profiles import Profile
@@ -190,7 +191,10 @@ QWEN_MAX_PIXELS = 768 * 28 * 28  # at most 768 image tokens per image for Qwen2.
 
 
 def load_mllm(profile: Profile, device: Any = "cpu", dtype: Any = None):
-    """(MLLM, processor): ``LlavaForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``."""
+    """(MLLM, processor): ``LlavaForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``.
+
+    The profile's ``mllm_adapter`` (if any) is merged into the weights.
+    """
     quiet_loading()
     from transformers import AutoProcessor
 
@@ -210,6 +214,8 @@ def load_mllm(profile: Profile, device: Any = "cpu", dtype: Any = None):
     # On an accelerator, load straight onto it (a 13B model would otherwise pass through host memory).
     placement = {} if torch.device(device).type == "cpu" else {"device_map": {"": str(torch.device(device))}}
     model = Model.from_pretrained(loc.path, dtype=dt, local_files_only=True, **placement).to(device).eval()
+    if profile.mllm_adapter:  # a fine-tuned adapter (img jobs finetune-mllm), merged into the weights
+        model = merge_adapter(model, profile.mllm_adapter, profile.mllm_adapter_id).eval()
     return model, processor
 
 

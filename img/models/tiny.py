@@ -38,6 +38,7 @@ from typing import Any
 from img.conversation import TEMPLATES
 from img.data.shapes_world import vocabulary
 from img.errors import UserError
+from img.finetune.edits import INSTRUCTION_WORDS
 from img.logs import quiet_loading
 from img.models.processors import clip_image_processor
 from img.questions import QUESTIONS
@@ -98,7 +99,7 @@ def vocabulary_words() -> list[str]:
     """Deterministic, de-duplicated word list shared by the tiny tokenizers."""
 
     seen: dict[str, None] = {}
-    for w in [*CAPTION_WORDS, *vocabulary(), *CHAT_WORDS, *_question_words()]:
+    for w in [*CAPTION_WORDS, *vocabulary(), *CHAT_WORDS, *_question_words(), *INSTRUCTION_WORDS]:
         seen.setdefault(w.lower(), None)
     return list(seen)
 
