@@ -35,7 +35,6 @@ from img.errors import UserError
 from img.lake import tables as lake_mod
 from img.lake.lock import writer_lock
 from img.training import run_folder
-from img.training.checkpoint_io import use_weights_only_loading
 from schemas import metrics as metrics_schema
 
 
@@ -105,6 +104,7 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: 
     """``deepspeed.initialize`` with :func:`deepspeed_config`; every checkpoint read goes through weights_only=True."""
     import deepspeed
 
+    from img.training.checkpoint_io import use_weights_only_loading  # heavy: imports deepspeed
 
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=lr_scheduler,
                                            config=deepspeed_config(cfg, world_size, bf16))
