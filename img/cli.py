@@ -5,6 +5,7 @@
     img sql --lake lake "select count(*) from pairs"
     img jobs embed --dataset pickapic --source data/sample --profile tiny --lake lake
     img jobs train --lake lake --profile tiny --steps 200 --run-dir runs/r1
+    img jobs eval --profile tiny --scorer tiny --prompts prompts.txt --n 6 --lake lake
     img infer --profile tiny --prompt "a red circle" --out out
 
 Every command has ``--help``. A user's mistake raises ``UserError``; ``main``
@@ -26,7 +27,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="IMG: Implicit Multimodal Guidance - embed, train, infer, query.")
 data_app = typer.Typer(no_args_is_help=True, help="Input data: the bundled Pick-a-Pic-format sample.")
 profile_app = typer.Typer(no_args_is_help=True, help="Model profiles: what every job loads.")
-jobs_app = typer.Typer(no_args_is_help=True, help="Batch jobs: embed (Ray Data) and train (DeepSpeed).")
+jobs_app = typer.Typer(no_args_is_help=True, help="Batch jobs: embed and eval (Ray Data), train (DeepSpeed).")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON.")
 app.add_typer(data_app, name="data")
 app.add_typer(profile_app, name="profile")
@@ -58,14 +59,25 @@ def _default_config(name: str) -> Optional[Path]:
 # ---------------------------------------------------------------- data
 @data_app.command("sample")
 def data_sample(
-    out: Path = typer.Option(..., "--out", help="Folder to write parquet shards into (created)."),
+    out: Path = typer.Option(..., "--out", help="Folder to write parquet shards (or prompts.tsv) into (created)."),
     pairs: int = typer.Option(2000, "--pairs", help="Number of rows (pairs) to draw."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
     corrupt: float = typer.Option(0.0, "--corrupt", help="Fraction of rows whose JPEG bytes are corrupted."),
     ties: float = typer.Option(0.1, "--ties", help="Fraction of rows that are ties (label_0 = 0.5)."),
     shard_rows: int = typer.Option(500, "--shard-rows", help="Rows per parquet shard."),
+    kind: str = typer.Option("pairs", "--kind", help="pairs: Pick-a-Pic preference pairs; prompts: a shapes-world "
+                             "prompt file with categories (Parti TSV form) for `img jobs eval`."),
+    n: int = typer.Option(60, "--n", help="--kind prompts: number of distinct prompts."),
 ) -> None:
-    """Write a procedurally drawn shapes-world sample with Pick-a-Pic v2 columns."""
+    """Write a procedurally drawn shapes-world sample with Pick-a-Pic v2 columns (or, --kind prompts, eval prompts)."""
+    if kind == "prompts":
+        from img.eval.prompts import write_shapes_prompts
+
+        path = write_shapes_prompts(out, n=n, seed=seed)
+        typer.echo(f"wrote {n} shapes-world prompts (categories single, counting, spatial) to {path}")
+        return
+    if kind != "pairs":
+        raise UserError(f"--kind {kind!r} is not one of pairs, prompts. Pick one of those.")
     from img.sample import write_sample
 
     summary = write_sample(out, pairs=pairs, seed=seed, corrupt=corrupt, ties=ties, shard_rows=shard_rows)
@@ -158,6 +170,52 @@ def jobs_train(
     summary = run_training(lake, profile, steps, run_dir, cfg, resume=resume)
     if os.environ.get("RANK", "0") == "0":
         typer.echo(summary.render())
+
+
+@jobs_app.command("eval")
+def jobs_eval(
+    prompts: Path = typer.Option(..., "--prompts", help="Prompt file or folder: HPDv2 test, PartiPrompts.tsv, "
+                                 "T2I-CompBench *_val.txt, Pick-a-Pic test_unique parquet, or one prompt per line."),
+    lake: str = typer.Option(..., "--lake", help="Lake folder or URI (Lance) for prompts, eval_runs, eval_images, "
+                             "scores and win_rates."),
+    profile: str = typer.Option("tiny", "--profile", help="Model profile of the base model and IMG."),
+    scorer: list[str] = typer.Option(["pickscore", "hpsv2"], "--scorer", help="pickscore, hpsv2 (= hpsv2.1), "
+                                     "hpsv2.0, or tiny (random twins of both); repeatable."),
+    n: Optional[int] = typer.Option(None, "--n", help="Prompts to sample (stratified by category)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed: the same seed picks the same prompts."),
+    where: Optional[str] = typer.Option(None, "--where", help="SQL predicate over prompts for the default sample, "
+                                        "e.g. \"category = 'spatial'\"."),
+    sample_sql: Optional[Path] = typer.Option(None, "--sample-sql", help="File with a DuckDB SELECT over `prompts` "
+                                              "returning prompt_id ($seed, $n are substituted); replaces the default."),
+    prompt_format: Optional[str] = typer.Option(None, "--prompt-format", help="hpdv2, parti, t2i-compbench, pickapic, "
+                                                "text or json (default: detected from the file)."),
+    set_name: Optional[str] = typer.Option(None, "--set", help="Name of the prompt set in the lake (default from "
+                                           "the format or file name)."),
+    aligner: list[str] = typer.Option([], "--aligner", help="[NAME=]PATH of an aligner: one IMG system each "
+                                      "(repeatable). Required except for tiny profiles (fresh aligner = identity)."),
+    rounds: int = typer.Option(1, "--rounds", help="IMG rounds per system (analysis -> alignment -> regeneration)."),
+    passes: Optional[int] = typer.Option(None, "--passes", help="Aligner passes (default: profile, 3)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Diffusion steps (default: profile)."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="CFG / FLUX guidance (default: profile)."),
+    ip_scale: Optional[float] = typer.Option(None, "--ip-scale", help="IP-Adapter scale at regeneration (default 0.2)."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt of every image."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Eval TOML (default: jobs/eval.toml settings)."),
+    as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON."),
+) -> None:
+    """Base vs IMG images for sampled prompts (Ray Data), preference scores, and win rates with 95% intervals."""
+    from img.config import load_config
+    from pipelines.eval import plan_eval, run_eval
+    from pipelines.eval_config import EvalConfig
+
+    cfg = load_config(EvalConfig, config if config is not None else _default_config("eval.toml"))
+    plan = plan_eval(prompts, lake, profile, scorer, n=n, seed=seed, where=where, sample_sql=sample_sql,
+                     prompt_format=prompt_format, set_name=set_name, aligners=aligner, seeds=cfg.seeds, rounds=rounds,
+                     passes=passes, steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale,
+                     negative_prompt=negative_prompt, storage_options=cfg.storage_options or None)
+    summary = run_eval(plan, cfg)
+    typer.echo(summary.render())
+    if as_json:
+        typer.echo(summary.to_json())
 
 
 @bench_app.command("embed")
