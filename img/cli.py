@@ -203,6 +203,9 @@ def jobs_eval(
     as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON."),
 ) -> None:
     """Base vs IMG images for sampled prompts (Ray Data), preference scores, and win rates with 95% intervals."""
+    from img.eval.scorers import resolve_scorers
+
+    resolve_scorers(scorer)  # first, before heavy imports: a scorer without local weights fails in well under 1 s
     from img.config import load_config
     from pipelines.eval import plan_eval, run_eval
     from pipelines.eval_config import EvalConfig

@@ -198,11 +198,11 @@ def plan_eval(prompts: str | Path, lake: str, profile: str, scorers: list[str], 
 
     Nothing is written. Raises ``UserError`` naming the value and the fix.
     """
+    specs = resolve_scorers(scorers)  # before importing torch: a missing scorer fails in well under a second
     from img.generation import RELEASED_RESAMPLER, default_settings, load_aligner
     from img.model_loading import locate
     from img.profiles import get_profile
 
-    specs = resolve_scorers(scorers)
     prof = get_profile(profile)
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise UserError(f"seeds must be >= 1, got {seeds!r}. Set seeds in the eval TOML (1 is the default).")

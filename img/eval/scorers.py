@@ -281,7 +281,7 @@ def build_tiny_scorers(out: str | Path) -> Path:
     ``HPS_v2_compressed.pt``: random open_clip-layout checkpoints ``{"state_dict": ...}`` (xswu/HPSv2's files).
     """
     import torch
-    from transformers import CLIPModel, CLIPProcessor
+    from transformers import CLIPModel
 
     from img.model_loading import clip_image_processor
     from img.tiny_models import build_clip_tokenizer, vocabulary_words
@@ -289,9 +289,9 @@ def build_tiny_scorers(out: str | Path) -> Path:
     out = Path(out)
     config = tiny_clip_config()
     proc_dir = out / "clip_vit_h14"
-    config.save_pretrained(proc_dir)
-    CLIPProcessor(image_processor=clip_image_processor(config.vision_config.image_size),
-                  tokenizer=build_clip_tokenizer(vocabulary_words())).save_pretrained(proc_dir)
+    config.save_pretrained(proc_dir)  # the files the laion repo has: config, preprocessor_config.json, tokenizer
+    clip_image_processor(config.vision_config.image_size).save_pretrained(proc_dir)
+    build_clip_tokenizer(vocabulary_words()).save_pretrained(proc_dir)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(11)
         CLIPModel(config).save_pretrained(out / "pickscore", safe_serialization=True)
