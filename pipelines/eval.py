@@ -536,6 +536,7 @@ def run_eval(plan: EvalPlan, cfg: EvalConfig, progress: bool = True) -> EvalSumm
                 for row in ds.iter_rows():
                     for name in ("eval_images", "scores"):  # scores is the commit marker
                         lake_mod.commit_fragments(plan.lake, name, json.loads(row[name]), so)
+                    log.debug("committed %d unit(s)", int(row["units"]))
                     summary.generated += int(row["units"])
                     summary.gen_seconds += float(row["gen_seconds"])
                     bar.advance(int(row["units"]))
