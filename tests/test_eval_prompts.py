@@ -253,8 +253,3 @@ def test_win_rates_wilson_ties_seeds_and_versions():
     text = render(out)
     assert "75.0% [" in text and "7/1/2" in text
 
-
-def test_readme_lists_the_researcher_queries(repo_root):
-    readme = (repo_root / "README.md").read_text()
-    for needle in ("from win_rates", "from metrics", "from pairs", "from quarantine", "from scores"):
-        assert needle in readme

@@ -1,7 +1,9 @@
 """Notebooks are executed against a real lake (sample -> embed -> train -> eval), so they never rot."""
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -12,6 +14,7 @@ from img import lake as lake_mod
 from img.eval import report
 from img.eval.prompts import write_shapes_prompts
 from img.sample import expected_counts, write_sample
+from img.sql import run_query
 from img.trainer import TrainConfig, run_training
 from pipelines.embed import run_embed
 from pipelines.embed_config import EmbedConfig
@@ -83,3 +86,14 @@ def test_report_numbers_match_the_lake(built):
     grid = report.image_rows(lake, summary.run, prompts=3)
     assert len(grid) == 3 and all(set(r["images"]) == {"base", "img"} for r in grid)
     assert all(r["images"]["base"][:4] == b"\x89PNG" for r in grid)
+
+
+def test_readme_queries_run_on_the_lake(built, repo_root):
+    """The five researcher queries of the README return rows on a lake with pairs, metrics and eval tables."""
+    readme = (repo_root / "README.md").read_text()
+    block = readme.split("Five queries a researcher runs")[1].split("```sql")[1].split("```")[0]
+    queries = [q.strip() for q in re.split(r";\s*\n", block) if q.strip()]
+    assert len(queries) == 5
+    for q in queries:
+        rows = json.loads(run_query(built["lake"], q, as_json=True))
+        assert rows, q.splitlines()[0]
