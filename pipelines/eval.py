@@ -246,7 +246,7 @@ def plan_eval(prompts: str | Path, lake: str, profile: str, scorers: list[str], 
         "systems": [{"name": s.name, "aligner_id": s.aligner_id, "passes": s.passes, "rounds": s.rounds}
                     for s in systems],
         "settings": asdict(settings), "scorers": [{"name": s.name, "version": s.version} for s in specs],
-        "resampler": bool(resampler),
+        "resampler": hashlib.sha256(Path(resampler).read_bytes()).hexdigest()[:16] if resampler else None,
     }
     run = "eval-" + hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
     return EvalPlan(lake=lake, profile=prof.name, prompt_set=prompt_set, sample=sample, seeds=list(range(seeds)),

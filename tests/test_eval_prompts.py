@@ -16,6 +16,9 @@ from img.errors import UserError
 from img.eval.prompts import detect_format, load_prompt_set, write_shapes_prompts
 from img.eval.sampling import DEFAULT_SAMPLE_SQL, sample_prompts
 from img.eval.winrates import compute_win_rates, render, wilson
+from img.config import load_config
+from pipelines.eval import parse_aligners
+from pipelines.eval_config import EvalConfig
 from schemas import pickapic, prompts as prompts_schema, scores as scores_schema
 
 
@@ -253,3 +256,22 @@ def test_win_rates_wilson_ties_seeds_and_versions():
     text = render(out)
     assert "75.0% [" in text and "7/1/2" in text
 
+
+
+# ----------------------------------------------------------------------------- config and systems
+def test_shipped_eval_tomls_load(repo_root, tmp_path):
+    cpu = load_config(EvalConfig, repo_root / "jobs/eval.toml")
+    assert cpu == EvalConfig()  # the TOML spells out the defaults
+    gpu = load_config(EvalConfig, repo_root / "jobs/eval_gpu.toml")
+    assert gpu.generate.num_gpus == 1 and gpu.scorer.num_gpus > 0 and gpu.seeds == cpu.seeds
+    (tmp_path / "c.toml").write_text("units_per_fragmnet = 3\n")
+    with pytest.raises(UserError, match="units_per_fragmnet"):
+        load_config(EvalConfig, tmp_path / "c.toml")
+
+
+def test_aligner_specs_name_the_systems():
+    assert parse_aligners(["runs/a/aligner"]) == [("img", "runs/a/aligner")]
+    assert parse_aligners(["a/x", "dpo=b/y", "c/z"]) == [("img", "a/x"), ("dpo", "b/y"), ("img3", "c/z")]
+    for bad, msg in ((["base=a"], "not allowed"), (["x=a", "x=b"], "must differ"), (["x="], "no path")):
+        with pytest.raises(UserError, match=msg):
+            parse_aligners(bad)

@@ -33,7 +33,9 @@ def built(tmp_path_factory):
     cfg = TrainConfig(log_every=5, heldout_fraction=0.25, checkpoint_every=1000, num_workers=0)
     run_training(lake, "tiny", 16, root / "run", cfg)
     prompts = write_shapes_prompts(root / "prompts", n=12, seed=0)
-    plan = plan_eval(prompts, lake, "tiny", ["tiny"], n=4, aligners=[str(root / "run" / "aligner")])
+    reference = next((root / "run" / "checkpoints").glob("step_*/reference"))  # a second, different aligner
+    plan = plan_eval(prompts, lake, "tiny", ["tiny"], n=4,
+                     aligners=[str(root / "run" / "aligner"), f"ref={reference}"])
     summary = run_eval(plan, EvalConfig(), progress=False)
     return {"root": root, "data": data, "lake": lake, "eval": summary}
 
@@ -80,12 +82,16 @@ def test_report_numbers_match_the_lake(built):
     summary = built["eval"]
     rates = report.win_rates(lake, summary.run)
     assert rates and all(r["n"] == 4 for r in rates if r["category"] == "(all)")
-    assert {r["system"] for r in rates} == {"img"}
+    assert {r["system"] for r in rates} == {"img", "ref"}  # two systems, each against the same base images
     means = report.mean_scores(lake, summary.run)
-    assert {(m["scorer"], m["system"]) for m in means} == {(s, x) for s in ("pickscore", "hpsv2") for x in ("base", "img")}
+    assert {(m["scorer"], m["system"]) for m in means} == {(s, x) for s in ("pickscore", "hpsv2")
+                                                           for x in ("base", "img", "ref")}
     grid = report.image_rows(lake, summary.run, prompts=3)
-    assert len(grid) == 3 and all(set(r["images"]) == {"base", "img"} for r in grid)
+    assert len(grid) == 3 and all(set(r["images"]) == {"base", "img", "ref"} for r in grid)
     assert all(r["images"]["base"][:4] == b"\x89PNG" for r in grid)
+    assert any(r["images"]["img"] != r["images"]["ref"] for r in grid)  # the aligner was swapped between systems
+    ids = report.query(lake, "select system, any_value(aligner_id) as aid from eval_images group by system")
+    assert len({r["aid"] for r in ids}) == 3
 
 
 def test_readme_queries_run_on_the_lake(built, repo_root):
