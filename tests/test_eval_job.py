@@ -14,8 +14,10 @@ import time
 import numpy as np
 import pytest
 from PIL import Image
+from typer.testing import CliRunner
 
 from img import lake as lake_mod
+from img.cli import app
 from img.sql import run_query
 from pipelines.eval import reconcile
 
@@ -30,6 +32,12 @@ def _cmd(prompts, lake, n):
 
 def _env():
     return dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
+
+
+def _run_in_process(prompts, lake, n):
+    """The same command through the same CLI code in this process (Ray started here is reused by later tests)."""
+    r = CliRunner().invoke(app, _cmd(prompts, lake, n)[3:])
+    return subprocess.CompletedProcess(["img"], r.exit_code, r.stdout, repr(r.exception))
 
 
 def _sql(lake, query):
@@ -58,7 +66,7 @@ def seven(tmp_path_factory):
     finished_early = proc.poll() is not None
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    r = subprocess.run(_cmd(prompts, lake, 6), capture_output=True, text=True, env=_env(), timeout=900)
+    r = _run_in_process(prompts, lake, 6)
     return root, prompts, committed // 4, finished_early, r
 
 
@@ -110,7 +118,7 @@ def test_rerun_adds_nothing(seven):
     root, prompts, *_ = seven
     lake = root / "lake"
     before = _sql(lake, "select name, rows, version from img_tables order by name")
-    again = subprocess.run(_cmd(prompts, lake, 6), capture_output=True, text=True, env=_env(), timeout=600)
+    again = _run_in_process(prompts, lake, 6)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "0 unit(s) generated" in again.stdout and "6 skipped as already done" in again.stdout
     assert "win_rates unchanged" in again.stdout and "win rate [95% CI]" in again.stdout
