@@ -420,7 +420,8 @@ class EvalSummary:
                 f"{', '.join(self.systems)} vs base; scorers {', '.join(self.scorers)}\n"
                 f"{self.generated} unit(s) generated and scored, {self.skipped_done} skipped as already done, "
                 f"{self.orphans_redone} redone after an interrupted commit; {self.seconds:.1f}s "
-                f"({self.gen_seconds:.1f}s generating); win_rates {'updated' if self.win_rates_written else 'unchanged'}")
+                f"({self.gen_seconds:.1f}s generating); "
+                f"win_rates {'updated' if self.win_rates_written else 'unchanged'}")
         return head + "\n\n" + winrates.render(self.win_rates)
 
     def to_json(self) -> str:

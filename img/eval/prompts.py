@@ -130,7 +130,8 @@ def _json_list(path: Path) -> list[str]:
     try:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
-        raise UserError(f"--prompts {str(path)!r} is not valid JSON ({e.msg}, line {e.lineno}). Fix the file.") from None
+        raise UserError(f"--prompts {str(path)!r} is not valid JSON ({e.msg}, line {e.lineno}). "
+                        "Fix the file.") from None
     if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
         raise UserError(f"--prompts {str(path)!r} must hold one JSON list of prompt strings, as HPDv2's "
                         "benchmark files do.")
@@ -239,7 +240,8 @@ def load_prompt_set(path: str | Path, fmt: str | None = None, name: str | None =
         raise UserError(f"--prompts {str(p)!r} is a folder; --prompt-format {fmt} reads one file. Pass the file.")
     rows = [(pid, prompt.strip(), cat) for pid, prompt, cat in READERS[fmt](p) if prompt and prompt.strip()]
     if not rows:
-        raise UserError(f"--prompts {str(p)!r} holds no prompt (read as {fmt}). Check the file, or pass --prompt-format.")
+        raise UserError(f"--prompts {str(p)!r} holds no prompt (read as {fmt}). Check the file, or pass "
+                        "--prompt-format.")
     name = name or default_set_name(p, fmt)
     if not _SET_NAME.match(name):
         raise UserError(f"--set {name!r} is not a valid set name. Use letters, digits, '.', '_' or '-' (max 64).")

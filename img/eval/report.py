@@ -96,7 +96,8 @@ def training_runs(lake: str) -> list[dict]:
 
 
 def loss_parts(lake: str, run_id: Optional[str] = None) -> list[dict]:
-    """(run_id, step, name, value) of the loss and its parts (``loss``, ``loss_base``, ``loss_pref``, ``d_*``, ``z``)."""
+    """(run_id, step, name, value) of the loss and its parts (``loss``, ``loss_base``, ``loss_pref``, ``d_*``,
+    ``z``)."""
     if not _has(lake, "metrics"):
         return []
     where = f" and run_id = '{run_id}'" if run_id else ""

@@ -70,7 +70,8 @@ def sample_query(n: Optional[int], seed: int, where: Optional[str] = None, sampl
         if n is None:
             raise UserError("pass --n N (how many prompts to sample), or --sample-sql FILE.")
         if where is not None and not where.strip():
-            raise UserError("--where is empty. Pass an SQL predicate over prompts, e.g. --where \"category = 'spatial'\".")
+            raise UserError("--where is empty. Pass an SQL predicate over prompts, "
+                            "e.g. --where \"category = 'spatial'\".")
         return _inline(DEFAULT_SAMPLE_SQL.format(where=f"({where})" if where else "TRUE"), seed, n)
     if not sample_sql.strip():
         raise UserError("the --sample-sql file is empty. Put one SELECT over `prompts` in it.")
@@ -110,7 +111,8 @@ def sample_prompts(prompts: pa.Table, n: Optional[int] = None, seed: int = 0, wh
     finally:
         con.close()
     if "prompt_id" not in result.column_names:
-        raise UserError(f"the sample query must return a prompt_id column; it returned {', '.join(result.column_names)}.")
+        raise UserError(f"the sample query must return a prompt_id column; it returned "
+                        f"{', '.join(result.column_names)}.")
     ids = [str(x) for x in result.column("prompt_id").to_pylist()]
     known = dict(zip(prompts.column("prompt_id").to_pylist(), prompts.column("category").to_pylist()))
     unknown = [i for i in ids if i not in known]

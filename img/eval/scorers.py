@@ -130,8 +130,9 @@ def resolve_scorers(names: Sequence[str]) -> list[ScorerSpec]:
             new = [ScorerSpec("pickscore", version, str(root / "pickscore"), str(root / "clip_vit_h14")),
                    ScorerSpec("hpsv2", version, str(root / "hpsv2" / HPS_FILES["v2.1"]), str(root / "clip_vit_h14"))]
         elif name == "pickscore":
-            new = [ScorerSpec("pickscore", "v1", str(_find(ENV_PICKSCORE, HUB_PICKSCORE, "config.json", "pickscore")),
-                              str(_find(ENV_CLIP_H14, HUB_CLIP_H14, "preprocessor_config.json", "pickscore processor")))]
+            weights = _find(ENV_PICKSCORE, HUB_PICKSCORE, "config.json", "pickscore")
+            processor = _find(ENV_CLIP_H14, HUB_CLIP_H14, "preprocessor_config.json", "pickscore processor")
+            new = [ScorerSpec("pickscore", "v1", str(weights), str(processor))]
         else:
             version = "v2.0" if name == "hpsv2.0" else "v2.1"
             new = [ScorerSpec("hpsv2", version, str(_hps_file(version)),
