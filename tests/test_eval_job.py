@@ -102,6 +102,8 @@ def test_exact_command_writes_scores_and_win_rates(seven):
     sampled = _sql(lake, "select e.prompt_id, p.prompt from eval_runs e join prompts p using (prompt_id)")
     assert len(sampled) == 6 and {s["prompt"] for s in sampled} < set(SEVEN)
     assert {s["prompt_id"] for s in scores} == {s["prompt_id"] for s in sampled}
+    stored = _sql(lake, "select prompt_id, sample_sql from eval_runs order by rank")
+    assert [r["prompt_id"] for r in _sql(lake, stored[0]["sample_sql"])] == [r["prompt_id"] for r in stored]
     rates = _sql(lake, "select * from win_rates")
     assert sorted((w["scorer"], w["category"]) for w in rates) == [("hpsv2", "(all)"), ("pickscore", "(all)")]
     for w in rates:

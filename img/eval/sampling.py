@@ -6,9 +6,10 @@
     s.prompt_ids, s.categories, s.sql                                       # s.sql: the query as it ran
 
 The query sees one view, ``prompts`` (set, prompt_id, prompt, category), holding
-the chosen set only. ``$seed`` and ``$n`` in the query are replaced by the
+the chosen set. ``$seed``, ``$n`` and ``$set`` in the query are replaced by the
 values before it runs, so ``s.sql`` (stored in ``eval_runs.sample_sql``) is
-exactly what ran. The default query (``DEFAULT_SAMPLE_SQL``) is a proportional
+exactly what ran, and it draws the same sample from the lake's ``prompts``
+table through ``img sql``. The default query (``DEFAULT_SAMPLE_SQL``) is a proportional
 stratified sample: inside each category the prompts are put in a random order
 by ``md5(prompt_id || ':' || seed)``; a prompt at position k of a category of
 size m gets the key (k - 0.5) / m, and the n smallest keys win. Every category
@@ -33,12 +34,12 @@ FROM (
            row_number() OVER (PARTITION BY category ORDER BY md5(prompt_id || ':' || $seed)) AS k,
            count(*) OVER (PARTITION BY category) AS m
     FROM prompts
-    WHERE {where}
+    WHERE set = $set AND {where}
 )
 ORDER BY (k - 0.5) / m, md5(category || ':' || $seed), prompt_id
 LIMIT $n"""
 
-_PARAM = re.compile(r"\$(seed|n)\b")
+_PARAM = re.compile(r"\$(seed|n|set)\b")
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,12 @@ class Sample:
     sql: str
 
 
-def _inline(sql: str, seed: int, n: Optional[int]) -> str:
+def _inline(sql: str, seed: int, n: Optional[int], set_name: str) -> str:
     def sub(m: re.Match) -> str:
         if m.group(1) == "seed":
             return f"'{int(seed)}'"
+        if m.group(1) == "set":
+            return "'" + set_name.replace("'", "''") + "'"
         if n is None:
             raise UserError("the sample query uses $n but no --n was given. Pass --n N.")
         return str(int(n))
@@ -61,8 +64,9 @@ def _inline(sql: str, seed: int, n: Optional[int]) -> str:
     return _PARAM.sub(sub, sql)
 
 
-def sample_query(n: Optional[int], seed: int, where: Optional[str] = None, sample_sql: Optional[str] = None) -> str:
-    """The query that will run, with ``$seed`` / ``$n`` inlined."""
+def sample_query(n: Optional[int], seed: int, where: Optional[str] = None, sample_sql: Optional[str] = None,
+                 set_name: str = "") -> str:
+    """The query that will run, with ``$seed`` / ``$n`` / ``$set`` inlined."""
     if where is not None and sample_sql is not None:
         raise UserError("pass --where or --sample-sql, not both (--where edits the default query, "
                         "--sample-sql replaces it).")
@@ -72,13 +76,13 @@ def sample_query(n: Optional[int], seed: int, where: Optional[str] = None, sampl
         if where is not None and not where.strip():
             raise UserError("--where is empty. Pass an SQL predicate over prompts, "
                             "e.g. --where \"category = 'spatial'\".")
-        return _inline(DEFAULT_SAMPLE_SQL.format(where=f"({where})" if where else "TRUE"), seed, n)
+        return _inline(DEFAULT_SAMPLE_SQL.format(where=f"({where})" if where else "TRUE"), seed, n, set_name)
     if not sample_sql.strip():
         raise UserError("the --sample-sql file is empty. Put one SELECT over `prompts` in it.")
     if n is not None and not re.search(r"\$n\b", sample_sql):
         raise UserError(f"--n {n} was given but the --sample-sql query does not use $n. Use $n in it "
                         "(e.g. LIMIT $n) or leave --n out.")
-    return _inline(sample_sql, seed, n)
+    return _inline(sample_sql, seed, n, set_name)
 
 
 def sample_prompts(prompts: pa.Table, n: Optional[int] = None, seed: int = 0, where: Optional[str] = None,
@@ -90,7 +94,10 @@ def sample_prompts(prompts: pa.Table, n: Optional[int] = None, seed: int = 0, wh
         raise UserError(f"--n must be >= 1, got {n}. Pass the number of prompts to evaluate.")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
         raise UserError(f"--seed must be an integer >= 0, got {seed!r}.")
-    sql = sample_query(n, seed, where, sample_sql)
+    sets = set(prompts.column("set").to_pylist())
+    if len(sets) != 1:
+        raise ValueError(f"sample_prompts takes the prompts of one set, got {sorted(sets)}")
+    sql = sample_query(n, seed, where, sample_sql, sets.pop())
     con = duckdb.connect(":memory:")
     try:
         con.execute("SET threads = 1")
