@@ -451,8 +451,12 @@ def reconcile(lake: str, run: str, storage_options: Optional[dict]) -> tuple[set
 def record_prompts_and_run(plan: EvalPlan, storage_options: Optional[dict]) -> None:
     """Append the prompt set (if new) and the run's ``eval_runs`` rows (if new), one commit each."""
     lake = plan.lake
-    if _stored_set(lake, plan.prompt_set.name, storage_options) is None:
+    stored = _stored_set(lake, plan.prompt_set.name, storage_options)
+    if stored is None:
         lake_mod.append_rows(lake, "prompts", plan.prompt_set.table, table_schema("prompts"), storage_options)
+    elif stored != _set_rows(plan.prompt_set.table):  # loaded by another writer since the plan was made
+        raise UserError(f"prompt set {plan.prompt_set.name!r} in {lake} now holds other prompts than "
+                        f"{plan.prompt_set.source}. Pass --set NEW_NAME for these prompts.")
     runs = lake_mod.open_table(lake, "eval_runs", storage_options)
     if runs.count_rows(filter=f"run = {_sql_str(plan.run)}") == 0:
         now = datetime.now(timezone.utc)
