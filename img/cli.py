@@ -7,6 +7,7 @@
     img jobs train --lake lake --profile tiny --steps 200 --run-dir runs/r1
     img data sample --kind edits --out data/edits --pairs 400 --seed 0
     img jobs finetune-mllm --profile tiny --data data/edits --steps 200 --run-dir runs/ft --lake lake
+    img jobs eval --profile tiny --scorer tiny --prompts prompts.txt --n 6 --lake lake
     img infer --profile tiny --prompt "a red circle" --out out
     img lake vacuum --lake lake --older-than 1h
 
@@ -32,7 +33,7 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="IMG: Implicit Multimodal Guidance - embed, train, infer, query.")
 data_app = typer.Typer(no_args_is_help=True, help="Input data: the bundled Pick-a-Pic and InstructPix2Pix-format samples.")
 profile_app = typer.Typer(no_args_is_help=True, help="Model profiles: what every job loads.")
-jobs_app = typer.Typer(no_args_is_help=True, help="Batch jobs: embed (Ray Data), train and finetune-mllm (DeepSpeed).")
+jobs_app = typer.Typer(no_args_is_help=True, help="Batch jobs: embed and eval (Ray Data), train and finetune-mllm (DeepSpeed).")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON.")
 lake_app = typer.Typer(no_args_is_help=True, help="Lake housekeeping.")
 app.add_typer(data_app, name="data")
@@ -63,30 +64,39 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 # ---------------------------------------------------------------- data
 @data_app.command("sample")
 def data_sample(
-    out: Path = typer.Option(..., "--out", help="Folder to write parquet shards into (created)."),
-    kind: str = typer.Option("pickapic", "--kind", help="pickapic: preference pairs (Pick-a-Pic v2 columns); "
-                             "edits: instruction-edit records (InstructPix2Pix columns) for `img jobs finetune-mllm`."),
+    out: Path = typer.Option(..., "--out", help="Folder to write parquet shards (or prompts.tsv) into (created)."),
+    kind: str = typer.Option("pairs", "--kind", help="pairs: preference pairs (Pick-a-Pic v2 columns); "
+                             "edits: instruction-edit records (InstructPix2Pix columns) for `img jobs finetune-mllm`; "
+                             "prompts: a shapes-world prompt file with categories (Parti TSV form) for `img jobs eval`."),
     pairs: int = typer.Option(2000, "--pairs", help="Number of rows (pairs, or edit records) to draw."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
     corrupt: float = typer.Option(0.0, "--corrupt", help="Fraction of rows whose JPEG bytes (or instruction) are damaged."),
     ties: Optional[float] = typer.Option(None, "--ties", help="Fraction of rows that are ties (label_0 = 0.5); "
-                                         "pickapic only, default 0.1."),
+                                         "pairs only, default 0.1."),
     shard_rows: int = typer.Option(500, "--shard-rows", help="Rows per parquet shard."),
-    fmt: str = typer.Option("sample", "--format", help="sample: published columns + `broken` + provenance; "
+    fmt: str = typer.Option("sample", "--format", help="pairs only. sample: published columns + `broken` + provenance; "
                             "pickapic: exactly the published Pick-a-Pic v2 columns, HF shard names and row groups."),
     row_group_rows: Optional[int] = typer.Option(None, "--row-group-rows",
                                                  help="Rows per parquet row group (default: a shard; 100 for pickapic)."),
+    n: int = typer.Option(60, "--n", help="--kind prompts: number of distinct prompts."),
 ) -> None:
-    """Write a procedurally drawn shapes-world sample: preference pairs, or instruction edits."""
+    """Write a procedurally drawn shapes-world sample: preference pairs, instruction edits, or eval prompts."""
+    kind = "pairs" if kind == "pickapic" else kind
+    if kind not in ("pairs", "edits", "prompts"):
+        raise UserError(f"--kind {kind!r} is not one of pairs, edits, prompts. Pick one of those.")
+    if kind != "pairs" and (ties is not None or fmt != "sample" or row_group_rows is not None):
+        raise UserError("--ties, --format and --row-group-rows apply to --kind pairs only. Drop them.")
+    if kind == "prompts":
+        from img.eval.prompts import write_shapes_prompts
+
+        path = write_shapes_prompts(out, n=n, seed=seed)
+        typer.echo(f"wrote {n} shapes-world prompts (categories single, counting, spatial) to {path}")
+        return
     if kind == "edits":
         from img.finetune.edit_sample import write_edits_sample
 
-        if ties is not None or fmt != "sample" or row_group_rows is not None:
-            raise UserError("--ties, --format and --row-group-rows apply to --kind pickapic only. Drop them.")
         typer.echo(write_edits_sample(out, records=pairs, seed=seed, corrupt=corrupt, shard_rows=shard_rows))
         return
-    if kind != "pickapic":
-        raise UserError(f"--kind {kind!r} is not known. Use --kind pickapic or --kind edits.")
     from img.data.sample import write_sample
 
     summary = write_sample(out, pairs=pairs, seed=seed, corrupt=corrupt, ties=0.1 if ties is None else ties,
@@ -221,6 +231,60 @@ def jobs_finetune_mllm(
     summary = run_finetune(profile, data, steps, run_dir, lake, cfg, resume=resume, merge=merge)
     if os.environ.get("RANK", "0") == "0":
         typer.echo(summary.render())
+
+
+@jobs_app.command("eval")
+def jobs_eval(
+    prompts: Path = typer.Option(..., "--prompts", help="Prompt file or folder: HPDv2 test, PartiPrompts.tsv, "
+                                 "T2I-CompBench *_val.txt, Pick-a-Pic test_unique parquet, or one prompt per line."),
+    lake: str = typer.Option(..., "--lake", help="Lake folder or URI (Lance) for prompts, eval_runs, eval_images, "
+                             "scores and win_rates."),
+    profile: str = typer.Option("tiny", "--profile", help="Model profile of the base model and IMG."),
+    scorer: list[str] = typer.Option(["pickscore", "hpsv2"], "--scorer", help="pickscore, hpsv2 (= hpsv2.1), "
+                                     "hpsv2.0, or tiny (random twins of both); repeatable."),
+    n: Optional[int] = typer.Option(None, "--n", help="Prompts to sample (stratified by category)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed: the same seed picks the same prompts."),
+    where: Optional[str] = typer.Option(None, "--where", help="SQL predicate over prompts for the default sample, "
+                                        "e.g. \"category = 'spatial'\"."),
+    sample_sql: Optional[Path] = typer.Option(None, "--sample-sql", help="File with a DuckDB SELECT over `prompts` "
+                                              "returning prompt_id ($seed, $n are substituted); replaces the default."),
+    prompt_format: Optional[str] = typer.Option(None, "--prompt-format", help="hpdv2, parti, t2i-compbench, pickapic, "
+                                                "text or json (default: detected from the file)."),
+    set_name: Optional[str] = typer.Option(None, "--set", help="Name of the prompt set in the lake (default from "
+                                           "the format or file name)."),
+    aligner: list[str] = typer.Option([], "--aligner", help="[NAME=]PATH of an aligner: one IMG system each "
+                                      "(repeatable). Required except for tiny profiles (fresh aligner = identity)."),
+    rounds: int = typer.Option(1, "--rounds", help="IMG rounds per system (analysis -> alignment -> regeneration)."),
+    passes: Optional[int] = typer.Option(None, "--passes", help="Aligner passes (default: profile, 3)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Diffusion steps (default: profile)."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale",
+                                                   help="CFG / FLUX guidance (default: profile)."),
+    ip_scale: Optional[float] = typer.Option(None, "--ip-scale",
+                                             help="IP-Adapter scale at regeneration (default 0.2)."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt of every image."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Eval TOML (default: jobs/eval.toml settings)."),
+    mllm_adapter: Optional[Path] = typer.Option(
+        None, "--mllm-adapter", help="Fine-tuned MLLM adapter (RUN_DIR/adapter of `img jobs finetune-mllm`)."),
+    as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON."),
+) -> None:
+    """Base vs IMG images for sampled prompts (Ray Data), preference scores, and win rates with 95% intervals."""
+    from img.eval.scorers import resolve_scorers
+
+    resolve_scorers(scorer)  # first, before heavy imports: a scorer without local weights fails in well under 1 s
+    from img.config import load_config, project_file
+    from pipelines.eval import plan_eval, run_eval
+    from pipelines.eval_config import EvalConfig
+
+    cfg = load_config(EvalConfig, config if config is not None else project_file("eval.toml"))
+    plan = plan_eval(prompts, lake, profile, scorer, n=n, seed=seed, where=where, sample_sql=sample_sql,
+                     prompt_format=prompt_format, set_name=set_name, aligners=aligner, seeds=cfg.seeds, rounds=rounds,
+                     passes=passes, steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale,
+                     negative_prompt=negative_prompt, storage_options=cfg.storage_options or None,
+                     mllm_adapter=mllm_adapter)
+    summary = run_eval(plan, cfg)
+    typer.echo(summary.render())
+    if as_json:
+        typer.echo(summary.to_json())
 
 
 @bench_app.command("embed")

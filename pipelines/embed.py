@@ -617,10 +617,11 @@ def _embed_locked(lake, shards, profile, cfg, schemas, fp, questions, new_table,
 
 
 class _Progress:
-    """A live line with pairs/s and ETA on a terminal; a log line every 10 s otherwise."""
+    """A live line with pairs/s and ETA on a terminal; a log line every 10 s otherwise (``label``/``unit`` name them)."""
 
-    def __init__(self, total: int, enabled: bool = True):
+    def __init__(self, total: int, enabled: bool = True, label: str = "embed", unit: str = "pairs"):
         self.total, self.enabled, self.done = total, enabled, 0
+        self.label, self.unit = label, unit
         self.t0 = self.last_log = time.perf_counter()
         self.bar = None
 
@@ -635,11 +636,11 @@ class _Progress:
                 TimeRemainingColumn,
             )
 
-            self.bar = Progress(TextColumn("embed"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[rate]:.1f} pairs/s"), TimeElapsedColumn(),
+            self.bar = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(),
+                                TextColumn("{task.fields[rate]:.2f} " + self.unit + "/s"), TimeElapsedColumn(),
                                 TextColumn("ETA"), TimeRemainingColumn(), transient=False)
             self.bar.start()
-            self.task = self.bar.add_task("embed", total=self.total, rate=0.0)
+            self.task = self.bar.add_task(self.label, total=self.total, rate=0.0)
         return self
 
     def advance(self, n: int) -> None:
@@ -650,7 +651,8 @@ class _Progress:
             self.bar.update(self.task, advance=n, rate=rate)
         elif self.enabled and (now - self.last_log > 10 or self.done == self.total):
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            log.info("embed %d/%d pairs, %.1f pairs/s, ETA %.0fs", self.done, self.total, rate, eta)
+            log.info("%s %d/%d %s, %.2f %s/s, ETA %.0fs", self.label, self.done, self.total, self.unit, rate,
+                     self.unit, eta)
             self.last_log = now
 
     def __exit__(self, *exc):

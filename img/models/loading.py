@@ -75,6 +75,12 @@ def _repo_root(repo: str) -> tuple[Path | None, str, str]:
     return Path(snap), "HF cache", ""
 
 
+def find_local(repo: str) -> tuple[Path | None, str, str]:
+    """(root, source, why-missing) of a hub id or local path, offline; the lookup ``locate`` uses, for models
+    that are not profile components (e.g. the eval scorers)."""
+    return _repo_root(repo)
+
+
 def locate(profile: Profile, component: str) -> Located:
     """Find ``component`` (``base``, ``unet``, ``ip_encoder``, ``ip_weights``, ``mllm``) of ``profile`` offline.
 

@@ -64,7 +64,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
-from img.aligner import AlignerConfig
 from img.config import jobs_dir, load_config
 from img.errors import UserError
 from img.finetune.adapter import with_mllm_adapter
@@ -174,6 +173,7 @@ class Profile:
 
     def aligner_config(self) -> "AlignerConfig":
         """The Implicit Aligner's sizes for this profile (SDXL: 195,094,528 parameters)."""
+        from img.aligner import AlignerConfig  # heavy: img.aligner imports torch; profiles stay torch-free
 
         return AlignerConfig(
             dim=self.dims.ip_dim,
