@@ -144,17 +144,19 @@ def jobs_train(
     run_dir: Path = typer.Option(..., "--run-dir", help="Folder for checkpoints and logs."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from the last checkpoint in --run-dir."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Train TOML (default: jobs/train.toml settings)."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="Train TOML; its keys override the profile's defaults (jobs/train_<profile>.toml, "
+        "else the paper's recipe = jobs/train.toml)."),
 ) -> None:
     """Train the Implicit Aligner on cached tensors with DeepSpeed.
 
     --steps is the run's total; with --resume the run continues from its last checkpoint up to it.
+    Settings: the paper's recipe, then the profile's own defaults (tiny: jobs/train_tiny.toml), then --config.
     """
-    from img.config import load_config
-    from img.trainer import DEFAULT_CONFIG, TrainConfig, run_training
+    from img.trainer import load_train_config, run_training
 
-    cfg_path = config if config is not None else (DEFAULT_CONFIG if DEFAULT_CONFIG.is_file() else None)
-    cfg = load_config(TrainConfig, cfg_path, overrides={"checkpoint_every": checkpoint_every})
+    cfg, sources = load_train_config(profile, config, overrides={"checkpoint_every": checkpoint_every})
+    logging.getLogger("img.trainer").info("settings: paper defaults%s", "".join(f" < {s}" for s in sources))
     summary = run_training(lake, profile, steps, run_dir, cfg, resume=resume)
     if os.environ.get("RANK", "0") == "0":
         typer.echo(summary.render())
@@ -195,7 +197,8 @@ def infer(
     steps: Optional[int] = typer.Option(None, "--steps", help="Diffusion steps (default: profile)."),
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="CFG / FLUX guidance (default: profile)."),
     ip_scale: Optional[float] = typer.Option(None, "--ip-scale", help="IP-Adapter scale at regeneration (default 0.2)."),
-    passes: Optional[int] = typer.Option(None, "--passes", help="Aligner passes (default 3)."),
+    passes: Optional[int] = typer.Option(
+        None, "--passes", help="Aligner passes (default: the aligner's config.json, else the profile's 3)."),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt of every image."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON."),
