@@ -6,8 +6,8 @@ names, so their state dicts load unchanged)::
     from img.aligner import AlignerConfig, ImplicitAligner, load_official_checkpoint
 
     model = ImplicitAligner(AlignerConfig())            # SDXL sizes, identity at init
-    refined = model.align(h, c_I, passes=3, guidance_mask=mask)  # inference: 3 passes
-    model.save_pretrained("runs/r1/aligner")             # model.safetensors + config.json
+    refined = model.align(h, c_I, guidance_mask=mask)   # inference: config.passes (3) passes
+    model.save_pretrained("runs/r1/aligner")             # model.safetensors + config.json (sizes and passes)
     model = ImplicitAligner.from_pretrained("runs/r1/aligner")
     model = load_official_checkpoint("img_sdxl.pth", AlignerConfig())
 
@@ -48,6 +48,7 @@ class AlignerConfig:
     guidance_dim: int = 5120  # E: MLLM hidden size (LLaVA-1.5-13B = 5120); proj_in maps E -> D
     output_dim: int = 2048  # D_out: width of the refined tokens; equals D so the residual output matches c_I
     ff_mult: int = 4  # feed-forward hidden width = ff_mult * D
+    passes: int = 3  # not architecture: how many times inference applies the aligner (`align`); 3 in the paper
 
     def to_dict(self) -> dict[str, int]:
         return dataclasses.asdict(self)
@@ -118,6 +119,8 @@ class ImplicitAligner(nn.Module):
                 f"aligner output_dim={config.output_dim} must equal dim={config.dim}: the output is added "
                 "to the input image tokens. Set both to the IP token width of the profile."
             )
+        if config.passes < 0:
+            raise UserError(f"aligner passes={config.passes} must be >= 0 (the paper uses 3). Fix config.json.")
         self.proj_in = nn.Linear(config.guidance_dim, config.dim)
         self.layers = nn.ModuleList(
             nn.ModuleList(
@@ -156,10 +159,12 @@ class ImplicitAligner(nn.Module):
         self,
         guidance: torch.Tensor,
         image_tokens: torch.Tensor,
-        passes: int = 3,
+        passes: int | None = None,
         guidance_mask: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Apply the aligner ``passes`` times, each on the previous output (3 at inference; 0 = input)."""
+        """Apply the aligner ``passes`` times (default ``config.passes``), each on the previous output; 0 = input."""
+        if passes is None:
+            passes = self.config.passes
         if passes < 0:
             raise UserError(f"passes must be >= 0, got {passes}. The paper uses 3.")
         out = image_tokens

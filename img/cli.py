@@ -186,19 +186,21 @@ def jobs_train(
     run_dir: Path = typer.Option(..., "--run-dir", help="Folder for checkpoints and logs."),
     resume: bool = typer.Option(False, "--resume", help="Continue exactly from the last checkpoint in --run-dir."),
     checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps."),
-    config: Optional[Path] = typer.Option(None, "--config", help="Train TOML (default: jobs/train.toml settings)."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", help="Train TOML; its keys override the profile's defaults (jobs/train_<profile>.toml, "
+        "else the paper's recipe = jobs/train.toml)."),
     break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
 ) -> None:
     """Train the Implicit Aligner on cached tensors with DeepSpeed.
 
     --steps is the run's total; with --resume the run continues from its last checkpoint up to it.
+    Settings: the paper's recipe, then the profile's own defaults (tiny: jobs/train_tiny.toml), then --config.
     """
-    from img.config import load_config
-    from img.training.trainer import DEFAULT_CONFIG, TrainConfig, run_training
+    from img.training.trainer import load_train_config, run_training
 
-    cfg_path = config if config is not None else DEFAULT_CONFIG
-    cfg = load_config(TrainConfig, cfg_path, overrides={"checkpoint_every": checkpoint_every})
-    summary = run_training(lake, profile, steps, run_dir, cfg, resume=resume, break_lock=break_lock)
+    cfg, sources = load_train_config(profile, config, overrides={"checkpoint_every": checkpoint_every})
+    summary = run_training(lake, profile, steps, run_dir, cfg, resume=resume, break_lock=break_lock,
+                           settings_from=sources)
     if os.environ.get("RANK", "0") == "0":
         typer.echo(summary.render())
 
@@ -324,7 +326,8 @@ def infer(
     steps: Optional[int] = typer.Option(None, "--steps", help="Diffusion steps (default: profile)."),
     guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale", help="CFG / FLUX guidance (default: profile)."),
     ip_scale: Optional[float] = typer.Option(None, "--ip-scale", help="IP-Adapter scale at regeneration (default 0.2)."),
-    passes: Optional[int] = typer.Option(None, "--passes", help="Aligner passes (default 3)."),
+    passes: Optional[int] = typer.Option(
+        None, "--passes", help="Aligner passes (default: the aligner's config.json, else the profile's 3)."),
     negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt of every image."),
     device: str = typer.Option("auto", "--device", help="auto, cpu, cuda, cuda:N."),
     questions: Optional[Path] = typer.Option(

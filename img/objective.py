@@ -1,8 +1,8 @@
 """The Iteratively Updated Preference Objective (paper Eq. 4-7, derivation Eq. 8-19).
 
 With f = aligner, f_ref = reference aligner (no gradient), c = (h, c_I^l),
-w = c_I^w, l = c_I^l, and d(a, b) = per-sample mean squared error over all
-tokens and channels::
+w = c_I^w, l = c_I^l, and d(a, b) = ||a - b||_2^2, the squared L2 norm over all
+tokens and channels of one sample (``distance="sum"``, as Eq. 4 and 6 write it)::
 
     L_base = mean_b d(w, f(c))
     z      = 2 (d(w,f) - d(w,ref)) - (d(l,f) - d(l,ref)) - d(ref,f)
@@ -14,10 +14,21 @@ Usage in a training step::
     ref = make_reference(cfg, seed=1)          # randomly initialised, frozen
     keeper = ReferenceKeeper(k=10)
     pred = model(h, l, mask); ref_pred = ref(h, l, mask)
-    loss, parts = iupo_loss(pred, ref_pred, w, l, lam=1.0, terms="full")
+    loss, parts = iupo_loss(pred, ref_pred, w, l, lam=1.0, terms="full", distance="sum")
     ...
-    if keeper.observe(parts["d_win"], parts["d_win_ref"]):
+    if keeper.observe(parts["d_win"], parts["d_win_ref"]):   # the same d as the loss
         copy_into_reference(model, ref)
+
+**Distance.** ``distance="sum"`` (default) is the paper's ||.||_2^2. ``distance="mean"``
+divides it by N x D (the per-element mean squared error), an ablation. The two
+differ by a constant factor inside L_base, so for L_base alone they only rescale
+the gradient (which AdamW largely undoes). Inside the softplus they do not: with
+the mean, z stays near 0 for any realistic N x D, so L_pref sits at log 2 and acts
+as a fixed linear push, the very thing Appendix B.2 chose the logistic loss to
+avoid; with the sum, z is of the order of the distances themselves, and L_pref
+acts like a hinge: about zero once f beats the reference by a margin, linear
+otherwise. Every d the trainer logs and the ReferenceKeeper compares uses the
+run's distance (a comparison gives the same answer under either form).
 
 Which terms are DPO and which are SPIN. With log p(x|c) = -||x - f(c)||^2 + const
 (Gaussian, Eq. 8-9, eta = mu = 1), the DPO margin of Eq. 5 / 16 is
@@ -39,11 +50,6 @@ softplus(z) with z = -(margin). So the ablations are
 
 and full = dpo + spin exactly (a test checks it). Note that the split is not
 "2(...) - (...)" vs "-d(ref,f)": the winner term belongs to both.
-
-The paper writes squared L2 norms (sums over tokens and channels). We use the
-per-sample *mean* (reference-facts.md), which keeps z of order one for any
-token count; with a sum, z for a 16 x 2048 output would be thousands and the
-softplus would be linear or flat.
 """
 from __future__ import annotations
 
@@ -61,11 +67,25 @@ log = logging.getLogger(__name__)
 
 Terms = Literal["full", "dpo", "spin", "base"]
 TERMS: tuple[str, ...] = ("full", "dpo", "spin", "base")
+Distance = Literal["sum", "mean"]
+DISTANCES: tuple[str, ...] = ("sum", "mean")
+DISTANCE_NAMES = {"sum": "squared L2 norm (sum over tokens and channels)",
+                  "mean": "mean squared error (squared L2 norm / (N x D))"}
 
 
-def sq_dist(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """d(a, b): per-sample mean squared error over every non-batch element, in fp32. Shape (B,)."""
-    return (a.float() - b.float()).pow(2).flatten(1).mean(dim=1)
+def check_distance(distance: str) -> str:
+    """``distance`` if it is "sum" or "mean"; UserError otherwise."""
+    if distance not in DISTANCES:
+        raise UserError(f"distance={distance!r} is not one of {list(DISTANCES)}. Set `distance` in the train TOML "
+                        "(\"sum\" is the paper's squared L2 norm).")
+    return distance
+
+
+def sq_dist(a: torch.Tensor, b: torch.Tensor, distance: Distance = "sum") -> torch.Tensor:
+    """d(a, b) per sample, in fp32, shape (B,): ||a - b||_2^2 over every non-batch element ("sum"),
+    or that divided by the number of elements ("mean")."""
+    sq = (a.float() - b.float()).pow(2).flatten(1)
+    return sq.sum(dim=1) if check_distance(distance) == "sum" else sq.mean(dim=1)
 
 
 def iupo_loss(
@@ -75,11 +95,13 @@ def iupo_loss(
     lose: torch.Tensor,
     lam: float = 1.0,
     terms: Terms = "full",
+    distance: Distance = "sum",
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Loss L = L_base + lam * L_pref for one batch, plus detached parts for logging.
+    """Loss L = L_base + lam * L_pref for one batch (Eq. 7), plus detached parts for logging.
 
     pred = f(c) (with grad), ref_pred = f_ref(c) (detached here), win = c_I^w, lose = c_I^l,
-    all shaped (B, N, D). ``parts`` holds 0-dim detached tensors: loss, loss_base, loss_pref,
+    all shaped (B, N, D). ``distance``: "sum" (||.||_2^2, the paper's) or "mean" (divided by N x D).
+    ``parts`` holds 0-dim detached tensors, every d in that distance: loss, loss_base, loss_pref,
     d_win, d_win_ref, d_lose, d_lose_ref, d_ref, z, and win_vs_ref (the share of samples with
     d(w,f) < d(w,ref)).
     """
@@ -87,10 +109,11 @@ def iupo_loss(
         raise UserError(f"objective terms={terms!r} is not one of {list(TERMS)}. Set `terms` in the train TOML.")
     if not (pred.shape == ref_pred.shape == win.shape == lose.shape):
         raise ValueError(f"shape mismatch: pred {pred.shape}, ref {ref_pred.shape}, win {win.shape}, lose {lose.shape}")
+    check_distance(distance)
     ref_pred = ref_pred.detach()
-    d_w, d_l = sq_dist(win, pred), sq_dist(lose, pred)
-    d_w_ref, d_l_ref = sq_dist(win, ref_pred), sq_dist(lose, ref_pred)
-    d_ref = sq_dist(ref_pred, pred)
+    d_w, d_l = sq_dist(win, pred, distance), sq_dist(lose, pred, distance)
+    d_w_ref, d_l_ref = sq_dist(win, ref_pred, distance), sq_dist(lose, ref_pred, distance)
+    d_ref = sq_dist(ref_pred, pred, distance)
     z_dpo = (d_w - d_w_ref) - (d_l - d_l_ref)
     z_spin = (d_w - d_w_ref) - d_ref
     z = {"full": z_dpo + z_spin, "dpo": z_dpo, "spin": z_spin, "base": torch.zeros_like(d_w)}[terms]
@@ -115,7 +138,8 @@ def iupo_loss(
 class ReferenceKeeper:
     """Decides when to copy f into f_ref (Eq. 18): after k consecutive strict wins.
 
-    A step is a win when the batch-mean d(w, f(c)) is *strictly* below the batch-mean
+    Pass it d(w, f(c)) and d(w, f_ref(c)) in the loss's distance (``parts["d_win"]``,
+    ``parts["d_win_ref"]`` of :func:`iupo_loss`). A step is a win when the batch-mean d(w, f(c)) is *strictly* below the batch-mean
     d(w, f_ref(c)); a tie is not a win. A non-win resets the streak; so does each copy.
     Note: the step right after a copy compares f with itself (f == f_ref before that
     step's update), a tie, so while f keeps improving copies come every k + 1 steps.

@@ -43,10 +43,15 @@ def write_synthetic_lake(
     profile: str = "tiny",
     with_pairs: bool = True,
     uncommitted: int = 0,
+    kinds: tuple[str, ...] = (),
+    shuffle_rows: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Write ``<lake>/features.lance`` (+ ``pairs.lance``); return the arrays written, keyed by column.
 
-    ``uncommitted`` extra features rows are written whose pair is missing from pairs.lance.
+    ``uncommitted`` extra features rows are written whose pair is missing from pairs.lance. ``kinds``, when
+    given, fills ``pairs.broken`` round-robin (as a shapes-world lake records it; the data do not depend on it).
+    ``shuffle_rows`` (a seed) writes the same rows in a shuffled order, as another embed run may commit them;
+    the returned arrays stay indexed by the number in the pair id.
     """
     import lance
 
@@ -84,16 +89,18 @@ def write_synthetic_lake(
     schema = with_provenance(features_schema.schema(n, d, text_guidance_dim is not None), table="features",
                              version=features_schema.VERSION, model_ids={"mllm": "synthetic"},
                              fingerprint="synthetic", extra=extra)
-    lance.write_dataset(pa.table(cols, schema=schema), f"{lake}/features.lance", schema=schema,
+    order = np.random.default_rng(shuffle_rows).permutation(total) if shuffle_rows is not None else np.arange(total)
+    lance.write_dataset(pa.table(cols, schema=schema).take(order), f"{lake}/features.lance", schema=schema,
                         max_rows_per_file=max(total // 3, 1))
     if with_pairs:
         m = n_pairs
         ptable = pa.table({
             "pair_id": pair_ids[:m], "caption": [f"caption {i}" for i in range(m)], "question": ["q"] * m,
             "winner_uid": [f"w{i}" for i in range(m)], "loser_uid": [f"l{i}" for i in range(m)],
-            "source": ["synthetic"] * m, "row": list(range(m)), "broken": [None] * m,
+            "source": ["synthetic"] * m, "row": list(range(m)),
+            "broken": [kinds[i % len(kinds)] for i in range(m)] if kinds else [None] * m,
         }, schema=pairs_schema.SCHEMA)
-        lance.write_dataset(ptable, f"{lake}/pairs.lance")
+        lance.write_dataset(ptable.take([i for i in order if i < m]), f"{lake}/pairs.lance")
     return {"pair_id": np.array(pair_ids), "winner": winner, "loser": loser, "guidance": guid, "lens": lens,
             "text_guidance": text}
 

@@ -240,7 +240,7 @@ def test_loader_drops_duplicate_pair_ids_and_logs_them(tmp_path, caplog):
     lance.write_dataset(pa.Table.from_pydict({n: dup[n] for n in schema.names}, schema=schema),
                         f"{lake}/features.lance", mode="append")
     with caplog.at_level(logging.INFO, logger="img.training.loader"):
-        loader = TrainLoader(lake, batch_size=4, heldout_fraction=0.1, num_workers=0)
+        loader = TrainLoader(lake, batch_size=4, heldout_pairs=4, num_workers=0)
     assert loader.duplicates == 3
     kept = [loader.pair_ids[i] for i in list(loader.train_indices) + list(loader.heldout_indices)]
     assert len(kept) == len(set(kept)) == 40 and max(loader.train_indices.max(), loader.heldout_indices.max()) < 40

@@ -30,7 +30,7 @@ def built(tmp_path_factory):
     data, lake = str(root / "data"), str(root / "lake")
     write_sample(data, pairs=PAIRS, seed=2, corrupt=CORRUPT)
     run_embed(data, lake, "tiny", EmbedConfig(), progress=False)
-    cfg = TrainConfig(log_every=5, heldout_fraction=0.25, checkpoint_every=1000, num_workers=0)
+    cfg = TrainConfig(log_every=5, heldout_pairs=20, global_batch=0, checkpoint_every=1000, num_workers=0)
     run_training(lake, "tiny", 16, root / "run", cfg)
     prompts = write_shapes_prompts(root / "prompts", n=12, seed=0)
     reference = next((root / "run" / "checkpoints").glob("step_*/reference"))  # a second, different aligner

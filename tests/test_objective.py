@@ -1,8 +1,9 @@
-"""IUPO loss against hand-computed values; ReferenceKeeper semantics; the random reference."""
+"""IUPO loss against hand-computed values and an independent Eq. 4-7; ReferenceKeeper; the random reference."""
 from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -19,7 +20,8 @@ def _sp(x):
     return math.log1p(math.exp(x))
 
 
-# Two samples, one token of two channels each. d is the mean over the 2 channels.
+# Two samples, one token of two channels each. With distance="mean", d is the mean over the 2 channels;
+# with "sum" (the default, ||.||_2^2) every d below is twice as large.
 PRED = _t([1.0, 0.0], [0.0, 2.0])
 REF = _t([0.0, 0.0], [1.0, 1.0])
 WIN = _t([2.0, 0.0], [0.0, 0.0])
@@ -31,13 +33,28 @@ Z_SPIN = [(0.5 - 2) - 0.5, (2 - 1) - 1]  # [-2.0, 0.0]
 Z_FULL = [2 * (0.5 - 2) - (2.5 - 2) - 0.5, 2 * (2 - 1) - (2 - 1) - 1]  # [-4.0, 0.0]
 
 
-def test_sq_dist_is_per_sample_mean():
-    assert torch.allclose(sq_dist(WIN, PRED), torch.tensor([0.5, 2.0]))
-    assert sq_dist(torch.zeros(3, 4, 5), torch.ones(3, 4, 5)).shape == (3,)
+def test_sq_dist_sum_is_default_and_mean_divides_by_n_times_d():
+    assert torch.allclose(sq_dist(WIN, PRED), torch.tensor([1.0, 4.0]))
+    assert torch.allclose(sq_dist(WIN, PRED, "sum"), torch.tensor([1.0, 4.0]))
+    assert torch.allclose(sq_dist(WIN, PRED, "mean"), torch.tensor([0.5, 2.0]))
+    a, b = torch.zeros(3, 4, 5), torch.full((3, 4, 5), 2.0)
+    assert torch.equal(sq_dist(a, b), torch.full((3,), 80.0)) and torch.equal(sq_dist(a, b, "mean"), torch.full((3,), 4.0))
+    with pytest.raises(UserError, match="distance='l1'"):
+        sq_dist(a, b, "l1")
+
+
+def test_full_objective_hand_computed_sum():
+    # every d doubles: z doubles too, so the softplus is not a rescaled copy of the mean's
+    loss, parts = iupo_loss(PRED, REF, WIN, LOSE)
+    z = [2 * v for v in Z_FULL]  # [-8.0, 0.0]
+    assert math.isclose(parts["loss_base"].item(), 2.5, rel_tol=1e-6)
+    assert math.isclose(parts["loss_pref"].item(), (_sp(z[0]) + _sp(z[1])) / 2, rel_tol=1e-6)
+    assert math.isclose(parts["z"].item(), -4.0) and math.isclose(parts["d_win"].item(), 2.5)
+    assert math.isclose(parts["d_win_ref"].item(), 3.0) and math.isclose(parts["d_ref"].item(), 1.5)
 
 
 def test_full_objective_hand_computed():
-    loss, parts = iupo_loss(PRED, REF, WIN, LOSE, lam=1.0, terms="full")
+    loss, parts = iupo_loss(PRED, REF, WIN, LOSE, lam=1.0, terms="full", distance="mean")
     base = (0.5 + 2.0) / 2
     pref = (_sp(Z_FULL[0]) + _sp(Z_FULL[1])) / 2
     assert Z_FULL == [-4.0, 0.0]
@@ -48,14 +65,43 @@ def test_full_objective_hand_computed():
     assert math.isclose(parts["d_lose"].item(), 2.25) and math.isclose(parts["d_lose_ref"].item(), 1.5)
     assert math.isclose(parts["d_ref"].item(), 0.75)
     assert math.isclose(parts["win_vs_ref"].item(), 0.5)
-    loss2, _ = iupo_loss(PRED, REF, WIN, LOSE, lam=0.5)
+    loss2, _ = iupo_loss(PRED, REF, WIN, LOSE, lam=0.5, distance="mean")
     assert math.isclose(loss2.item(), base + 0.5 * pref, rel_tol=1e-6)
 
 
 @pytest.mark.parametrize("terms,z", [("dpo", Z_DPO), ("spin", Z_SPIN)])
 def test_ablation_terms_hand_computed(terms, z):
-    _, parts = iupo_loss(PRED, REF, WIN, LOSE, terms=terms)
+    _, parts = iupo_loss(PRED, REF, WIN, LOSE, terms=terms, distance="mean")
     assert math.isclose(parts["loss_pref"].item(), (_sp(z[0]) + _sp(z[1])) / 2, rel_tol=1e-6)
+
+
+def _eq4_to_7(pred, ref, win, lose, lam, per_element):
+    """Independent float64 Eq. 4, 6 and 7, sample by sample, with l(x) = log(1 + e^-x)."""
+    def norm2(a, b):  # ||a - b||_2^2
+        v = float(np.sum((a - b) ** 2))
+        return v / a.size if per_element else v
+
+    base, pref = [], []
+    for f, r, w, l in zip(pred, ref, win, lose):
+        base.append(norm2(w, f))  # Eq. 4
+        inner = 2 * (norm2(w, f) - norm2(w, r)) - (norm2(l, f) - norm2(l, r)) - norm2(r, f)
+        x = -inner  # Eq. 6: l(-[...])
+        pref.append(math.log1p(math.exp(-x)) if -x < 30 else -x + math.log1p(math.exp(x)))
+    return float(np.mean(base)) + lam * float(np.mean(pref))  # Eq. 7
+
+
+@pytest.mark.parametrize("distance", ["sum", "mean"])
+@pytest.mark.parametrize("lam", [0.0, 0.1, 1.0, 5.0])
+def test_iupo_equals_an_independent_eq4_to_7(distance, lam):
+    rng = np.random.default_rng(3)
+    for scale in (0.05, 0.3, 1.0):  # z from near 0 (softplus ~ linear) to large (hinge-like)
+        w = rng.standard_normal((6, 4, 8))
+        lose, f, r = (w + scale * rng.standard_normal(w.shape) for _ in range(3))
+        t = [torch.tensor(x, dtype=torch.float32) for x in (f, r, w, lose)]
+        loss, _ = iupo_loss(*t, lam=lam, terms="full", distance=distance)
+        want = _eq4_to_7(*(x.numpy().astype(np.float64) for x in t), lam=lam, per_element=distance == "mean")
+        assert math.isclose(loss.item(), want, rel_tol=1e-5), (distance, lam, scale, loss.item(), want)
+    assert iupo_loss(*t, lam=lam)[0].item() == iupo_loss(*t, lam=lam, distance="sum")[0].item()  # sum is the default
 
 
 def test_full_is_dpo_plus_spin_and_base_is_lam_zero():

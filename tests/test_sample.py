@@ -173,7 +173,7 @@ def test_good_jpegs_decode_and_corrupt_ones_fail(rows):
 def test_images_draw_the_caption_and_break_one_element(rows):
     """Read every image back from its pixels: winners are faithful, losers break exactly ``broken``."""
     seen = set()
-    checked = 0
+    checked = relaid = untouched = 0
     for r in rows:
         if not (decodes(r["jpg_0"]) and decodes(r["jpg_1"])):
             continue
@@ -187,19 +187,22 @@ def test_images_draw_the_caption_and_break_one_element(rows):
         good, bad = _rgb(r[f"jpg_{winner}"]), _rgb(r[f"jpg_{1 - winner}"])
         assert sw.describe(good) == scene, r["caption"]
         assert sw.describe(bad) in _breaks(scene, r["broken"]), (r["caption"], r["broken"], sw.describe(bad))
-        # The pair differs clearly, and only where the break is: other shapes keep their places.
+        # The pair differs clearly; the shapes the break leaves alone are drawn again with their own jitter.
         changed = np.abs(np.asarray(good, np.int16) - np.asarray(bad, np.int16)).max(-1) > 60
         assert changed.sum() >= 60, (r["caption"], r["broken"], changed.sum())
         if r["broken"] in ("colour", "shape"):
             hit = [g for g in scene.groups if g not in sw.describe(bad).groups]
             assert len(hit) == 1
-            kept = [d for d in sw.detect(good) if any(
+            same = [(d.colour, d.shape) for d in sw.detect(good) if (d.colour, d.shape) != (hit[0].colour, hit[0].shape)]
+            moved = [d for d in sw.detect(good) if (d.colour, d.shape) in same and not any(
                 (e.colour, e.shape) == (d.colour, d.shape) and abs(e.x - d.x) + abs(e.y - d.y) < 0.01
                 for e in sw.detect(bad))]
-            assert len(kept) == sum(g.count for g in scene.groups) - hit[0].count, r["caption"]
+            relaid += len(moved) == len(same)
+            untouched += len(same) > 0
         seen.add(r["broken"])
         checked += 1
     assert seen == set(sw.BROKEN_KINDS)
+    assert untouched > 10 and relaid >= 0.9 * untouched, (relaid, untouched)  # independent jitter, not a copy
 
 
 def test_captions_round_trip_and_breaks_change_one_element():

@@ -23,7 +23,7 @@ from torch_load_guard import only_weights_only_torch_load
 from typer.testing import CliRunner
 
 from img.errors import UserError
-from img.training.loader import TrainLoader, is_heldout
+from img.training.loader import TrainLoader, heldout_key, split_heldout
 
 REPO = Path(__file__).resolve().parents[1]
 DIMS = tiny_dims()
@@ -63,19 +63,39 @@ def test_loader_reads_exact_values_padding_and_mask(lake):
 
 def test_loader_split_shards_and_uncommitted(lake):
     root, arrays = lake
-    a = TrainLoader(root, rank=0, world_size=2, batch_size=8, heldout_fraction=0.1, num_workers=0)
-    b = TrainLoader(root, rank=1, world_size=2, batch_size=8, heldout_fraction=0.1, num_workers=0)
+    a = TrainLoader(root, rank=0, world_size=2, batch_size=8, heldout_pairs=40, num_workers=0)
+    b = TrainLoader(root, rank=1, world_size=2, batch_size=8, heldout_pairs=40, num_workers=0)
     ids = arrays["pair_id"]
     held = {ids[i] for i in a.heldout_indices}
-    assert held == {p for p in ids[:400] if is_heldout(p, 0.1)} and 20 < len(held) < 70
+    assert held == set(sorted(ids[:400], key=heldout_key)[:40])  # a fixed count: the 40 smallest hashes
     assert not ({ids[i] for i in a.train_indices} & held)
     assert len(a.train_indices) + len(held) == 400  # the 5 uncommitted features rows are left out
     for epoch in (0, 1):
         ea, eb = set(a.epoch_order(epoch)), set(b.epoch_order(epoch))
         assert not ea & eb and len(ea) == len(eb) == a.steps_per_epoch * 8
     assert not np.array_equal(a.epoch_order(0), a.epoch_order(1))
-    # heldout is by hash, so it is independent of table order and row count
-    assert is_heldout("x#1", 0.5) == is_heldout("x#1", 0.5)
+    # the split depends on the ids only; a named split holds out its shards whole
+    ids_ = [f"train-0.parquet#{i}" for i in range(6)] + [f"validation-0.parquet#{i}" for i in range(3)]
+    tr, he = split_heldout(ids_[::-1], 2)
+    assert sorted(ids_[::-1][i] for i in he) == sorted(sorted(ids_, key=heldout_key)[:2]) and len(tr) == 7
+    tr, he = split_heldout(ids_, 2, split="validation")
+    assert [ids_[i] for i in he] == ids_[6:] and [ids_[i] for i in tr] == sorted(ids_[:6])
+    with pytest.raises(UserError, match="heldout_split='valid'"):
+        TrainLoader(root, batch_size=8, heldout_split="valid", num_workers=0)
+
+
+def test_order_and_split_follow_pair_ids_not_row_order(lake, tmp_path):
+    """The same pairs committed in another fragment order give the same held-out set and training order."""
+    root, _ = lake
+    other = tmp_path / "shuffled"
+    write_synthetic_lake(str(other), n_pairs=400, uncommitted=5, text_guidance_dim=12, shuffle_rows=1, **DIMS)
+    a = TrainLoader(root, batch_size=8, seed=5, heldout_pairs=30, num_workers=0)
+    b = TrainLoader(str(other), batch_size=8, seed=5, heldout_pairs=30, num_workers=0)
+    assert not np.array_equal(a.pair_ids, b.pair_ids)  # the tables really differ in row order
+    for epoch in (0, 1):
+        assert [a.pair_ids[i] for i in a.epoch_order(epoch)] == [b.pair_ids[i] for i in b.epoch_order(epoch)]
+    assert [a.pair_ids[i] for i in a.heldout_indices] == [b.pair_ids[i] for i in b.heldout_indices]
+    assert next(iter(a)).pair_ids == next(iter(b)).pair_ids
 
 
 def test_loader_state_resumes_the_exact_order(lake):
@@ -130,7 +150,7 @@ def test_buffer_pool_never_hands_out_a_buffer_in_use(lake):
 def test_loader_pins_table_versions(tmp_path):
     root = str(tmp_path / "grow")
     arrays = write_synthetic_lake(root, n_pairs=40, uncommitted=8, **DIMS)
-    first = TrainLoader(root, batch_size=4, heldout_fraction=0.0, num_workers=0)
+    first = TrainLoader(root, batch_size=4, heldout_pairs=0, num_workers=0)
     assert len(first.train_indices) == 40
     import pyarrow as pa
 
@@ -140,9 +160,9 @@ def test_loader_pins_table_versions(tmp_path):
     lance.write_dataset(pa.table({"pair_id": late, "caption": late, "question": late, "winner_uid": late,
                                   "loser_uid": late, "source": late, "row": list(range(8)), "broken": [None] * 8},
                                  schema=pairs_schema.SCHEMA), f"{root}/pairs.lance", mode="append")
-    assert len(TrainLoader(root, batch_size=4, heldout_fraction=0.0, num_workers=0).train_indices) == 48
+    assert len(TrainLoader(root, batch_size=4, heldout_pairs=0, num_workers=0).train_indices) == 48
     state = first.state_dict()
-    pinned = TrainLoader(root, batch_size=4, heldout_fraction=0.0, num_workers=0, version=state["version"],
+    pinned = TrainLoader(root, batch_size=4, heldout_pairs=0, num_workers=0, version=state["version"],
                          pairs_version=state["pairs_version"])
     assert np.array_equal(pinned.train_indices, first.train_indices)
     pinned.load_state_dict(state)
@@ -156,7 +176,7 @@ def test_loader_guidance_sources_and_bf16(tmp_path, lake):
     b = next(iter(TrainLoader(root, batch_size=4, guidance="none", num_workers=0)))
     assert b.guidance.shape == (4, 0, DIMS["guidance_dim"]) and b.mask.shape == (4, 0)
     bf = write_synthetic_lake(str(tmp_path / "bf"), n_pairs=16, dtype="bfloat16", **DIMS)
-    b = next(iter(TrainLoader(str(tmp_path / "bf"), batch_size=4, heldout_fraction=0.0, num_workers=0,
+    b = next(iter(TrainLoader(str(tmp_path / "bf"), batch_size=4, heldout_pairs=0, num_workers=0,
                               blob_api="take_blobs")))
     i = _row(bf, b.pair_ids[0])
     assert b.winner.dtype == torch.bfloat16
@@ -176,7 +196,8 @@ TOML = """
 lr = 2e-3
 batch_size = {batch}
 k = 3
-heldout_fraction = 0.15
+heldout_pairs = {held}
+global_batch = 0
 log_every = 10
 checkpoint_every = 1000
 num_workers = 1
@@ -185,9 +206,9 @@ seed = 1
 """
 
 
-def _toml(tmp_path: Path, batch: int = 8, extra: str = "") -> Path:
+def _toml(tmp_path: Path, batch: int = 8, extra: str = "", held: int = 96) -> Path:
     p = tmp_path / f"train_{batch}.toml"
-    p.write_text(TOML.format(batch=batch) + extra)
+    p.write_text(TOML.format(batch=batch, held=held) + extra)
     return p
 
 
@@ -217,10 +238,13 @@ def _run_id(run_dir: Path) -> str:
     return json.loads((run_dir / "run.json").read_text())["run_id"]
 
 
+KINDS = ("colour", "count", "shape", "relation")
+
+
 @pytest.fixture(scope="module")
 def train_lake(tmp_path_factory) -> str:
     root = tmp_path_factory.mktemp("train_lake")
-    write_synthetic_lake(str(root), n_pairs=640, seed=7, **DIMS)
+    write_synthetic_lake(str(root), n_pairs=640, seed=7, kinds=KINDS, **DIMS)
     return str(root)
 
 
@@ -229,7 +253,7 @@ def test_training_learns_and_records_metrics(tmp_path, train_lake):
 
     run = tmp_path / "run"
     out = _train(["--lake", train_lake, "--profile", "tiny", "--steps", "300", "--run-dir", str(run),
-                  "--config", str(_toml(tmp_path))])
+                  "--config", str(_toml(tmp_path, extra="passes = 2\n"))])
     assert "trained" in out.output
     m = _metrics(train_lake, _run_id(run))
     assert sorted(m["loss"]) == list(range(1, 301))
@@ -243,12 +267,26 @@ def test_training_learns_and_records_metrics(tmp_path, train_lake):
     last = np.mean([m["loss_base"][s] for s in range(281, 301)])
     assert last < 0.6 * first
     h = {k: v[300] for k, v in m.items() if k.startswith("heldout")}
-    assert h["heldout_pairs"] > 50
+    assert h["heldout_pairs"] == 96
     assert h["heldout_d_aligned"] < 0.8 * h["heldout_d_identity"], h  # d(w, f(c)), one pass
     assert h["heldout_d_aligned_3pass"] < 0.8 * h["heldout_d_identity"], h  # the inference setting
     assert h["heldout_win_rate"] > 0.7 and h["heldout_win_rate_3pass"] > 0.7, h
+    assert "heldout_d_aligned_2pass" in h and "heldout_win_rate_2pass" in h and "heldout_d_aligned_4pass" not in h
+    # d is the paper's squared L2 norm (the default); the per-element form is logged beside it
+    n_el = DIMS["ip_tokens"] * DIMS["ip_dim"]
+    assert math.isclose(h["heldout_mse_identity"] * n_el, h["heldout_d_identity"], rel_tol=1e-5)
+    assert math.isclose(h["heldout_mse_aligned"] * n_el, h["heldout_d_aligned"], rel_tol=1e-5)
+    assert 0 < h["heldout_step_ratio"] and -1 <= h["heldout_step_cos"] <= 1
+    # per broken kind: every figure, and the kinds add up to the whole
+    assert sum(h[f"heldout_pairs_{k}"] for k in KINDS) == h["heldout_pairs"]
+    for name in ("heldout_d_identity", "heldout_d_aligned", "heldout_win_rate", "heldout_d_aligned_3pass",
+                 "heldout_win_rate_2pass"):
+        total = sum(h[f"{name}_{k}"] * h[f"heldout_pairs_{k}"] for k in KINDS) / h["heldout_pairs"]
+        assert math.isclose(total, h[name], rel_tol=1e-6), name
+    assert all(h[f"heldout_d_aligned_{k}"] < h[f"heldout_d_identity_{k}"] for k in KINDS), h
     model = ImplicitAligner.from_pretrained(run / "aligner")
     assert model.config.dim == DIMS["ip_dim"] and torch.count_nonzero(model.zero_linear.weight) > 0
+    assert model.config.passes == 2  # recorded for `img infer`
     assert (run / "latest_checkpoint").read_text().strip() == "step_00000300"
     # a second start in the same folder must be explicit
     with pytest.raises(UserError, match="--resume"):
@@ -368,7 +406,7 @@ def test_guidance_ablations_train(tmp_path, guidance):
     write_synthetic_lake(str(root), n_pairs=96, text_guidance_dim=12, **DIMS)
     run = tmp_path / "run"
     _train(["--lake", str(root), "--steps", "6", "--run-dir", str(run),
-            "--config", str(_toml(tmp_path, extra=f'guidance = "{guidance}"\n'))])
+            "--config", str(_toml(tmp_path, extra=f'guidance = "{guidance}"\n', held=16))])
     from img.aligner import ImplicitAligner
 
     model = ImplicitAligner.from_pretrained(run / "aligner")
@@ -378,7 +416,7 @@ def test_guidance_ablations_train(tmp_path, guidance):
 
 def test_profile_dims_must_match_the_lake(tmp_path):
     other = tmp_path / "other"
-    write_synthetic_lake(str(other), n_pairs=32, ip_tokens=2, ip_dim=8, guidance_dim=6, profile="elsewhere")
+    write_synthetic_lake(str(other), n_pairs=240, ip_tokens=2, ip_dim=8, guidance_dim=6, profile="elsewhere")
     with pytest.raises(UserError, match=r"profile 'tiny' has ip_tokens x ip_dim .* 2 x 8 .*--profile elsewhere"):
         _train(["--lake", str(other), "--profile", "tiny", "--steps", "2", "--run-dir", str(tmp_path / "r")])
 
@@ -420,6 +458,35 @@ def test_two_ranks_match_one_rank_with_the_global_batch(tmp_path, train_lake):
     assert m2["heldout_pairs"][12] == m1["heldout_pairs"][12]
     assert abs(m2["heldout_d_aligned"][12] - m1["heldout_d_aligned"][12]) < 1e-4
     assert (two / "checkpoints" / "step_00000012" / "rng_rank1.safetensors").is_file()
+
+
+def test_profile_defaults_then_config_then_overrides(tmp_path):
+    from img.training.trainer import TrainConfig, load_train_config
+
+    paper, sources = load_train_config("sdxl")  # no jobs/train_sdxl.toml: the paper's recipe
+    assert paper == TrainConfig() and sources == []
+    tiny, sources = load_train_config("tiny")
+    assert sources == [str(REPO / "jobs" / "train_tiny.toml")]
+    assert tiny.global_batch == 0 and tiny.heldout_pairs < 1000 and tiny.distance == "sum" and tiny.lam == 1.0
+    mine = tmp_path / "mine.toml"
+    mine.write_text('lam = 0.5\n[aligner]\ndepth = 1\n')
+    cfg, sources = load_train_config("tiny", mine, overrides={"checkpoint_every": 7, "seed": None})
+    assert (cfg.lam, cfg.lr, cfg.aligner.depth, cfg.checkpoint_every) == (0.5, tiny.lr, 1, 7) and len(sources) == 2
+    cfg, _ = load_train_config("tiny", REPO / "jobs" / "train.toml")  # the paper's file wins over the profile's
+    assert cfg == TrainConfig()
+    mine.write_text("lrr = 1\n")
+    with pytest.raises(UserError, match="unknown config key 'lrr'"):
+        load_train_config("tiny", mine)
+    with pytest.raises(UserError, match="does not exist"):
+        load_train_config("tiny", tmp_path / "nope.toml")
+
+
+def test_global_batch_is_checked_before_anything_is_written(tmp_path, train_lake):
+    run, cfg = tmp_path / "run", tmp_path / "g.toml"
+    cfg.write_text("global_batch = 64\nbatch_size = 8\n")
+    with pytest.raises(UserError, match=r"global_batch = 64 .* 8 x 1 = 8\. Set batch_size = 64"):
+        _train(["--lake", train_lake, "--steps", "2", "--run-dir", str(run), "--config", str(cfg)])
+    assert not run.exists()
 
 
 def test_every_train_toml_loads():

@@ -153,7 +153,7 @@ def run_bench(rows: int = 160, small: bool = False, batch_size: int = 8, repeats
         g_bytes = shape["guidance_len"] * shape["guidance_dim"] * 2
         t_bytes = shape["ip_tokens"] * shape["ip_dim"] * 2
         row_bytes = g_bytes + 2 * t_bytes
-        main = TrainLoader(str(root), batch_size=batch_size, seed=0, heldout_fraction=0.0,
+        main = TrainLoader(str(root), batch_size=batch_size, seed=0, heldout_pairs=0,
                            num_workers=num_workers, prefetch=prefetch)
         steps = main.steps_per_epoch
         order = main.epoch_order(0)
@@ -178,7 +178,7 @@ def run_bench(rows: int = 160, small: bool = False, batch_size: int = 8, repeats
         for name, kw in {"workers0": {"num_workers": 0}, "workers1": {"num_workers": 1},
                          "workers4": {"num_workers": 4}, "read_blobs_api": {"blob_api": "read_blobs"}}.items():
             kw = {"num_workers": num_workers, **kw}
-            ld = TrainLoader(str(root), batch_size=batch_size, seed=0, heldout_fraction=0.0, prefetch=prefetch, **kw)
+            ld = TrainLoader(str(root), batch_size=batch_size, seed=0, heldout_pairs=0, prefetch=prefetch, **kw)
             _time_loader(ld, steps)
             ts = [_time_loader(ld, steps) for _ in range(max(2, repeats // 2 + 1))]
             variants[name] = {"samples_per_s": round(n / statistics.median(ts), 1), **kw}

@@ -18,8 +18,8 @@ The rows (bytes included) are the same in both formats:
 
 * decisive rows: one image draws the caption faithfully (the winner), the
   other breaks exactly one element; ``broken`` says which ("colour", "shape",
-  "count" or "relation"). Both share background and jitter, so they differ in
-  the broken element only (layouts vary from row to row). The winner's side is random; label_0/label_1 are
+  "count" or "relation"). They share the background but are drawn separately,
+  each with its own layout jitter, like two generations for one prompt. The winner's side is random; label_0/label_1 are
   1.0/0.0 or 0.0/1.0 and ``best_image_uid`` is the winner's uid.
 * ties (``round(pairs * ties)`` rows): both images draw the caption
   faithfully (independent jitter); label_0 = label_1 = 0.5 and ``broken`` is
@@ -246,10 +246,10 @@ def _make_row(seed: int, row: int, plan: _Plan, per_prompt: Counter) -> dict:
     bg = sw.sample_background(rng)
     layout = int(rng.integers(2**63))
     good = _jpeg(sw.render(scene, np.random.default_rng(layout), background=bg))
-    if kind is None:  # a tie: the caption drawn twice, with independent jitter
-        bad = _jpeg(sw.render(scene, np.random.default_rng(int(rng.integers(2**63))), background=bg))
-    else:  # same background and jitter: the pair differs in the broken element only
-        bad = _jpeg(sw.render(sw.break_scene(scene, kind, rng), np.random.default_rng(layout), background=bg))
+    # Winner and loser are two separate drawings, each with its own layout jitter (same background), as
+    # real pairs are two generations; a tie draws the caption twice.
+    drawn = scene if kind is None else sw.break_scene(scene, kind, rng)
+    bad = _jpeg(sw.render(drawn, np.random.default_rng(int(rng.integers(2**63))), background=bg))
     w = int(plan.winner[row])
     jpgs = [good, bad] if w == 0 else [bad, good]
     if row in plan.corrupt:

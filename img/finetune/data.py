@@ -16,7 +16,7 @@ Planning reads the three columns once and fully decodes every input image with t
 embed job's decoder; a record with an empty instruction or caption, or an input
 image that is empty, does not decode or has an impossible size, goes to
 ``plan.quarantine`` with the reason. The held-out split is a hash of the record id
-(``img.training.loader.is_heldout``), so it does not depend on shard order or world size.
+(``is_heldout``: a hash of the record id), so it does not depend on shard order or world size.
 
 The loader shuffles at two levels so that it reads each parquet row group (or block of
 JSONL lines) once per epoch: the order of blocks is permuted per epoch (seeded),
@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 import io
 import json
 import logging
@@ -39,7 +40,6 @@ import numpy as np
 import pyarrow as pa
 
 from img.errors import UserError
-from img.training.loader import is_heldout
 from pipelines.embed import Decode
 from pipelines.source import SourceShard
 from schemas.instructpix2pix import REQUIRED
@@ -139,6 +139,13 @@ def _parquet_blocks(shard: EditShard) -> tuple[list[tuple[int, int]], Any]:
         raise UserError(f"data shard {shard.uri!r} lacks InstructPix2Pix column(s) {missing}. Pass shards with "
                         "original_image, edited_prompt and edit_prompt (see `img data sample --kind edits`).")
     return [(rg, pf.metadata.row_group(rg).num_rows) for rg in range(pf.num_row_groups)], pf
+
+
+def is_heldout(record_id: str, fraction: float) -> bool:
+    """Deterministic split: blake2b(record_id) as a number in [0, 1) below ``fraction``."""
+    h = int.from_bytes(hashlib.blake2b(record_id.encode(), digest_size=8).digest(), "big")
+    return h / 2.0**64 < fraction
+
 
 
 def _lines(f: Any, offset: int = 0, chunk: int = 1 << 20) -> Iterator[tuple[int, bytes]]:

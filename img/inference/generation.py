@@ -496,7 +496,12 @@ class IMGPipeline:
 
     # ------------------------------------------------------------------ stages
     def settings(self, **overrides: Any) -> GenerationSettings:
-        """The profile's defaults with overrides (``steps``, ``guidance_scale``, ``ip_scale``, ``passes``, ...)."""
+        """The profile's defaults with overrides (``steps``, ``guidance_scale``, ``ip_scale``, ``passes``, ...).
+
+        ``passes`` defaults to the aligner's own ``config.passes`` (recorded in its config.json by training;
+        the profile's 3 for released checkpoints)."""
+        if overrides.get("passes") is None:
+            overrides = {**overrides, "passes": self.aligner.config.passes}
         return default_settings(self.profile, **overrides)
 
     def unconditional_tokens(self) -> torch.Tensor:

@@ -408,6 +408,9 @@ def run_infer(
         t_load = time.perf_counter()
         pipe = load_pipeline(prof, aligner, aligner_model, aid, dev, questions=pool)
         aid = pipe.aligner_id
+        if passes is None:  # the aligner's own pass count (its config.json), unless --passes overrides it
+            settings = pipe.settings(steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale,
+                                     negative_prompt=negative_prompt)
         load_s = time.perf_counter() - t_load
         log.info("loaded %s on %s in %.1fs (aligner %s)", prof.name, dev, load_s, aid)
 

@@ -183,6 +183,7 @@ class Profile:
             guidance_dim=self.dims.mllm_hidden,
             output_dim=self.dims.ip_dim,
             ff_mult=self.aligner_ff_mult,
+            passes=self.aligner_passes,
         )
 
     @property

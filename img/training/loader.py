@@ -17,8 +17,14 @@ Design (reference-facts.md, "Tooling facts"):
   the order of a running or resumed training run.
 - Only pairs committed to ``pairs.lance`` (the embed job's commit marker) are used,
   each once: duplicate ``pair_id`` rows are dropped (first kept) and counted in the start-up log.
-- Held-out split: a pair is held out when a hash of its ``pair_id`` falls below
-  ``heldout_fraction``: stable across runs, machines and table growth.
+- Held-out split, a fixed number of pairs (``heldout_pairs``): the pairs with the
+  smallest blake2b hash of their ``pair_id``, or, with ``heldout_split`` (e.g.
+  "validation"), every pair whose source shard name starts with it (the Pick-a-Pic
+  validation split embedded into the same lake). Either way it depends on the
+  pair ids only, never on the table's row order.
+- Training pairs are put in ``pair_id`` order before shuffling, so the same seed
+  gives the same pairs in the same order on any lake holding the same pairs,
+  whatever order the embed job committed its fragments in.
 - Each epoch is a permutation of the training pairs drawn from (seed, epoch),
   truncated to a multiple of world_size * batch_size so all ranks step together,
   and dealt round-robin to ranks: shards are disjoint within an epoch.
@@ -141,10 +147,25 @@ def lake_dims(ds: Any, uri: str = "features") -> LakeDims:
                     int(tg) if tg is not None else None, dtype, extra.get("profile"))
 
 
-def is_heldout(pair_id: str, fraction: float) -> bool:
-    """Deterministic split: blake2b(pair_id) as a number in [0, 1) below ``fraction``."""
-    h = int.from_bytes(hashlib.blake2b(pair_id.encode(), digest_size=8).digest(), "big")
-    return h / 2.0**64 < fraction
+def heldout_key(pair_id: str) -> int:
+    """The split's hash of a pair id: the ``count`` smallest keys are held out."""
+    return int.from_bytes(hashlib.blake2b(pair_id.encode(), digest_size=8).digest(), "big")
+
+
+def split_heldout(pair_ids: list[str], count: int, split: str = "") -> tuple[list[int], list[int]]:
+    """(train positions, held-out positions) into ``pair_ids``, both in ``pair_id`` order.
+
+    ``split`` = "" holds out the ``count`` pairs with the smallest :func:`heldout_key`. A non-empty
+    ``split`` holds out every pair whose shard name (the ``pair_id`` before ``#``) starts with it, none of
+    which is trained on; ``count`` then caps only how many of them are evaluated (see ``heldout_batches``).
+    Neither depends on the order of ``pair_ids``.
+    """
+    order = sorted(range(len(pair_ids)), key=lambda i: pair_ids[i])
+    if split:
+        held = {i for i in order if pair_ids[i].split("#", 1)[0].startswith(split)}
+    else:
+        held = set(sorted(order, key=lambda i: (heldout_key(pair_ids[i]), pair_ids[i]))[:max(0, count)])
+    return [i for i in order if i not in held], [i for i in order if i in held]
 
 
 def _two_byte_to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
@@ -219,7 +240,8 @@ class TrainLoader:
         world_size: int = 1,
         batch_size: int = 8,
         seed: int = 0,
-        heldout_fraction: float = 0.05,
+        heldout_pairs: int = 0,
+        heldout_split: str = "",
         guidance: GuidanceSource = "mllm",
         num_workers: int = 2,
         prefetch: int = 4,
@@ -230,12 +252,12 @@ class TrainLoader:
         if guidance not in ("mllm", "text", "none"):
             raise UserError(f"guidance source {guidance!r} must be 'mllm', 'text' or 'none'. "
                             "Set `guidance` in the train TOML.")
-        if not 0.0 <= heldout_fraction < 1.0:
-            raise UserError(f"heldout_fraction={heldout_fraction} must be in [0, 1).")
+        if isinstance(heldout_pairs, bool) or not isinstance(heldout_pairs, int) or heldout_pairs < 0:
+            raise UserError(f"heldout_pairs={heldout_pairs!r} must be an integer >= 0 (0 = no held-out pairs).")
         if batch_size < 1 or not 0 <= rank < world_size:
             raise UserError(f"bad loader setting: batch_size={batch_size}, rank={rank}, world_size={world_size}.")
         self.lake, self.rank, self.world_size, self.batch_size = lake, rank, world_size, batch_size
-        self.seed, self.heldout_fraction, self.guidance = seed, heldout_fraction, guidance
+        self.seed, self.heldout_pairs, self.heldout_split, self.guidance = seed, heldout_pairs, heldout_split, guidance
         self.num_workers, self.prefetch, self.blob_api = max(0, num_workers), max(1, prefetch), blob_api
         self.ds = open_features(lake, version)
         self.version = self.ds.version
@@ -262,19 +284,31 @@ class TrainLoader:
                 pairs = lance.dataset(lake_mod.table_uri(lake, "pairs"), version=pairs_version)
             self.pairs_version = pairs.version
             committed = set(lake_mod.column_values(pairs, "pair_id"))
-        train, held = [], []
-        skipped = duplicates = 0
+        usable: list[int] = []
         seen: set[str] = set()
+        duplicates = 0
         for i, pid in enumerate(pair_ids):
             if committed is not None and pid not in committed:
-                skipped += 1
                 continue
             if pid in seen:  # defensive: exactly-once embedding should never produce one
                 duplicates += 1
                 continue
             seen.add(pid)
-            (held if is_heldout(pid, heldout_fraction) else train).append(i)
+            usable.append(i)
+        skipped = len(pair_ids) - len(usable) - duplicates
         self.uncommitted, self.duplicates = skipped, duplicates
+        train_pos, held_pos = split_heldout([pair_ids[i] for i in usable], heldout_pairs, heldout_split)
+        train, held = [usable[j] for j in train_pos], [usable[j] for j in held_pos]
+        if heldout_split and not held:
+            raise UserError(f"heldout_split={heldout_split!r}: no pair in {lake_mod.table_uri(lake, 'pairs')} comes "
+                            f"from a shard whose name starts with it. Embed that split into the lake, or set "
+                            f"heldout_split = \"\" to hold out heldout_pairs pairs by hash.")
+        # broken kind per pair, when the pairs table records it (our shapes-world sample does; Pick-a-Pic does not)
+        self.kinds: dict[str, str] = {}
+        if pairs is not None and "broken" in pairs.schema.names:
+            t = pairs.to_table(columns=["pair_id", "broken"])
+            self.kinds = {p: k for p, k in zip(t.column("pair_id").to_pylist(), t.column("broken").to_pylist())
+                          if k is not None}
         log.log(logging.WARNING if skipped or duplicates else logging.INFO,
                 "loader: features v%d: %d rows -> %d train / %d held-out pairs; %d duplicate pair_id rows dropped, "
                 "%d rows without a committed pair skipped%s", self.version, len(pair_ids), len(train), len(held),
@@ -287,7 +321,7 @@ class TrainLoader:
             raise UserError(
                 f"{lake_mod.table_uri(lake, 'features')} has {len(self.train_indices)} training pairs "
                 f"(after holding out {len(self.heldout_indices)}), fewer than one global batch of "
-                f"{world_size} ranks x {batch_size}. Embed more pairs or lower batch_size."
+                f"{world_size} ranks x {batch_size}. Embed more pairs, or lower batch_size or heldout_pairs."
             )
         self.epoch, self.position = 0, 0
         self._buffers = BufferPool(max_free=max(16, (self.prefetch + 2) * batch_size))
@@ -305,10 +339,15 @@ class TrainLoader:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "version": self.version,
                 "pairs_version": self.pairs_version,
                 "world_size": self.world_size, "batch_size": self.batch_size,
-                "heldout_fraction": self.heldout_fraction, "guidance": self.guidance}
+                "heldout_pairs": self.heldout_pairs, "heldout_split": self.heldout_split, "guidance": self.guidance,
+                "order": "pair_id"}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        for key in ("seed", "version", "pairs_version", "world_size", "batch_size", "heldout_fraction", "guidance"):
+        if state.get("order") != "pair_id":
+            raise UserError("cannot resume: the checkpoint was written by an older loader that shuffled row offsets "
+                            "(now pair ids). Start a new run with a new --run-dir.")
+        for key in ("seed", "version", "pairs_version", "world_size", "batch_size", "heldout_pairs", "heldout_split",
+                    "guidance"):
             if state[key] != getattr(self, key):
                 raise UserError(
                     f"cannot resume: the checkpoint's loader {key} is {state[key]!r} but this run has "
@@ -411,8 +450,12 @@ class TrainLoader:
             pool.shutdown(wait=True, cancel_futures=True)
             io.shutdown(wait=True, cancel_futures=True)
 
+    def heldout_kinds(self) -> list[str]:
+        """The broken kinds among the held-out pairs (sorted; empty when the lake does not record them)."""
+        return sorted({self.kinds[self.pair_ids[i]] for i in self.heldout_indices if self.pair_ids[i] in self.kinds})
+
     def heldout_batches(self, batch_size: int | None = None, max_pairs: int = 0) -> Iterator[Batch]:
-        """This rank's share of the held-out pairs (round-robin, fixed order), in batches."""
+        """This rank's share of the held-out pairs (round-robin, ``pair_id`` order), in batches."""
         held = self.heldout_indices
         if max_pairs > 0:
             held = held[:max_pairs]

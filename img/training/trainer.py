@@ -48,15 +48,16 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
+import tomllib
 import torch
 
 from img.aligner import AlignerConfig, ImplicitAligner
-from img.config import fingerprint, project_file
+from img.config import fingerprint, from_dict, project_file
 from img.errors import UserError
 from img.models.profiles import get_profile
-from img.objective import ReferenceKeeper, copy_into_reference, iupo_loss, make_reference, sq_dist
+from img.objective import DISTANCE_NAMES, ReferenceKeeper, copy_into_reference, iupo_loss, make_reference, sq_dist
 from img.paths import check_lake_folder
 from img.training import run_folder
 from img.training.loader import LakeDims, TrainLoader
@@ -94,30 +95,36 @@ class AlignerOverrides:
 
 @dataclass
 class TrainConfig:
-    """Settings of `img jobs train`, filled from jobs/train.toml. Paper values are the defaults."""
+    """Settings of `img jobs train`, filled from TOML. The dataclass defaults are the paper's recipe (jobs/train.toml);
+    a profile may carry its own defaults (jobs/train_<profile>.toml, see ``load_train_config``)."""
 
-    # optimisation (paper: AdamW, lr 1e-4, weight decay 1e-4, constant schedule, batch 8 per GPU)
+    # optimisation (paper: AdamW, lr 1e-4, weight decay 1e-4, constant schedule, "8 A100 GPUs and a batch size of 8")
     lr: float = 1e-4
     weight_decay: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     schedule: Literal["constant"] = "constant"
     batch_size: int = 8  # per rank
-    # objective (paper: lambda = 1, reference copied after k = 10 consecutive wins)
+    global_batch: int = 64  # batch_size x ranks must equal it (0 = whatever the launch gives); paper: 8 GPUs x 8
+    # objective (paper: lambda = 1, reference copied after k = 10 consecutive wins, d = squared L2 norm)
     lam: float = 1.0
     k: int = 10
     terms: Literal["full", "dpo", "spin", "base"] = "full"  # ablations; see img/objective.py
+    distance: Literal["sum", "mean"] = "sum"  # d = ||.||_2^2 (Eq. 4/6) or that / (N x D); see img/objective.py
     reference_init: Literal["random", "identity"] = "random"  # f_ref at step 0; see make_reference
     # data
     guidance: Literal["mllm", "none", "text"] = "mllm"  # none = no guidance (empty); text = caption features
-    heldout_fraction: float = 0.05  # pairs held out by pair_id hash, for the end-of-run evaluation
+    heldout_pairs: int = 2000  # pairs held out (smallest pair_id hashes), for the end-of-run evaluation
+    heldout_split: str = ""  # e.g. "validation": hold out the pairs from shards named so instead (all of them)
     seed: int = 0  # model init, reference init, data order
     num_workers: int = 2  # threads reading guidance blobs in parallel (0 = read in the training thread)
     prefetch: int = 4  # batches in flight (memory bound)
+    # inference setting recorded with the aligner
+    passes: int = 3  # aligner passes at inference, written to <run-dir>/aligner/config.json (paper: 3)
     # run
     log_every: int = 10  # log line + samples/s every N steps
     checkpoint_every: int = 1000  # also at the last step
     keep_checkpoints: int = 2  # older checkpoints are deleted
-    eval_passes: int = 3  # held-out figures are also given with this many passes (the inference setting)
+    eval_passes: int = 3  # held-out figures for 1, 2, ..., eval_passes aligner passes
     eval_max_pairs: int = 2000  # cap on held-out pairs evaluated (0 = all)
     # engine
     deepspeed_config: str = "jobs/deepspeed_zero0.json"  # absolute, or relative to the img project (not the cwd)
@@ -128,6 +135,43 @@ class TrainConfig:
     # Knobs that may change between a run and its resume without changing its results.
     RUN_KNOBS = ("log_every", "checkpoint_every", "keep_checkpoints", "num_workers", "prefetch", "eval_max_pairs",
                  "eval_passes")
+
+
+def profile_config(profile: str | None) -> Path | None:
+    """The profile's own training defaults, ``jobs/train_<profile>.toml``, when the checkout has one."""
+    if not profile:
+        return None
+    return project_file(f"train_{profile}.toml")
+
+
+def load_train_config(profile: str | None, config: str | Path | None = None,
+                      overrides: dict[str, Any] | None = None) -> tuple[TrainConfig, list[str]]:
+    """(config, the files it came from): dataclass defaults (the paper's recipe), then the profile's
+    ``jobs/train_<profile>.toml`` if any, then ``config``, then non-None ``overrides``; later layers win key by key.
+
+        cfg, sources = load_train_config("tiny")                      # TrainConfig + jobs/train_tiny.toml
+        cfg, sources = load_train_config("tiny", "jobs/train.toml")   # the paper's recipe on the tiny profile
+    """
+    data: dict[str, Any] = {}
+    sources = []
+    for path in (profile_config(profile), Path(config) if config is not None else None):
+        if path is None:
+            continue
+        if not path.is_file():
+            raise UserError(f"config file {str(path)!r} does not exist. Pass --config with a TOML file under jobs/.")
+        try:
+            layer = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise UserError(f"config file {str(path)!r} is not valid TOML: {e}. Fix the file.") from None
+        from_dict(TrainConfig, layer)  # unknown keys and bad values are named per file
+        for key, value in layer.items():
+            if isinstance(value, dict) and isinstance(data.get(key), dict):
+                data[key] = {**data[key], **value}
+            else:
+                data[key] = value
+        sources.append(str(path))
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return from_dict(TrainConfig, data), sources
 
 
 @dataclass
@@ -190,8 +234,11 @@ def _export(module: torch.nn.Module, config: AlignerConfig, directory: Path) -> 
 
 # ----------------------------------------------------------------------------- the job
 def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path, cfg: TrainConfig,
-                 resume: bool = False, break_lock: bool = False) -> TrainSummary:
-    """Train to ``steps`` total optimizer steps; every rank calls this."""
+                 resume: bool = False, break_lock: bool = False, settings_from: list[str] | None = None) -> TrainSummary:
+    """Train to ``steps`` total optimizer steps; every rank calls this.
+
+    ``settings_from``: the TOML files ``cfg`` was layered from (``load_train_config``), logged once validated.
+    """
     rank, world, local_rank = dist_env()
     run_dir = Path(run_dir)
     if steps < 1:
@@ -202,6 +249,16 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
         run_folder.check_run_dir(run_dir)
         check_lake_folder(str(lake), must_exist=True)  # metrics are written there
     deepspeed_config(cfg, world, False)  # a missing or broken DeepSpeed JSON, before the loader and DeepSpeed
+    if cfg.passes < 0 or cfg.eval_passes < 1:
+        raise UserError(f"passes ({cfg.passes}) must be >= 0 and eval_passes ({cfg.eval_passes}) >= 1. The paper uses 3.")
+    if cfg.global_batch and cfg.batch_size * world != cfg.global_batch:
+        raise UserError(
+            f"global_batch = {cfg.global_batch} but this launch gives batch_size x ranks = {cfg.batch_size} x {world} "
+            f"= {cfg.batch_size * world}. Set batch_size = {cfg.global_batch // world if cfg.global_batch % world == 0 else '?'} "
+            f"for {world} rank(s), or global_batch = 0 to accept any layout (the paper: 8 GPUs x 8 = 64)."
+        )
+    if rank == 0:
+        log.info("settings: paper defaults%s", "".join(f" < {s}" for s in settings_from or []))
     pointer = run_dir / "latest_checkpoint"
     run_json = run_dir / "run.json"
     fp = fingerprint(cfg, exclude=TrainConfig.RUN_KNOBS)
@@ -224,9 +281,11 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
         run_folder.remove_partial_checkpoints(run_dir)  # a kill mid-save; the pointer's target stays
 
     loader = TrainLoader(lake, rank=rank, world_size=world, batch_size=cfg.batch_size, seed=cfg.seed,
-                         heldout_fraction=cfg.heldout_fraction, guidance=cfg.guidance, num_workers=cfg.num_workers,
+                         heldout_pairs=cfg.heldout_pairs, heldout_split=cfg.heldout_split, guidance=cfg.guidance,
+                         num_workers=cfg.num_workers,
                          prefetch=cfg.prefetch, version=version, pairs_version=pairs_version)
-    acfg = resolve_aligner_config(profile, loader.dims, cfg.guidance, lake, cfg.aligner)
+    acfg = dataclasses.replace(resolve_aligner_config(profile, loader.dims, cfg.guidance, lake, cfg.aligner),
+                               passes=cfg.passes)
 
     import torch.distributed as dist
 
@@ -264,14 +323,16 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
                 "dims": dataclasses.asdict(loader.dims),
                 "aligner": acfg.to_dict(), "config": dataclasses.asdict(cfg),
                 "train_pairs": int(len(loader.train_indices)), "heldout_pairs": int(len(loader.heldout_indices)),
+                "global_batch": cfg.batch_size * world, "distance": cfg.distance,
             }, indent=2, sort_keys=True, default=str) + "\n")
 
     metrics = MetricsWriter(lake, run_id, after_step=start if resume else None, break_lock=break_lock) \
         if rank == 0 else None
     if rank == 0:
-        log.info("run %s: %d train / %d held-out pairs, %d steps/epoch, aligner %s, %d rank(s), %s on %s",
-                 run_id, len(loader.train_indices), len(loader.heldout_indices), loader.steps_per_epoch,
-                 acfg.to_dict(), world, dtype, device)
+        log.info("run %s: %d train / %d held-out pairs, global batch %d (%d rank(s) x %d), %d steps/epoch, "
+                 "d = %s, aligner %s, %s on %s", run_id, len(loader.train_indices), len(loader.heldout_indices),
+                 cfg.batch_size * world, world, cfg.batch_size, loader.steps_per_epoch, DISTANCE_NAMES[cfg.distance],
+                 acfg.to_dict(), dtype, device)
 
     def checkpoint(step: int) -> None:
         tag = _tag(step)
@@ -312,7 +373,8 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
             pred = engine(batch.guidance, batch.loser, batch.mask)
             with torch.no_grad():
                 ref_pred = ref(batch.guidance, batch.loser, batch.mask)
-            loss, parts = iupo_loss(pred, ref_pred, batch.winner, batch.loser, lam=cfg.lam, terms=cfg.terms)
+            loss, parts = iupo_loss(pred, ref_pred, batch.winner, batch.loser, lam=cfg.lam, terms=cfg.terms,
+                                    distance=cfg.distance)
             engine.backward(loss)
             engine.step()
             vals = torch.stack([parts[n].float().cpu() for n in PART_NAMES])
@@ -365,42 +427,126 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
                         aligner_dir=str(final_dir))
 
 
+class HeldoutSums:
+    """Named float64 accumulators for the held-out evaluation, all-reduced as one tensor in a fixed name order.
+
+        acc = HeldoutSums(["pairs", "d_identity"]); acc.add("pairs", 8.0); acc.add("d_identity", d.sum())
+        acc.all_reduce(world); acc["pairs"]
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64)
+        self._index = {n: i for i, n in enumerate(self.names)}
+
+    def add(self, name: str, value: float | torch.Tensor) -> None:
+        self.sums[self._index[name]] += float(value)
+
+    def __getitem__(self, name: str) -> float:
+        return float(self.sums[self._index[name]])
+
+    def all_reduce(self, world: int) -> None:
+        if world > 1:
+            import torch.distributed as dist
+
+            dist.all_reduce(self.sums)
+
+
+def _heldout_names(kinds: list[str], max_passes: int) -> list[str]:
+    names = ["step_sq1", "step_sq2", "step_cos"]
+    for group in ["", *kinds]:
+        names += [f"pairs{group}", f"d_identity{group}", f"mse_identity{group}"]
+        for p in range(1, max_passes + 1):
+            names += [f"d_aligned_{p}{group}", f"win_{p}{group}", f"mse_aligned_{p}{group}"]
+    return names
+
+
 @torch.no_grad()
 def evaluate_heldout(model: torch.nn.Module, loader: TrainLoader, cfg: TrainConfig, device: torch.device,
                      dtype: torch.dtype, world: int) -> dict[str, float]:
-    """Held-out pairs: d(w, f(c)) vs d(w, l), the win rate, and the same in the inference setting.
+    """Held-out pairs: d(w, f(c)) against d(w, l), with 1 to ``max(eval_passes, passes)`` aligner passes.
 
-    heldout_d_aligned         mean d(w, f(c)): one aligner pass, the quantity the objective trains
-    heldout_d_identity        mean d(w, l): doing nothing
-    heldout_win_rate          share of pairs with d(w, f(c)) < d(w, l)
-    heldout_d_aligned_{k}pass, heldout_win_rate_{k}pass
-                              the same with the aligner applied k = ``eval_passes`` times (inference: 3)
+    d is the run's ``distance`` (the one trained and compared by the ReferenceKeeper). Metrics, P = passes:
+
+    heldout_d_aligned           mean d(w, f(c)): one aligner pass, the quantity the objective trains
+    heldout_d_identity          mean d(w, l): doing nothing (the paper's "No Guidance" row)
+    heldout_win_rate            share of pairs with d(w, f(c)) < d(w, l)
+    heldout_d_aligned_{P}pass, heldout_win_rate_{P}pass      the aligner applied P = 2, 3, ... times (inference: 3)
+    heldout_mse_aligned, heldout_mse_identity                 the same d as per-element mean squared error, whatever
+                                                              the distance (compare runs of either distance with these)
+    heldout_step_ratio          ||f(f(q)) - f(q)|| / ||f(q) - q|| over all pairs (q = c_I^l), root of summed squares:
+                                near 1 means a second pass repeats the first
+    heldout_step_cos            mean cosine between the second pass's step and the first's
+    heldout_pairs               pairs evaluated
+    ..._<kind>                  every figure above (but the step ones) per broken kind, when pairs.broken exists:
+                                heldout_d_aligned_colour, heldout_d_identity_colour, heldout_win_rate_colour,
+                                heldout_d_aligned_3pass_colour, heldout_pairs_colour, ...
     """
     import torch.distributed as dist
 
     was_training = model.training
     model.eval()
-    sums = torch.zeros(6, dtype=torch.float64)
+    kinds = loader.heldout_kinds()
+    max_passes = max(cfg.eval_passes, cfg.passes, 2)
+    acc = HeldoutSums(_heldout_names([f"_{k}" for k in kinds], max_passes))
     for batch in loader.heldout_batches(max_pairs=cfg.eval_max_pairs):
         b = batch.to(device, dtype)
-        one = model(b.guidance, b.loser, b.mask)
-        aligned = model.align(b.guidance, b.loser, passes=cfg.eval_passes, guidance_mask=b.mask)
-        d_al, d_one, d_id = sq_dist(b.winner, aligned), sq_dist(b.winner, one), sq_dist(b.winner, b.loser)
-        sums += torch.stack([d_al.sum(), d_one.sum(), d_id.sum(), (d_al < d_id).sum(),
-                             torch.tensor(float(len(d_al))), (d_one < d_id).sum()]).double().cpu()
-    if world > 1:
-        dist.all_reduce(sums)
+        kind_of = [f"_{loader.kinds[p]}" if p in loader.kinds else None for p in batch.pair_ids]
+        d_id = sq_dist(b.winner, b.loser, cfg.distance)
+        mse_id = sq_dist(b.winner, b.loser, "mean")
+        outs, q = [], b.loser
+        for _ in range(max_passes):
+            q = model(b.guidance, q, b.mask)
+            outs.append(q)
+        step1 = (outs[0] - b.loser).float().flatten(1)
+        step2 = (outs[1] - outs[0]).float().flatten(1)
+        acc.add("step_sq1", step1.pow(2).sum())
+        acc.add("step_sq2", step2.pow(2).sum())
+        acc.add("step_cos", torch.nn.functional.cosine_similarity(step1, step2, dim=1, eps=1e-12).sum())
+        per_pass = [(sq_dist(b.winner, o, cfg.distance), sq_dist(b.winner, o, "mean")) for o in outs]
+        for j in range(len(batch)):
+            for group in ("", kind_of[j]) if kind_of[j] is not None else ("",):
+                acc.add(f"pairs{group}", 1.0)
+                acc.add(f"d_identity{group}", d_id[j])
+                acc.add(f"mse_identity{group}", mse_id[j])
+                for p, (d_al, mse_al) in enumerate(per_pass, start=1):
+                    acc.add(f"d_aligned_{p}{group}", d_al[j])
+                    acc.add(f"mse_aligned_{p}{group}", mse_al[j])
+                    acc.add(f"win_{p}{group}", float(d_al[j] < d_id[j]))
+    acc.all_reduce(world)
     model.train(was_training)
-    n = sums[4].item()
+    n = acc["pairs"]
     if n == 0:
-        log.warning("no held-out pairs (heldout_fraction=%s): skipping the held-out evaluation", cfg.heldout_fraction)
+        log.warning("no held-out pairs (heldout_pairs=%s): skipping the held-out evaluation", cfg.heldout_pairs)
         return {}
-    k = cfg.eval_passes
-    out = {"heldout_d_aligned": sums[1].item() / n, "heldout_d_identity": sums[2].item() / n,
-           "heldout_win_rate": sums[5].item() / n, f"heldout_d_aligned_{k}pass": sums[0].item() / n,
-           f"heldout_win_rate_{k}pass": sums[3].item() / n, "heldout_pairs": n}
+    out: dict[str, float] = {"heldout_pairs": n}
+    for group in ["", *(f"_{k}" for k in kinds)]:
+        m = acc[f"pairs{group}"]
+        if m == 0:
+            continue
+        if group:
+            out[f"heldout_pairs{group}"] = m
+        out[f"heldout_d_identity{group}"] = acc[f"d_identity{group}"] / m
+        for p in range(1, max_passes + 1):
+            tag = "" if p == 1 else f"_{p}pass"
+            out[f"heldout_d_aligned{tag}{group}"] = acc[f"d_aligned_{p}{group}"] / m
+            out[f"heldout_win_rate{tag}{group}"] = acc[f"win_{p}{group}"] / m
+        if not group:
+            out["heldout_mse_identity"] = acc["mse_identity"] / m
+            out["heldout_mse_aligned"] = acc["mse_aligned_1"] / m
+    out["heldout_step_ratio"] = (acc["step_sq2"] / acc["step_sq1"]) ** 0.5 if acc["step_sq1"] > 0 else float("nan")
+    out["heldout_step_cos"] = acc["step_cos"] / n
     if dist.get_rank() == 0:
-        log.info("held-out (%d pairs): d_aligned %.5f (%d passes: %.5f), d_identity %.5f, win rate %.3f (%d passes: %.3f)",
-                 n, out["heldout_d_aligned"], k, out[f"heldout_d_aligned_{k}pass"], out["heldout_d_identity"],
-                 out["heldout_win_rate"], k, out[f"heldout_win_rate_{k}pass"])
+        log.info("held-out (%d pairs, d = %s): d_identity %.5g; d_aligned %s; win rate %s; step ratio %.3f",
+                 n, DISTANCE_NAMES[cfg.distance], out["heldout_d_identity"],
+                 " / ".join(f"{out['heldout_d_aligned' + ('' if p == 1 else f'_{p}pass')]:.5g}"
+                            for p in range(1, max_passes + 1)) + f" ({max_passes} passes)",
+                 " / ".join(f"{out['heldout_win_rate' + ('' if p == 1 else f'_{p}pass')]:.3f}"
+                            for p in range(1, max_passes + 1)), out["heldout_step_ratio"])
+        for k in kinds:
+            if f"heldout_d_identity_{k}" in out:
+                log.info("held-out %-8s (%d pairs): d_aligned / d_identity %.3f, win rate %.3f", k,
+                         out[f"heldout_pairs_{k}"], out[f"heldout_d_aligned_{k}"] / max(out[f"heldout_d_identity_{k}"],
+                                                                                        1e-30),
+                         out[f"heldout_win_rate_{k}"])
     return out
