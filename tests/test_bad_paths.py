@@ -99,6 +99,7 @@ def sample_dir(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.mark.slow
 def test_train_bad_run_dir_and_lake_are_refused_before_deepspeed(tmp_path, small_lake, unwritable):
     afile = tmp_path / "a-file"
     afile.write_text("x")
@@ -122,6 +123,7 @@ def test_train_bad_run_dir_and_lake_are_refused_before_deepspeed(tmp_path, small
     assert tree(tmp_path) == before and sorted(p.name for p in unwritable.iterdir()) == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_train_refuses_a_lake_it_cannot_write_metrics_to(tmp_path, unwritable):
     import shutil
 
@@ -138,6 +140,7 @@ def test_train_refuses_a_lake_it_cannot_write_metrics_to(tmp_path, unwritable):
     shutil.rmtree(lake)
 
 
+@pytest.mark.slow
 def test_embed_bad_values_write_nothing(tmp_path, sample_dir, unwritable):
     afile = tmp_path / "a-file"
     afile.write_text("x")
@@ -161,6 +164,7 @@ def test_embed_bad_values_write_nothing(tmp_path, sample_dir, unwritable):
     assert sorted(p.name for p in unwritable.iterdir()) == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_sample_too_many_pairs_and_unwritable_out(tmp_path, unwritable):
     import resource
     import time
@@ -189,6 +193,7 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_garbage_or_malicious_aligner_is_a_clear_error_and_runs_nothing(tmp_path, unwritable):
     import torch
 

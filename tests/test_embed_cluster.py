@@ -12,9 +12,12 @@ import time
 from pathlib import Path
 
 import lance
+import pytest
 
 from img.data.sample import expected_counts, write_sample
 from img.lake import tables as lake_mod
+
+pytestmark = pytest.mark.slow  # a Ray cluster started with `ray start --head`
 
 
 def _free_port() -> int:

@@ -74,6 +74,7 @@ def damaged(tmp_path_factory):
     return orig, data, lake, (a.name, b.name, cut.name), run
 
 
+@pytest.mark.slow
 def test_damaged_units_are_quarantined_and_the_rest_completes(damaged):
     orig, data, lake, (a, b, cut), run = damaged
     assert run.returncode == 0, run.stderr[-3000:]
@@ -115,6 +116,7 @@ def test_damaged_units_are_quarantined_and_the_rest_completes(damaged):
     assert summary["unreadable"] == len(unreadable) + 1
 
 
+@pytest.mark.slow
 def test_rerun_does_not_loop_on_damaged_units(damaged):
     _, data, lake, _, _ = damaged
     n_pairs, n_quar = len(_table(lake, "pairs")), len(_table(lake, "quarantine"))
@@ -151,6 +153,7 @@ def test_wrong_type_is_a_user_error_before_anything_is_written(small, tmp_path, 
     assert "\n" not in msg and not lake.exists()
 
 
+@pytest.mark.slow
 def test_wrong_type_cli_is_one_line_exit_2(small, tmp_path):
     data, lake = tmp_path / "data", tmp_path / "lake"
     shutil.copytree(small, data)

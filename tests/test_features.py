@@ -12,6 +12,8 @@ import img.data.shapes_world as sw
 from img.models.profiles import get_profile
 from img.questions import QUESTIONS, question_for, question_index
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.py
+
 
 @pytest.fixture(scope="module")
 def profile():
@@ -54,6 +56,7 @@ def test_question_pool_is_large_distinct_and_deterministic():
     assert sum(question_index(f"pair-{i}", 0) != question_index(f"pair-{i}", 1) for i in range(100)) > 90
 
 
+@pytest.mark.slow
 def test_question_pick_does_not_depend_on_python_hash_seed():
     code = "from img.questions import question_index as q; print([q(f'k{i}', 3) for i in range(20)])"
     outs = {

@@ -25,6 +25,7 @@ def _img(*args):
 
 
 # ----------------------------------------------------------------------------- local lake: flock
+@pytest.mark.slow
 def test_second_writer_is_told_who_holds_the_lock(tmp_path):
     h = Holder(tmp_path)
     try:
@@ -38,6 +39,7 @@ def test_second_writer_is_told_who_holds_the_lock(tmp_path):
         h.release()
 
 
+@pytest.mark.slow
 def test_second_writer_waits_printing_one_line_then_runs(tmp_path):
     h = Holder(tmp_path)
     threading.Timer(1.5, h.release).start()
@@ -51,6 +53,7 @@ def test_second_writer_waits_printing_one_line_then_runs(tmp_path):
     assert (tmp_path / LOCK_FILE).read_text() == ""  # released: no holder info left behind
 
 
+@pytest.mark.slow
 def test_sigkill_cannot_leave_a_local_lake_locked(tmp_path):
     h = Holder(tmp_path)
     h.kill()
@@ -59,6 +62,7 @@ def test_sigkill_cannot_leave_a_local_lake_locked(tmp_path):
         assert time.monotonic() - t0 < 2
 
 
+@pytest.mark.slow
 def test_break_lock_on_a_local_lake_explains_instead(tmp_path):
     h = Holder(tmp_path)
     try:
@@ -69,6 +73,7 @@ def test_break_lock_on_a_local_lake_explains_instead(tmp_path):
         h.release()
 
 
+@pytest.mark.slow
 def test_the_lock_is_reentrant_within_a_process(tmp_path):
     with writer_lock(str(tmp_path), job="eval") as outer:
         with writer_lock(str(tmp_path), job="infer", timeout=0.1) as inner:
@@ -90,6 +95,7 @@ def test_unwritable_lake_is_a_user_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------- object store: the lease
+@pytest.mark.slow
 def test_lease_heartbeats_keep_it_and_release_frees_it(tmp_path):
     lake = str(tmp_path)
     h = Holder(lake, kind="lease", ttl=1.0)
@@ -110,6 +116,7 @@ def test_lease_heartbeats_keep_it_and_release_frees_it(tmp_path):
         assert time.monotonic() - t0 < 1.0
 
 
+@pytest.mark.slow
 def test_lease_of_a_killed_holder_expires(tmp_path):
     lake, ttl = str(tmp_path), 1.5
     h = Holder(lake, kind="lease", ttl=ttl)
@@ -122,6 +129,7 @@ def test_lease_of_a_killed_holder_expires(tmp_path):
     assert 0.9 * ttl <= waited <= 2 * ttl + 3
 
 
+@pytest.mark.slow
 def test_break_lock_takes_a_live_lease_and_the_holder_stops_committing(tmp_path):
     lake = str(tmp_path)
     h = Holder(lake, kind="lease", ttl=2.0)
@@ -158,6 +166,7 @@ for _ in range(3):
 """
 
 
+@pytest.mark.slow
 def test_lease_is_exclusive_under_contention(tmp_path):
     """Four processes race for the lease three times each; no two hold it at once."""
     lake, log = str(tmp_path / "lake"), str(tmp_path / "log")
@@ -171,6 +180,7 @@ def test_lease_is_exclusive_under_contention(tmp_path):
         assert start >= end, spans
 
 
+@pytest.mark.slow
 def test_cli_break_lock_takes_the_lease_from_a_stuck_holder(tmp_path):
     lake = str(tmp_path)
     h = Holder(lake, kind="lease", ttl=60.0)  # renewing: it would never expire
@@ -187,6 +197,7 @@ def test_cli_break_lock_takes_the_lease_from_a_stuck_holder(tmp_path):
 
 
 # ----------------------------------------------------------------------------- the writers
+@pytest.mark.slow
 def test_metrics_flush_waits_for_the_lock(tmp_path):
     from img.training.trainer import MetricsWriter
 
@@ -206,6 +217,7 @@ def test_metrics_flush_waits_for_the_lock(tmp_path):
         [{"run_id": "run1", "step": 1, "name": "loss", "value": 0.5}]
 
 
+@pytest.mark.slow
 def test_infer_waits_for_the_lock_before_appending_generations(tmp_path):
     lake, out = tmp_path / "lake", tmp_path / "out"
     h = Holder(lake)
@@ -257,6 +269,7 @@ def _sql_counts(lake):
     return json.loads(r.stdout)[0]
 
 
+@pytest.mark.slow
 def test_two_embeds_at_once_then_a_third_end_exactly_once(tmp_path):
     data, lake = str(tmp_path / "data"), str(tmp_path / "lake")
     write_sample(data, pairs=160, seed=4, corrupt=0.05, ties=0.1, shard_rows=80)

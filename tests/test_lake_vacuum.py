@@ -62,6 +62,7 @@ def test_parse_age_and_bad_values():
         parse_age("soon")
 
 
+@pytest.mark.slow
 def test_cli_mistakes_are_one_line(tmp_path):
     r = subprocess.run(_img("lake", "vacuum", "--lake", str(tmp_path), "--older-than", "soon"), env=ENV,
                        capture_output=True, text=True, timeout=120)
@@ -72,6 +73,7 @@ def test_cli_mistakes_are_one_line(tmp_path):
     assert not (tmp_path / "nope").exists()
 
 
+@pytest.mark.slow
 def test_vacuum_waits_for_the_writer_lock(tmp_path):
     h = Holder(tmp_path)
     p = subprocess.Popen(_img("lake", "vacuum", "--lake", str(tmp_path)), env=ENV, stdout=subprocess.PIPE,
@@ -98,6 +100,7 @@ def _counts(lake):
     return json.loads(r.stdout)[0]
 
 
+@pytest.mark.slow
 def test_vacuum_after_a_sigkilled_embed(tmp_path):
     """Kill an embed while a batch is written but not committed; vacuum removes those files; nothing else changes."""
     data, lake = str(tmp_path / "data"), str(tmp_path / "lake")

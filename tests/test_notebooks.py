@@ -12,6 +12,8 @@ from img.data.sample import write_sample
 from pipelines.embed import run_embed
 from pipelines.embed_config import EmbedConfig
 
+pytestmark = pytest.mark.slow  # an embed job, then a Jupyter kernel per notebook
+
 
 @pytest.fixture(scope="module")
 def lake(tmp_path_factory):

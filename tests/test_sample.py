@@ -303,6 +303,7 @@ def test_cli_writes_sample(tmp_path):
     assert len(_corrupt_rows(table.to_pylist())) == 3
 
 
+@pytest.mark.slow
 def test_cli_bad_corrupt_is_one_line_exit_2(tmp_path):
     exe = Path(sys.executable).parent / "img"
     assert exe.exists(), "the img console script is installed by `make` (pip install -e .)"

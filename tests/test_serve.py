@@ -112,6 +112,7 @@ def generation_rows(lake: Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- the API
+@pytest.mark.slow
 def test_generate_with_prompt_and_seed_only_matches_img_infer(server, client, tmp_path):
     from img.inference.infer import run_infer
 
@@ -156,6 +157,7 @@ def test_generate_with_prompt_and_seed_only_matches_img_infer(server, client, tm
     ((PROMPT, 3, 1, 3, 0.2, 0), "Steps must be a whole number from 1 to 200, got 0"),
     ((PROMPT, 3, 1, 3, 0.2, 20, -2.0), "Guidance scale must be a number from 0.0 to 30.0, got -2.0"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_a_clear_message_and_writes_nothing(server, client, args, message):
     from gradio_client.exceptions import AppError
 
@@ -167,6 +169,7 @@ def test_bad_input_is_a_clear_message_and_writes_nothing(server, client, args, m
 
 
 # ----------------------------------------------------------------------------- the page, in a real browser
+@pytest.mark.slow
 def test_page_in_headless_chromium(server, tmp_path):
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"no browser at {CHROMIUM}: install Debian's chromium (`make browser`, or "

@@ -223,6 +223,7 @@ def train_lake(tmp_path_factory) -> str:
     return str(root)
 
 
+@pytest.mark.slow
 def test_training_learns_and_records_metrics(tmp_path, train_lake):
     from img.aligner import ImplicitAligner
 
@@ -254,6 +255,7 @@ def test_training_learns_and_records_metrics(tmp_path, train_lake):
         _train(["--lake", train_lake, "--steps", "10", "--run-dir", str(run), "--config", str(_toml(tmp_path))])
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_losses(tmp_path, train_lake):
     cfg = str(_toml(tmp_path))
     base = ["--lake", train_lake, "--profile", "tiny", "--config", cfg, "--checkpoint-every", "12"]
@@ -279,6 +281,7 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, train_lake):
                 "--run-dir", str(b), "--resume"])
 
 
+@pytest.mark.slow
 def test_kill_leftovers_are_removed_and_pruning_keeps_the_pointer_target(tmp_path, train_lake):
     """keep_checkpoints = 1 with a partial checkpoint a kill left past the pointer, in a run folder named with a quote."""
     import shutil
@@ -325,6 +328,7 @@ def _only_weights_only_torch_load(monkeypatch) -> list[str]:
     return loaded
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_resume_never_unpickles_with_weights_only_false(tmp_path, train_lake, monkeypatch, stage):
     """Resume (in-process) reads every DeepSpeed file with weights_only=True and still matches an uninterrupted run."""
@@ -361,6 +365,7 @@ def test_resume_never_unpickles_with_weights_only_false(tmp_path, train_lake, mo
         weights_only_load(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guidance", ["none", "text"])
 def test_guidance_ablations_train(tmp_path, guidance):
     root = tmp_path / "lake"
@@ -402,6 +407,7 @@ def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank_with_the_global_batch(tmp_path, train_lake):
     """2 ranks x batch 8 see the same pairs per step as 1 rank x batch 16; DeepSpeed averages the gradients."""
     two, one = tmp_path / "two", tmp_path / "one"
