@@ -35,6 +35,13 @@ def mllm(profile):
 
 
 @pytest.fixture(scope="module")
+def sdxl_pipe(profile):
+    from img.models.loading import load_sdxl_pipeline
+
+    return load_sdxl_pipeline(profile)
+
+
+@pytest.fixture(scope="module")
 def scenes():
     """Six shapes-world images (128 px, like the sample) with their captions."""
     rng = np.random.default_rng(0)
@@ -114,11 +121,9 @@ def test_unconditional_tokens_are_the_all_zeros_image(ip, profile, scenes):
     assert (u - ip(scenes[0][:1])).abs().max() > 0.1
 
 
-def test_resampler_equals_the_unet_projection_loaded_by_load_ip_adapter(ip, profile, scenes):
+def test_resampler_equals_the_unet_projection_loaded_by_load_ip_adapter(ip, sdxl_pipe, scenes):
     """Our resampler (diffusers' conversion without a UNet) == the one pipe.load_ip_adapter put in the UNet."""
-    from img.models.loading import load_sdxl_pipeline
-
-    pipe = load_sdxl_pipeline(profile)
+    pipe = sdxl_pipe
     layer = pipe.unet.encoder_hid_proj.image_projection_layers[0]
     ours = ip.projection.state_dict()
     theirs = layer.state_dict()
@@ -209,18 +214,22 @@ def test_guidance_rejects_mismatched_lists(mllm, scenes):
 
 
 # ---------------------------------------------------------------- text guidance
-def test_text_guidance_shapes_and_determinism(profile, scenes):
+def test_text_guidance_shapes_and_determinism(profile, scenes, sdxl_pipe):
     from img.features import TextGuidanceEncoder
 
     enc = TextGuidanceEncoder(profile)
+    assert [type(e).__name__ for _, e in enc.encoders] == ["CLIPTextModel", "CLIPTextModelWithProjection"]
     captions = [c for _, c in scenes]
+    assert len(set(captions)) == len(captions)
     out = enc(captions)
     assert len(out) == len(captions)
     assert all(t.shape == (77, profile.text_guidance_dim()) for t in out)
     assert all(torch.equal(a, b) for a, b in zip(out, enc(captions)))
-    if captions[0] != captions[1]:
-        assert (out[0] - out[1]).abs().max() > 1e-3
-    assert not hasattr(enc, "unet")
+    assert (out[0] - out[1]).abs().max() > 1e-3
+    # exactly the prompt embeddings StableDiffusionXLPipeline.encode_prompt gives the UNet
+    with torch.inference_mode():
+        embeds = sdxl_pipe.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False)[0]
+    assert torch.allclose(torch.stack(out), embeds, atol=1e-6)
 
 
 def test_text_guidance_is_sdxl_only():

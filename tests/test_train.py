@@ -60,7 +60,7 @@ def test_loader_reads_exact_values_padding_and_mask(lake):
         assert torch.count_nonzero(batch.guidance[j, lens[j]:]) == 0
 
 
-def test_loader_split_shards_and_uncommitted(lake):
+def test_loader_split_shards_and_uncommitted(lake, tmp_path):
     root, arrays = lake
     a = TrainLoader(root, rank=0, world_size=2, batch_size=8, heldout_fraction=0.1, num_workers=0)
     b = TrainLoader(root, rank=1, world_size=2, batch_size=8, heldout_fraction=0.1, num_workers=0)
@@ -73,8 +73,14 @@ def test_loader_split_shards_and_uncommitted(lake):
         ea, eb = set(a.epoch_order(epoch)), set(b.epoch_order(epoch))
         assert not ea & eb and len(ea) == len(eb) == a.steps_per_epoch * 8
     assert not np.array_equal(a.epoch_order(0), a.epoch_order(1))
-    # heldout is by hash, so it is independent of table order and row count
-    assert is_heldout("x#1", 0.5) == is_heldout("x#1", 0.5)
+    # heldout is by a hash of the pair id, so it is independent of table order and row count: a lake holding
+    # the first 40 of these pairs holds out exactly the held-out ones among them
+    half = {ids[i] for i in TrainLoader(root, batch_size=8, heldout_fraction=0.5, num_workers=0).heldout_indices}
+    small = write_synthetic_lake(str(tmp_path / "small"), n_pairs=40, seed=5, **DIMS)
+    c = TrainLoader(str(tmp_path / "small"), batch_size=8, heldout_fraction=0.5, num_workers=0)
+    first40 = half & set(ids[:40])
+    assert {small["pair_id"][i] for i in c.heldout_indices} == first40 and 10 < len(first40) < 30
+    assert held < half and 150 < len(half) < 250  # a larger fraction only adds pairs
 
 
 def test_loader_state_resumes_the_exact_order(lake):
