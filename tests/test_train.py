@@ -104,32 +104,73 @@ def test_loader_state_resumes_the_exact_order(lake):
         bad.load_state_dict(state)
 
 
-def test_buffer_pool_never_hands_out_a_buffer_in_use(lake):
+def test_buffer_pool_hands_a_buffer_out_once_until_it_is_given_back():
     from img.training.loader import BufferPool
 
     pool = BufferPool(max_free=2)
     a = pool.get(1000)
-    view = np.frombuffer(a, np.uint8)
-    del a
     b = pool.get(1000)
-    assert b is not view.base  # still viewed: not reused
-    del b
-    c = pool.get(900)  # b is idle and large enough
-    assert pool.allocated == 2 and c is not view.base
-    del view, c
-    assert pool.get(1000) is not None and pool.allocated == 2  # reused an idle buffer
-    for size in (10**5, 2 * 10**5, 4 * 10**5):  # none fit: idle buffers beyond max_free are dropped
-        pool.get(size)
-    assert len(pool) <= 4
-    # batches read through the pool keep their values while later batches are read
+    assert a is not b and pool.allocated == 2 and pool.out == 2 and len(pool) == 0
+    pool.give_back([a])
+    c = pool.get(900)  # a is idle and large enough
+    assert c is a and pool.allocated == 2 and pool.out == 2
+    assert pool.get(1000) is not b  # b was never given back: a new buffer
+    assert pool.allocated == 3
+    pool.give_back([b])
+    assert pool.get(10**6) is not b and pool.allocated == 4  # b is far too small: not used for a big read
+    pool.give_back([c, b, bytearray(5)])
+    assert len(pool) == 2  # at most max_free idle buffers are kept (the newest)
+
+
+def _buffer_of(a: np.ndarray):
+    while isinstance(a, np.ndarray):
+        a = a.base
+    return a
+
+
+def test_batches_own_their_buffers_until_released(lake):
+    import gc
+
     root, arrays = lake
+
+    def check(batch):
+        for j, pid in enumerate(batch.pair_ids):
+            i = _row(arrays, pid)
+            assert torch.equal(batch.guidance[j, : arrays["lens"][i]], torch.from_numpy(arrays["guidance"][i]))
+
+    # batches kept by the caller keep their values while later batches are read
     loader = TrainLoader(root, batch_size=8, num_workers=2, prefetch=2)
     it = iter(loader)
     kept = [next(it) for _ in range(6)]
     for batch in kept:
-        for j, pid in enumerate(batch.pair_ids):
-            i = _row(arrays, pid)
-            assert torch.equal(batch.guidance[j, : arrays["lens"][i]], torch.from_numpy(arrays["guidance"][i]))
+        assert batch._padded is None  # nothing padded yet: the rows still point into the buffers
+        check(batch)
+    it.close()
+    # released batches give their buffers back and the next reads reuse them, with the right values
+    loader = TrainLoader(root, batch_size=8, num_workers=0)
+    order = loader.epoch_order(0)
+    with loader.read(order[:8]) as first:
+        assert loader._buffers.out == loader._buffers.allocated == 8 and len(first.guidance_rows) == 8
+        bases = [id(_buffer_of(row)) for row in first.guidance_rows]
+    assert loader._buffers.out == 0 and first.guidance_rows is None
+    with pytest.raises(RuntimeError, match="released"):
+        first.guidance  # never padded, and its rows are gone
+    with loader.read(order[:8]) as again:  # the same rows again: each lands in the buffer it used before
+        assert loader._buffers.allocated == 8 and [id(_buffer_of(r)) for r in again.guidance_rows] == bases
+        check(again)
+    for s in range(8, 64, 8):  # other rows in recycled buffers read right
+        with loader.read(order[s : s + 8]) as batch:
+            check(batch)
+    assert loader._buffers.allocated < 8 + 56 and loader._buffers.out == 0
+    # a padded batch stays usable after release; a dropped batch gives its buffers back too
+    batch = loader.read(order[:8])
+    padded = batch.guidance
+    batch.release()
+    batch.release()  # idempotent
+    assert torch.equal(batch.guidance, padded) and loader._buffers.out == 0
+    moved = loader.read(order[:8]).to("cpu", torch.float32)  # the read batch is dropped right away
+    gc.collect()
+    assert loader._buffers.out == 0 and torch.equal(moved.guidance, padded.float())
 
 
 def test_loader_pins_table_versions(tmp_path):

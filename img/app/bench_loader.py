@@ -99,9 +99,9 @@ def _time_loader(loader, steps: int, pad: bool = False) -> float:
     t = time.perf_counter()
     it = iter(loader)
     for _ in range(steps):
-        batch = next(it)
-        if pad:
-            batch.guidance  # materialise the padded (B, L_max, E) tensor in the storage dtype
+        with next(it) as batch:  # its read buffers go back to the loader at the end of the step
+            if pad:
+                batch.guidance  # materialise the padded (B, L_max, E) tensor in the storage dtype
     dt = time.perf_counter() - t
     it.close()
     return dt
