@@ -288,4 +288,5 @@ def load_official_checkpoint(
 
 
 def param_count(model: nn.Module) -> int:
+    """Parameters of any module (works on the meta device): ``param_count(ImplicitAligner(cfg))``."""
     return sum(p.numel() for p in model.parameters())

@@ -224,15 +224,16 @@ def infer(
 ) -> None:
     """Generate with the base model, then regenerate with IMG (MLLM guidance -> aligner -> IP-Adapter)."""
     from img.config import load_config, project_file
+    from img.inference.generation import GenerationSettings
     from img.inference.infer import InferConfig, read_prompts, run_infer
 
     cfg = load_config(InferConfig, config if config is not None else project_file("infer.toml"),
                       overrides={"questions": str(questions) if questions is not None else None})
+    settings = GenerationSettings(steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale, passes=passes,
+                                  negative_prompt=negative_prompt)  # None: the profile's value
     summary = run_infer(
         read_prompts(prompt, prompts), profile, out, aligner=aligner, seed=seed, rounds=rounds, lake=lake,
-        steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale, passes=passes,
-        negative_prompt=negative_prompt, device=device, progress=True, questions=cfg.questions,
-        break_lock=break_lock,
+        settings=settings, device=device, progress=True, questions=cfg.questions, break_lock=break_lock,
     )
     typer.echo(summary.render())
     if as_json:

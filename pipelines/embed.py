@@ -24,7 +24,6 @@ import io
 import json
 import logging
 import os
-import sys
 import time
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -40,6 +39,7 @@ from img.lake import tables as lake_mod
 from img.lake.lock import writer_lock
 from img.models.profiles import get_profile
 from img.paths import check_lake_folder
+from img.progress import progress_bars
 from img.questions import question_for, questions_id, resolve_questions
 from pipelines.embed_config import EmbedConfig
 from pipelines.source import READ_ERRORS, SourceShard, describe_error, list_shards, plan_units
@@ -607,45 +607,30 @@ def _embed_locked(lake, shards, profile_name, cfg, schemas, fp, questions, new_t
 
 
 class _Progress:
-    """A live line with pairs/s and ETA on a terminal; a log line every 10 s otherwise."""
+    """A live line with pairs/s and ETA on a terminal (``img.progress``); a log line every 10 s otherwise."""
 
     def __init__(self, total: int, enabled: bool = True):
         self.total, self.enabled, self.done = total, enabled, 0
         self.t0 = self.last_log = time.perf_counter()
-        self.bar = None
+        self.bars = progress_bars(enabled, rate="pairs", eta=True)
 
     def __enter__(self):
-        if self.enabled and sys.stderr.isatty():
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(TextColumn("embed"), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[rate]:.1f} pairs/s"), TimeElapsedColumn(),
-                                TextColumn("ETA"), TimeRemainingColumn(), transient=False)
-            self.bar.start()
-            self.task = self.bar.add_task("embed", total=self.total, rate=0.0)
+        self.bars.__enter__()
+        self.task = self.bars.add_task("embed", total=self.total, rate=0.0)
         return self
 
     def advance(self, n: int) -> None:
         self.done += n
         now = time.perf_counter()
         rate = self.done / max(now - self.t0, 1e-9)
-        if self.bar is not None:
-            self.bar.update(self.task, advance=n, rate=rate)
-        elif self.enabled and (now - self.last_log > 10 or self.done == self.total):
+        self.bars.update(self.task, advance=n, rate=rate)
+        if not self.bars.shown and self.enabled and (now - self.last_log > 10 or self.done == self.total):
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             log.info("embed %d/%d pairs, %.1f pairs/s, ETA %.0fs", self.done, self.total, rate, eta)
             self.last_log = now
 
     def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
+        self.bars.__exit__(*exc)
         return False
 
 

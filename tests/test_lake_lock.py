@@ -12,16 +12,12 @@ import time
 import lance
 import pyarrow as pa
 import pytest
-from lock_holder import ENV, Holder
+from lock_holder import ENV, Holder, img_cmd, lake_counts
 
 from img.data.sample import expected_counts, write_sample
 from img.errors import UserError
 from img.lake.lock import LOCK_FILE, LakeLocked, LeaseLock, LockLost, writer_lock
 from schemas import features as features_schema
-
-
-def _img(*args):
-    return [sys.executable, "-m", "img.cli", *args]
 
 
 # ----------------------------------------------------------------------------- local lake: flock
@@ -185,13 +181,13 @@ def test_cli_break_lock_takes_the_lease_from_a_stuck_holder(tmp_path):
     lake = str(tmp_path)
     h = Holder(lake, kind="lease", ttl=60.0)  # renewing: it would never expire
     env = dict(ENV, IMG_LAKE_LOCK="lease")
-    r = subprocess.run(_img("lake", "vacuum", "--lake", lake, "--break-lock"), env=env, capture_output=True,
+    r = subprocess.run(img_cmd("lake", "vacuum", "--lake", lake, "--break-lock"), env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "vacuum" in r.stdout, r.stderr
     assert f"breaking the writer lease on {lake} held by holder (host " in r.stderr and f"pid {h.pid}" in r.stderr
     assert "Traceback" not in r.stderr
     assert h.release().startswith("lost: the writer lease")
-    bad = subprocess.run(_img("lake", "vacuum", "--lake", lake), env=dict(env, IMG_LAKE_LEASE_TTL="soon"),
+    bad = subprocess.run(img_cmd("lake", "vacuum", "--lake", lake), env=dict(env, IMG_LAKE_LEASE_TTL="soon"),
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "'soon'" in bad.stderr
 
@@ -221,7 +217,7 @@ def test_metrics_flush_waits_for_the_lock(tmp_path):
 def test_infer_waits_for_the_lock_before_appending_generations(tmp_path):
     lake, out = tmp_path / "lake", tmp_path / "out"
     h = Holder(lake)
-    p = subprocess.Popen(_img("infer", "--profile", "tiny", "--prompt", "a red circle", "--steps", "2", "--rounds", "1",
+    p = subprocess.Popen(img_cmd("infer", "--profile", "tiny", "--prompt", "a red circle", "--steps", "2", "--rounds", "1",
                               "--lake", str(lake), "--out", str(out)), env=ENV, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -260,22 +256,13 @@ def test_loader_drops_duplicate_pair_ids_and_logs_them(tmp_path, caplog):
 
 
 # ----------------------------------------------------------------------------- two embeds at once, end to end
-def _sql_counts(lake):
-    q = ("select (select count(*) from pairs) p, (select count(distinct pair_id) from pairs) pd, "
-         "(select count(*) from features) f, (select count(distinct pair_id) from features) fd, "
-         "(select count(*) from quarantine) q, (select count(distinct pair_id) from quarantine) qd")
-    r = subprocess.run(_img("sql", "--lake", lake, "--json", q), env=ENV, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)[0]
-
-
 @pytest.mark.slow
 def test_two_embeds_at_once_then_a_third_end_exactly_once(tmp_path):
     data, lake = str(tmp_path / "data"), str(tmp_path / "lake")
     write_sample(data, pairs=160, seed=4, corrupt=0.05, ties=0.1, shard_rows=80)
     exp = expected_counts(160, corrupt=0.05, ties=0.1)
     good, bad = exp["decisive"] - exp["corrupt"], exp["corrupt"]
-    cmd = _img("jobs", "embed", "--dataset", "pickapic", "--source", data, "--profile", "tiny", "--lake", lake)
+    cmd = img_cmd("jobs", "embed", "--dataset", "pickapic", "--source", data, "--profile", "tiny", "--lake", lake)
     procs = [subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
@@ -289,4 +276,4 @@ def test_two_embeds_at_once_then_a_third_end_exactly_once(tmp_path):
     assert f"{good} pairs written" in outs[owner][0] and "0 pairs written" in outs[waiter][0]
     third = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0 and "0 pairs written" in third.stdout, third.stderr[-2000:]
-    assert _sql_counts(lake) == {"p": good, "pd": good, "f": good, "fd": good, "q": bad, "qd": bad}
+    assert lake_counts(lake) == {"p": good, "pd": good, "f": good, "fd": good, "q": bad, "qd": bad}

@@ -26,16 +26,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from img.net import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a red circle left of a blue star"
 CHROMIUM = os.environ.get("IMG_CHROMIUM", "/usr/bin/chromium")
 SIZE = (64, 64)  # the tiny profile's image size
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -281,7 +277,8 @@ def test_check_request_limits():
     from img.errors import UserError
 
     ok = check_request("  a red circle ", 2**32 - 1, 8, 0, 2.0, 1, 0.0)
-    assert ok.prompt == "a red circle" and ok.seed == 2**32 - 1 and isinstance(ok.steps, int)
+    assert ok.prompt == "a red circle" and ok.seed == 2**32 - 1 and isinstance(ok.settings.steps, int)
+    assert (ok.rounds, ok.settings.passes, ok.settings.ip_scale, ok.settings.guidance_scale) == (8, 0, 2.0, 0.0)
     assert check_request("x", 3.0, 1.0, 3, 0.2, 20.0, 7.5).seed == 3
     for bad in [("x", 3.5, 1, 3, 0.2, 20, 7.5), ("x", 3, 1, 3, float("nan"), 20, 7.5),
                 ("x", 3, 1, 3, 0.2, 20, float("inf")), ("x", None, 1, 3, 0.2, 20, 7.5), ("x", 3, True, 3, 0.2, 20, 7.5),

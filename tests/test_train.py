@@ -22,6 +22,7 @@ from synthetic_lake import tiny_dims, write_synthetic_lake
 from typer.testing import CliRunner
 
 from img.errors import UserError
+from img.net import free_port
 from img.training.loader import TrainLoader, is_heldout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -438,10 +439,8 @@ def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    from img.training.trainer import _free_port
-
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc),
-           "--master_port", str(_free_port()),
+           "--master_port", str(free_port()),
            "-m", "img.cli", "jobs", "train", *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO),
                             start_new_session=True)

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from img.aligner import ImplicitAligner
+from img.aligner import ImplicitAligner, param_count
 from img.errors import UserError
 from img.features import GuidanceEncoder, IPTokenEncoder, TextGuidanceEncoder
 from img.models.loading import QWEN_MAX_PIXELS, ModelNotFound, has_weights, load_sdxl_pipeline, locate
@@ -186,10 +186,6 @@ def _smoke_tiny(profile: Profile, out: Callable[[str], Any]) -> int:
 
 
 # ---------------------------------------------------------------- dry run
-def _count(module: Any) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def _arch_sources(profile: Profile) -> dict[str, Path]:
     """Config files of every architecture: shipped ones for real profiles, the tiny build's for tiny."""
     if profile.tiny:
@@ -339,10 +335,10 @@ def _build_meta(profile: Profile, src: dict[str, Path], rows: list) -> dict[str,
         unet_cfg = base / "unet" / "config.json"
         unet = UNet2DConditionModel.from_config(_config(unet_cfg))
         label = "unet (DPO)" if profile.unet is not None else "unet"
-        rows.append((label, _count(unet), "UNet2DConditionModel", rel(unet_cfg)))
+        rows.append((label, param_count(unet), "UNet2DConditionModel", rel(unet_cfg)))
         for sub, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
             p = base / sub / "config.json"
-            rows.append((sub, _count(cls(CLIPTextConfig.from_dict(_config(p)))), cls.__name__, rel(p)))
+            rows.append((sub, param_count(cls(CLIPTextConfig.from_dict(_config(p)))), cls.__name__, rel(p)))
         proj = IPAdapterPlusImageProjection(**_ip_projection_args(profile))
         procs = []
         for name in unet.attn_processors:
@@ -361,11 +357,11 @@ def _build_meta(profile: Profile, src: dict[str, Path], rows: list) -> dict[str,
 
         tcfg = base / "transformer" / "config.json"
         tr = FluxTransformer2DModel.from_config(_config(tcfg))
-        rows.append(("transformer", _count(tr), "FluxTransformer2DModel", rel(tcfg)))
+        rows.append(("transformer", param_count(tr), "FluxTransformer2DModel", rel(tcfg)))
         p = base / "text_encoder" / "config.json"
-        rows.append(("text_encoder", _count(CLIPTextModel(CLIPTextConfig.from_dict(_config(p)))), "CLIPTextModel", rel(p)))
+        rows.append(("text_encoder", param_count(CLIPTextModel(CLIPTextConfig.from_dict(_config(p)))), "CLIPTextModel", rel(p)))
         p = base / "text_encoder_2" / "config.json"
-        rows.append(("text_encoder_2", _count(T5EncoderModel(T5Config.from_dict(_config(p)))), "T5EncoderModel", rel(p)))
+        rows.append(("text_encoder_2", param_count(T5EncoderModel(T5Config.from_dict(_config(p)))), "T5EncoderModel", rel(p)))
         proj = ImageProjection(**_ip_projection_args(profile))
         procs = [
             FluxIPAdapterAttnProcessor(hidden_size=tr.inner_dim, cross_attention_dim=tr.config.joint_attention_dim,
@@ -375,14 +371,14 @@ def _build_meta(profile: Profile, src: dict[str, Path], rows: list) -> dict[str,
         models["cross_attention_dim"] = tr.config.joint_attention_dim
         del tr
     vae_cfg = base / "vae" / "config.json"
-    rows.append(("vae", _count(AutoencoderKL.from_config(_config(vae_cfg))), "AutoencoderKL", rel(vae_cfg)))
+    rows.append(("vae", param_count(AutoencoderKL.from_config(_config(vae_cfg))), "AutoencoderKL", rel(vae_cfg)))
 
     enc_cfg = src["ip_encoder"]
     enc = CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(_config(enc_cfg)))
-    rows.append(("ip_encoder", _count(enc), "CLIPVisionModelWithProjection", rel(enc_cfg)))
+    rows.append(("ip_encoder", param_count(enc), "CLIPVisionModelWithProjection", rel(enc_cfg)))
     ip_src = rel(CONFIGS / profile.ip_weights.shipped) if not profile.tiny else "tiny spec"
-    rows.append(("ip_projection", _count(proj), type(proj).__name__, ip_src))
-    rows.append(("ip_layers", sum(_count(p) for p in procs), f"{len(procs)} x {type(procs[0]).__name__}", ip_src))
+    rows.append(("ip_projection", param_count(proj), type(proj).__name__, ip_src))
+    rows.append(("ip_layers", sum(param_count(p) for p in procs), f"{len(procs)} x {type(procs[0]).__name__}", ip_src))
 
     mcfg_path = src["mllm"]
     if profile.mllm_kind == "qwen2_5_vl":
@@ -393,11 +389,11 @@ def _build_meta(profile: Profile, src: dict[str, Path], rows: list) -> dict[str,
         from transformers import LlavaConfig, LlavaForConditionalGeneration
 
         mllm = LlavaForConditionalGeneration(LlavaConfig.from_dict(_config(mcfg_path)))
-    rows.append(("mllm", _count(mllm), type(mllm).__name__, rel(mcfg_path)))
+    rows.append(("mllm", param_count(mllm), type(mllm).__name__, rel(mcfg_path)))
 
     acfg = profile.aligner_config()
     aligner = ImplicitAligner(acfg)
-    rows.append(("aligner", _count(aligner), "ImplicitAligner(" + ", ".join(
+    rows.append(("aligner", param_count(aligner), "ImplicitAligner(" + ", ".join(
         f"{k}={v}" for k, v in acfg.to_dict().items()) + ")", "profile.aligner_config()"))
     models.update(ip_encoder=enc, ip_projection=proj, ip_layers=procs, mllm=mllm, aligner=aligner)
     return models

@@ -19,6 +19,7 @@ are on disk. Python::
     from img.inference.infer import run_infer
     summary = run_infer(["a red circle"], "tiny", "out", seed=3, rounds=2, lake="lake")
     summary = run_infer(["a red circle"], "tiny", "out", questions="edit_instructions.json")
+    summary = run_infer(["a red circle"], "tiny", "out", settings=GenerationSettings(steps=20, passes=1))
 """
 from __future__ import annotations
 
@@ -35,13 +36,14 @@ from pathlib import Path
 from typing import Any, Optional
 
 from img.errors import UserError
-from img.inference.generation import RELEASED_RESAMPLER, IMGPipeline, default_settings, load_aligner
+from img.inference.generation import GenerationSettings, IMGPipeline, load_aligner, released_resampler
 from img.lake.lock import writer_lock
 from img.lake.tables import append_rows, open_table, table_uri
 from img.logs import quiet_loading, quiet_logger
 from img.models.loading import locate
 from img.models.profiles import get_profile
 from img.paths import check_lake_folder, check_writable_folder
+from img.progress import progress_bars
 from img.questions import resolve_questions
 from schemas import generations
 from schemas.meta import read_provenance, with_provenance
@@ -209,47 +211,34 @@ class InferSummary:
 
 # ----------------------------------------------------------------------------- the job
 class _Progress:
-    """A rich progress bar over prompts and, below it, the diffusion steps of the current image."""
+    """Progress bars (``img.progress``) over prompts and, below it, the diffusion steps of the current image."""
 
     def __init__(self, n_prompts: int, steps: int, rounds: int, enabled: bool) -> None:
-        self.enabled = enabled
         self.per_prompt = steps * (1 + rounds)
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+        self.bar = progress_bars(enabled, width=28)
         self.prompts = self.bar.add_task("prompts", total=n_prompts)
         self.steps = self.bar.add_task("diffusion steps", total=self.per_prompt)
         self.round = 0
 
     def __enter__(self) -> "_Progress":
-        if self.enabled:
-            self.bar.start()
+        self.bar.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            self.bar.stop()
+        self.bar.__exit__(*exc)
 
     def start_prompt(self, idx: int, prompt: str) -> None:
-        if self.enabled:
-            self.round = 0
-            self.bar.reset(self.steps, total=self.per_prompt, description="base image")
+        self.round = 0
+        self.bar.reset(self.steps, total=self.per_prompt, description="base image")
 
     def on_step(self, stage: str, step: int, total: int) -> None:
-        if not self.enabled:
-            return
         if stage == "regen" and step == 1:
             self.round += 1
         desc = "base image" if stage == "base" else f"regeneration, round {self.round}"
         self.bar.update(self.steps, advance=1, description=desc)
 
     def end_prompt(self) -> None:
-        if self.enabled:
-            self.bar.advance(self.prompts)
+        self.bar.advance(self.prompts)
 
 
 def _rows(result: Any, idx: int, paths: list[Path], profile: Any, aligner_id: str, run_id: str,
@@ -321,12 +310,8 @@ def load_pipeline(profile: Any, aligner: Optional[str | Path], aligner_model: An
     """
     quiet_loading()
     with quiet_logger("transformers"):
-        resampler = None  # the released resampler.pth next to aligner_sdxl.pth
-        if aligner is not None and profile.family == "sdxl" and Path(aligner).expanduser().is_dir():
-            found = Path(aligner).expanduser() / RELEASED_RESAMPLER
-            resampler = found if found.is_file() else None
         return IMGPipeline.from_profile(profile, aligner=aligner_model, device=device, aligner_id=aligner_id,
-                                        resampler=resampler, questions=questions)
+                                        resampler=released_resampler(aligner, profile), questions=questions)
 
 
 def save_generation(result: Any, prompt_idx: int, out_dir: Path, *, profile: Any, aligner_id: str, run_id: str,
@@ -366,11 +351,7 @@ def run_infer(
     seed: int = 0,
     rounds: int = 1,
     lake: Optional[str] = None,
-    steps: Optional[int] = None,
-    guidance_scale: Optional[float] = None,
-    ip_scale: Optional[float] = None,
-    passes: Optional[int] = None,
-    negative_prompt: str = "",
+    settings: Optional[GenerationSettings] = None,
     device: str = "cpu",
     progress: bool = True,
     questions: Optional[str | Path] = None,
@@ -378,6 +359,7 @@ def run_infer(
 ) -> InferSummary:
     """Validate everything, load the models, then for each prompt: generate, write PNGs, append rows.
 
+    ``settings``: the generation settings (None fields, or None: the profile's).
     ``questions``: a JSON file of question templates (``img.questions.load_questions``); None = our pool.
     Each append to ``generations`` holds the lake's writer lock (``break_lock`` applies to the first).
     """
@@ -390,8 +372,7 @@ def run_infer(
 
     prof = get_profile(profile)
     pool = resolve_questions(questions)
-    settings = default_settings(prof, steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale, passes=passes,
-                                negative_prompt=negative_prompt)
+    settings = (settings or GenerationSettings()).resolve(prof)
     dev = resolve_device(device)
     aligner_model, aid = check_models(prof, aligner)
     if lake is not None:
@@ -416,9 +397,7 @@ def run_infer(
         with _Progress(len(prompts), settings.steps, rounds, progress) as bar:
             for idx, prompt in enumerate(prompts):
                 bar.start_prompt(idx, prompt)
-                result = pipe(prompt, seed=seed, rounds=rounds, steps=settings.steps,
-                              guidance_scale=settings.guidance_scale, ip_scale=settings.ip_scale,
-                              passes=settings.passes, negative_prompt=settings.negative_prompt, on_step=bar.on_step)
+                result = pipe(prompt, seed=seed, rounds=rounds, settings=settings, on_step=bar.on_step)
                 for k, v in result.timings().items():
                     if k in stages:
                         stages[k] += v

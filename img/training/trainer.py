@@ -45,7 +45,6 @@ import dataclasses
 import json
 import logging
 import os
-import socket
 import sys
 import time
 import uuid
@@ -61,6 +60,7 @@ from img.errors import UserError
 from img.lake import tables as lake_mod
 from img.lake.lock import writer_lock
 from img.models.profiles import get_profile
+from img.net import free_port
 from img.objective import (
     ReferenceKeeper,
     copy_into_reference,
@@ -149,18 +149,12 @@ class TrainSummary:
 
 
 # ----------------------------------------------------------------------------- set-up helpers
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def dist_env() -> tuple[int, int, int]:
     """(rank, world_size, local_rank); a plain process becomes a world of one on 127.0.0.1."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
