@@ -13,6 +13,7 @@ prints it as one line and exits 2, with no traceback.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -51,6 +52,13 @@ def _setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("httpx", "urllib3", "filelock", "ray", "diffusers", "transformers", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _echo_figures(figures: dict, as_json: bool, line: str) -> None:
+    """A benchmark's figures: a one-line summary (unless --json), then the JSON."""
+    if not as_json:
+        typer.echo(line)
+    typer.echo(json.dumps(figures, indent=2))
 
 
 @app.callback()
@@ -188,13 +196,9 @@ def bench_embed(
 
     if pairs < 8:
         raise UserError(f"--pairs must be >= 8, got {pairs}. Pass a larger sample size.")
-    result = run_bench(pairs=pairs, profile_name=profile, fmt=fmt)
-    if not as_json:
-        typer.echo(f"job {result['job_pairs_per_s']} pairs/s, bare {result['bare_pairs_per_s']} pairs/s, "
-                   f"ratio {result['ratio']}, bytes_ratio {result['bytes_ratio']}")
-    import json
-
-    typer.echo(json.dumps(result, indent=2))
+    r = run_bench(pairs=pairs, profile_name=profile, fmt=fmt)
+    _echo_figures(r, as_json, f"job {r['job_pairs_per_s']} pairs/s, bare {r['bare_pairs_per_s']} pairs/s, "
+                              f"ratio {r['ratio']}, bytes_ratio {r['bytes_ratio']}")
 
 
 @app.command("infer")
@@ -274,13 +278,9 @@ def bench_loader(
 
     if rows < 8:
         raise UserError(f"--rows must be >= 8 (one batch), got {rows}. Pass a larger row count.")
-    result = run_bench(rows=rows, small=small, workdir=str(workdir) if workdir else None)
-    if not as_json:
-        typer.echo(f"loader {result['loader_samples_per_s']} samples/s, raw memmap {result['raw_samples_per_s']} "
-                   f"samples/s, ratio {result['ratio']}")
-    import json
-
-    typer.echo(json.dumps(result, indent=2))
+    r = run_bench(rows=rows, small=small, workdir=str(workdir) if workdir else None)
+    _echo_figures(r, as_json, f"loader {r['loader_samples_per_s']} samples/s, raw memmap {r['raw_samples_per_s']} "
+                              f"samples/s, ratio {r['ratio']}")
 
 
 # ---------------------------------------------------------------- lake
@@ -301,8 +301,6 @@ def lake_vacuum(
     report = vacuum(lake, parse_age(older_than), dry_run=dry_run, break_lock=break_lock)
     typer.echo(report.render())
     if as_json:
-        import json
-
         typer.echo(json.dumps(report.to_dict()))
 
 
