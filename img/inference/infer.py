@@ -20,6 +20,12 @@ are on disk. Python::
     summary = run_infer(["a red circle"], "tiny", "out", seed=3, rounds=2, lake="lake")
     summary = run_infer(["a red circle"], "tiny", "out", questions="edit_instructions.json")
     summary = run_infer(["a red circle"], "tiny", "out", settings=GenerationSettings(steps=20, passes=1))
+
+``run_infer`` is three steps, usable one by one::
+
+    plan = validate(["a red circle"], "tiny", "out", seed=3)   # every check; UserError before any write
+    pipe = load(plan)                                          # the models
+    run_id, seconds = run(plan, pipe)                          # PNGs (+ rows with lake=...)
 """
 from __future__ import annotations
 
@@ -41,7 +47,7 @@ from img.lake.lock import writer_lock
 from img.lake.tables import append_rows, open_table, table_uri
 from img.logs import quiet_loading, quiet_logger
 from img.models.loading import locate
-from img.models.profiles import get_profile
+from img.models.profiles import Profile, get_profile
 from img.paths import check_lake_folder, check_writable_folder
 from img.progress import progress_bars
 from img.questions import resolve_questions
@@ -285,6 +291,14 @@ def _set_threads(profile: Any, device: str) -> Optional[int]:
     return previous
 
 
+def _restore_threads(previous: Optional[int]) -> None:
+    """Undo ``_set_threads``."""
+    if previous is not None:
+        import torch
+
+        torch.set_num_threads(previous)
+
+
 def check_models(profile: Any, aligner: Optional[str | Path]) -> tuple[Any, str]:
     """Check that every model of ``profile`` is present, then load the aligner: (aligner, aligner id).
 
@@ -342,6 +356,83 @@ def save_generation(result: Any, prompt_idx: int, out_dir: Path, *, profile: Any
     return paths
 
 
+# ----------------------------------------------------------------------------- validate / load / run
+@dataclass
+class InferPlan:
+    """What ``img infer`` will do, checked by ``validate`` before anything is written."""
+
+    prompts: list[str]
+    profile: Profile
+    settings: GenerationSettings  # resolved against the profile
+    seed: int
+    rounds: int
+    device: str
+    aligner: Optional[str | Path]  # the user's source: an SDXL folder may hold the released resampler.pth
+    aligner_model: Any  # the loaded ImplicitAligner
+    aligner_id: str
+    questions: Optional[tuple[str, ...]]  # None = our own pool
+    out_dir: Path
+    created: list[Path]  # folders made for out_dir, removed again if nothing gets written
+    lake: Optional[str]
+
+
+def validate(prompts: list[str], profile: str, out: str | Path, *, aligner: Optional[str | Path] = None,
+             seed: int = 0, rounds: int = 1, lake: Optional[str] = None,
+             settings: Optional[GenerationSettings] = None, device: str = "cpu",
+             questions: Optional[str | Path] = None) -> InferPlan:
+    """Everything a user can get wrong, cheapest first; ``UserError`` before anything is written.
+
+    Loads the aligner (its dims are checked) and creates ``out`` once a write probe passed.
+    """
+    if not prompts or any(not p.strip() for p in prompts):
+        raise UserError("a prompt is empty. Pass non-empty prompts (--prompt TEXT or --prompts FILE).")
+    if rounds < 0:
+        raise UserError(f"--rounds must be >= 0, got {rounds}. 1 is the paper's setting.")
+    prof = get_profile(profile)
+    pool = resolve_questions(questions)
+    resolved = (settings or GenerationSettings()).resolve(prof)
+    dev = resolve_device(device)
+    aligner_model, aid = check_models(prof, aligner)
+    if lake is not None:
+        check_lake(str(lake))
+    out_dir = Path(out).expanduser()
+    created = check_out_dir(out_dir)
+    return InferPlan(list(prompts), prof, resolved, seed, rounds, dev, aligner, aligner_model, aid, pool, out_dir,
+                     created, str(lake) if lake is not None else None)
+
+
+def load(plan: InferPlan) -> IMGPipeline:
+    """The plan's ``IMGPipeline``; ``plan.aligner_id`` becomes the pipeline's (a released resampler adds to it)."""
+    pipe = load_pipeline(plan.profile, plan.aligner, plan.aligner_model, plan.aligner_id, plan.device,
+                         questions=plan.questions)
+    plan.aligner_id = pipe.aligner_id
+    return pipe
+
+
+def run(plan: InferPlan, pipe: IMGPipeline, *, progress: bool = True, break_lock: bool = False,
+        written: Optional[list[str]] = None) -> tuple[str, dict[str, float]]:
+    """Each prompt in turn: generate, write its PNGs, append its rows. Returns (run id, seconds per stage).
+
+    ``written`` collects every file as it lands; ``break_lock`` applies to the first write only.
+    """
+    run_id = uuid.uuid4().hex[:12]
+    model_ids = json.dumps(plan.profile.model_ids(), sort_keys=True)
+    stages = {k: 0.0 for k in STAGES}
+    with _Progress(len(plan.prompts), plan.settings.steps, plan.rounds, progress) as bar:
+        for idx, prompt in enumerate(plan.prompts):
+            bar.start_prompt(idx, prompt)
+            result = pipe(prompt, seed=plan.seed, rounds=plan.rounds, settings=plan.settings, on_step=bar.on_step)
+            for k, v in result.timings().items():
+                if k in stages:
+                    stages[k] += v
+            save_generation(result, idx, plan.out_dir, profile=plan.profile, aligner_id=plan.aligner_id,
+                            run_id=run_id, model_ids=model_ids, lake=plan.lake, written=written,
+                            break_lock=break_lock)
+            break_lock = False
+            bar.end_prompt()
+    return run_id, stages
+
+
 def run_infer(
     prompts: list[str],
     profile: str,
@@ -357,65 +448,32 @@ def run_infer(
     questions: Optional[str | Path] = None,
     break_lock: bool = False,
 ) -> InferSummary:
-    """Validate everything, load the models, then for each prompt: generate, write PNGs, append rows.
+    """``validate``, ``load``, ``run``: for each prompt the base image and ``rounds`` regenerations, as PNGs and
+    ``generations`` rows.
 
     ``settings``: the generation settings (None fields, or None: the profile's).
     ``questions``: a JSON file of question templates (``img.questions.load_questions``); None = our pool.
     Each append to ``generations`` holds the lake's writer lock (``break_lock`` applies to the first).
     """
     t_start = time.perf_counter()
-    # 1. everything a user can get wrong, before anything is created
-    if not prompts or any(not p.strip() for p in prompts):
-        raise UserError("a prompt is empty. Pass non-empty prompts (--prompt TEXT or --prompts FILE).")
-    if rounds < 0:
-        raise UserError(f"--rounds must be >= 0, got {rounds}. 1 is the paper's setting.")
-
-    prof = get_profile(profile)
-    pool = resolve_questions(questions)
-    settings = (settings or GenerationSettings()).resolve(prof)
-    dev = resolve_device(device)
-    aligner_model, aid = check_models(prof, aligner)
-    if lake is not None:
-        check_lake(str(lake))
-    out_dir = Path(out).expanduser()
-    created = check_out_dir(out_dir)
-
+    plan = validate(prompts, profile, out, aligner=aligner, seed=seed, rounds=rounds, lake=lake, settings=settings,
+                    device=device, questions=questions)
     written: list[str] = []
-    threads = _set_threads(prof, dev)
+    threads = _set_threads(plan.profile, plan.device)
     try:
-        # 2. models
         t_load = time.perf_counter()
-        pipe = load_pipeline(prof, aligner, aligner_model, aid, dev, questions=pool)
-        aid = pipe.aligner_id
+        pipe = load(plan)
         load_s = time.perf_counter() - t_load
-        log.info("loaded %s on %s in %.1fs (aligner %s)", prof.name, dev, load_s, aid)
-
-        # 3. generate, one prompt at a time
-        run_id = uuid.uuid4().hex[:12]
-        model_ids = json.dumps(prof.model_ids(), sort_keys=True)
-        stages = {k: 0.0 for k in STAGES}
-        with _Progress(len(prompts), settings.steps, rounds, progress) as bar:
-            for idx, prompt in enumerate(prompts):
-                bar.start_prompt(idx, prompt)
-                result = pipe(prompt, seed=seed, rounds=rounds, settings=settings, on_step=bar.on_step)
-                for k, v in result.timings().items():
-                    if k in stages:
-                        stages[k] += v
-                save_generation(result, idx, out_dir, profile=prof, aligner_id=aid, run_id=run_id,
-                                model_ids=model_ids, lake=lake, written=written, break_lock=break_lock)
-                break_lock = False  # --break-lock applies to the first write only
-                bar.end_prompt()
+        log.info("loaded %s on %s in %.1fs (aligner %s)", plan.profile.name, plan.device, load_s, plan.aligner_id)
+        run_id, stages = run(plan, pipe, progress=progress, break_lock=break_lock, written=written)
     except BaseException:
         if not written:
-            remove_empty(created)
+            remove_empty(plan.created)
         raise
     finally:
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
+        _restore_threads(threads)
     return InferSummary(
-        profile=prof.name, aligner_id=aid, prompts=len(prompts), rounds=rounds, images=len(written),
-        out=str(out_dir), lake=str(lake) if lake is not None else None, run_id=run_id,
+        profile=plan.profile.name, aligner_id=plan.aligner_id, prompts=len(plan.prompts), rounds=rounds,
+        images=len(written), out=str(plan.out_dir), lake=plan.lake, run_id=run_id,
         wall_s=time.perf_counter() - t_start, load_s=load_s, stages=stages, files=written,
     )

@@ -283,37 +283,8 @@ class TrainLoader:
         self._storage_dtype = self.dims.dtype
         self._torch_dtype = torch.bfloat16 if self.dims.dtype == "bfloat16" else torch.float16
 
-        pair_ids = self.ds.to_table(columns=["pair_id"]).column("pair_id").to_pylist()
-        committed = None
-        pairs = lake_mod.open_table(lake, "pairs")
-        self.pairs_version = None
-        if pairs is not None:
-            if pairs_version is not None and pairs_version != pairs.version:
-                import lance
-
-                pairs = lance.dataset(lake_mod.table_uri(lake, "pairs"), version=pairs_version)
-            self.pairs_version = pairs.version
-            committed = set(lake_mod.column_values(pairs, "pair_id"))
-        train, held = [], []
-        skipped = duplicates = 0
-        seen: set[str] = set()
-        for i, pid in enumerate(pair_ids):
-            if committed is not None and pid not in committed:
-                skipped += 1
-                continue
-            if pid in seen:  # defensive: exactly-once embedding should never produce one
-                duplicates += 1
-                continue
-            seen.add(pid)
-            (held if is_heldout(pid, heldout_fraction) else train).append(i)
-        self.uncommitted, self.duplicates = skipped, duplicates
-        log.log(logging.WARNING if skipped or duplicates else logging.INFO,
-                "loader: features v%d: %d rows -> %d train / %d held-out pairs; %d duplicate pair_id rows dropped, "
-                "%d rows without a committed pair skipped%s", self.version, len(pair_ids), len(train), len(held),
-                duplicates, skipped, " (embed still running?)" if skipped else "")
-        self.pair_ids = pair_ids
-        self.train_indices = np.asarray(train, dtype=np.int64)
-        self.heldout_indices = np.asarray(held, dtype=np.int64)
+        self.pair_ids = self.ds.to_table(columns=["pair_id"]).column("pair_id").to_pylist()
+        self.train_indices, self.heldout_indices = self._split(self._committed(pairs_version))
         self.steps_per_epoch = len(self.train_indices) // (world_size * batch_size)
         if self.steps_per_epoch == 0:
             raise UserError(
@@ -323,6 +294,40 @@ class TrainLoader:
             )
         self.epoch, self.position = 0, 0
         self._buffers = BufferPool(max_free=max(16, (self.prefetch + 2) * batch_size))
+
+    def _committed(self, pairs_version: int | None) -> set[str] | None:
+        """The pair ids committed to ``pairs`` (pinned at ``pairs_version``, or the latest); None without a table."""
+        pairs = lake_mod.open_table(self.lake, "pairs")
+        self.pairs_version = None
+        if pairs is None:
+            return None
+        if pairs_version is not None and pairs_version != pairs.version:
+            import lance
+
+            pairs = lance.dataset(lake_mod.table_uri(self.lake, "pairs"), version=pairs_version)
+        self.pairs_version = pairs.version
+        return set(lake_mod.column_values(pairs, "pair_id"))
+
+    def _split(self, committed: set[str] | None) -> tuple[np.ndarray, np.ndarray]:
+        """(train, held-out) row offsets: committed pairs only, each pair id once (the first row), split by hash."""
+        train, held = [], []
+        skipped = duplicates = 0
+        seen: set[str] = set()
+        for i, pid in enumerate(self.pair_ids):
+            if committed is not None and pid not in committed:
+                skipped += 1
+                continue
+            if pid in seen:  # defensive: exactly-once embedding should never produce one
+                duplicates += 1
+                continue
+            seen.add(pid)
+            (held if is_heldout(pid, self.heldout_fraction) else train).append(i)
+        self.uncommitted, self.duplicates = skipped, duplicates
+        log.log(logging.WARNING if skipped or duplicates else logging.INFO,
+                "loader: features v%d: %d rows -> %d train / %d held-out pairs; %d duplicate pair_id rows dropped, "
+                "%d rows without a committed pair skipped%s", self.version, len(self.pair_ids), len(train), len(held),
+                duplicates, skipped, " (embed still running?)" if skipped else "")
+        return np.asarray(train, dtype=np.int64), np.asarray(held, dtype=np.int64)
 
     # ------------------------------------------------------------------ order and state
     def epoch_order(self, epoch: int) -> np.ndarray:
