@@ -8,14 +8,16 @@
     img infer --profile tiny --prompt "a red circle" --out out
     img lake vacuum --lake lake --older-than 1h
 
-Every command has ``--help``. A user's mistake raises ``UserError``; ``main``
-prints it as one line and exits 2, with no traceback.
+Every command has ``--help``. A user's mistake raises ``UserError`` (a ``ValueError`` whose message names
+parameters in backticks, as a Python caller passes them); ``main`` prints it as one line with each parameter
+shown as its flag (`` `run_dir` `` -> ``--run-dir``) and exits 2, with no traceback.
 """
 from __future__ import annotations
 
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -304,14 +306,36 @@ def lake_vacuum(
         typer.echo(json.dumps(report.to_dict()))
 
 
+def flags() -> dict[str, str]:
+    """Each command's parameter name -> its flag (``run_dir`` -> ``--run-dir``, ``fmt`` -> ``--format``)."""
+    names: dict[str, str] = {}
+
+    def walk(command) -> None:
+        for param in getattr(command, "params", []):
+            if param.param_type_name == "option" and param.name:
+                names.setdefault(param.name, max(param.opts, key=len))
+        for sub in getattr(command, "commands", {}).values():
+            walk(sub)
+
+    walk(typer.main.get_command(app))
+    names.setdefault("prompts_file", names.get("prompts", "--prompts"))  # read_prompts' name for --prompts
+    return names
+
+
+def cli_message(error: UserError) -> str:
+    """The error's message with every backticked parameter that is a flag of ``img`` written as that flag."""
+    known = flags()
+    return re.sub(r"`([a-z_][a-z0-9_]*)`", lambda m: known.get(m.group(1), m.group(0)), str(error))
+
+
 def main() -> None:
-    """Console entry point: user errors become one line and exit code 2."""
+    """Console entry point: user errors become one line (parameters shown as flags) and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         app(standalone_mode=True)
     except UserError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {cli_message(e)}", err=True)
         sys.exit(e.exit_code)
 
 

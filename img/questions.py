@@ -36,7 +36,7 @@ PLACEHOLDERS: tuple[str, ...] = ("{caption}", "{prompt}")
 _PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS))
 
 
-class QuestionFileError(UserError, ValueError):
+class QuestionFileError(UserError):
     """A questions file that is missing, not a JSON list of strings, or has an entry without ``{prompt}``."""
 
 # Each opening is followed directly by an ending below; all are questions about the image.

@@ -484,10 +484,10 @@ def check_reservations(cfg: EmbedConfig) -> None:
     if cpus > res.get("CPU", 0) + 1e-9:
         raise UserError(f"the embed config reserves {cpus:g} CPUs (decode/writer 2 x {cfg.decode_cpus:g} + actor pools) "
                         f"but the Ray cluster has {res.get('CPU', 0):g}. Lower num_cpus or concurrency in the "
-                        "[ip]/[mllm]/[text] sections of the --config TOML.")
+                        "[ip]/[mllm]/[text] sections of the `config` TOML.")
     if gpus > res.get("GPU", 0) + 1e-9:
         raise UserError(f"the embed config reserves {gpus:g} GPUs but the Ray cluster has {res.get('GPU', 0):g}. "
-                        "Set num_gpus = 0 (CPU) or lower concurrency in the --config TOML.")
+                        "Set num_gpus = 0 (CPU) or lower concurrency in the `config` TOML.")
 
 
 def build_dataset(units: list[dict], lake: str, profile_name: str, cfg: EmbedConfig, schemas: dict[str, pa.Schema],
@@ -535,7 +535,7 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
     t_start = time.perf_counter()
     # everything a user can get wrong, before the lake is touched
     if cfg.limit is not None and cfg.limit < 1:
-        raise UserError(f"--limit must be >= 1, got {cfg.limit}. Omit it to embed everything.")
+        raise UserError(f"`limit` must be >= 1, got {cfg.limit}. Omit it to embed everything.")
     profile = get_profile(profile_name)
     questions = resolve_questions(cfg.questions)  # a bad file fails here, before anything is written
     lake = _abs_lake(lake)

@@ -93,9 +93,9 @@ def list_shards(source: str, storage_options: dict | None = None) -> list[Source
         fs, root = pafs.FileSystem.from_uri(uri)
         info = fs.get_file_info(root)
     except (pa.ArrowInvalid, OSError) as e:
-        raise UserError(f"--source {source!r} cannot be opened ({e}). Pass a folder or URI of parquet shards.") from None
+        raise UserError(f"`source` {source!r} cannot be opened ({e}). Pass a folder or URI of parquet shards.") from None
     if info.type == pafs.FileType.NotFound:
-        raise UserError(f"--source {source!r} does not exist. Pass a folder of Pick-a-Pic parquet shards "
+        raise UserError(f"`source` {source!r} does not exist. Pass a folder of Pick-a-Pic parquet shards "
                         "(e.g. one written by `img data sample --out DIR`).")
     if info.type == pafs.FileType.File:
         files = [info]
@@ -103,7 +103,7 @@ def list_shards(source: str, storage_options: dict | None = None) -> list[Source
         files = [f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
                  if f.type == pafs.FileType.File and f.path.endswith(".parquet")]
     if not files:
-        raise UserError(f"--source {source!r} holds no *.parquet files. Pass the folder of Pick-a-Pic v2 shards.")
+        raise UserError(f"`source` {source!r} holds no *.parquet files. Pass the folder of Pick-a-Pic v2 shards.")
     prefix = uri.split("://", 1)[0]
     shards = []
     for f in sorted(files, key=lambda f: f.path):
@@ -122,7 +122,7 @@ def list_shards(source: str, storage_options: dict | None = None) -> list[Source
         check_columns(schema, full)
         shards.append(shard)
     if len({s.name for s in shards}) != len(shards):
-        raise UserError(f"--source {source!r} holds two shards with the same file name; pair ids would collide. "
+        raise UserError(f"`source` {source!r} holds two shards with the same file name; pair ids would collide. "
                         "Give every shard a unique name.")
     return shards
 
@@ -189,7 +189,7 @@ def plan_units(shards: list[SourceShard], done: set[str], limit: int | None,
     import pyarrow.parquet as pq
 
     if limit is not None and limit < 1:
-        raise UserError(f"--limit must be >= 1, got {limit}. Omit it to embed everything.")
+        raise UserError(f"`limit` must be >= 1, got {limit}. Omit it to embed everything.")
     plan = _Plan(done, unit_rows)
     remaining = limit if limit is not None else float("inf")
     for shard in shards:

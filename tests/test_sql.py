@@ -234,7 +234,7 @@ def test_cli_escapes_from_a_folder_with_tmp(small_lake, hostile_cwd):
 
 
 def test_bad_memory_limit_is_one_line(small_lake):
-    with pytest.raises(UserError, match="--memory-limit '2 bananas'"):
+    with pytest.raises(UserError, match="`memory_limit` '2 bananas'"):
         run_query(small_lake, "select 1", memory_limit="2 bananas")
     assert run_query(small_lake, "select 1 as a", as_json=True, memory_limit="512MB") == '[{"a": 1}]'
 

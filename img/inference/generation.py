@@ -136,8 +136,8 @@ def load_aligner(profile: Profile, source: AlignerSource = None, seed: int = 0) 
     if source is None:
         if not profile.tiny:
             raise UserError(
-                f"profile {profile.name!r} needs a trained aligner: pass --aligner PATH (a folder from "
-                f"`img jobs train` (<run-dir>/aligner), or the released aligner_{profile.family}.pth or its folder)."
+                f"profile {profile.name!r} needs a trained aligner: pass `aligner`, a folder from "
+                f"`img jobs train` (<run-dir>/aligner), or the released aligner_{profile.family}.pth or its folder."
             )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -145,7 +145,7 @@ def load_aligner(profile: Profile, source: AlignerSource = None, seed: int = 0) 
         return model.float().eval(), "fresh"
     path = Path(source).expanduser()
     if not path.exists():
-        raise UserError(f"--aligner {str(path)!r} does not exist. Pass an aligner checkpoint file or folder.")
+        raise UserError(f"`aligner` {str(path)!r} does not exist. Pass an aligner checkpoint file or folder.")
     if path.is_dir():
 
         if (path / CONFIG_NAME).is_file():
@@ -155,7 +155,7 @@ def load_aligner(profile: Profile, source: AlignerSource = None, seed: int = 0) 
             released = path / f"aligner_{profile.family}.pth"
             if not released.is_file():
                 raise UserError(
-                    f"--aligner folder {str(path)!r} has neither {CONFIG_NAME} (a save_pretrained folder) nor "
+                    f"`aligner` folder {str(path)!r} has neither {CONFIG_NAME} (a save_pretrained folder) nor "
                     f"{released.name} (the released checkpoint for {profile.family}). Point at one of those."
                 )
             model = load_official_checkpoint(released, profile.aligner_config())
@@ -231,13 +231,13 @@ class GenerationSettings:
     def validate(self) -> "GenerationSettings":
         """``self``, or ``UserError`` naming the first value out of range."""
         if self.steps < 1:
-            raise UserError(f"--steps must be >= 1, got {self.steps}. The paper uses 50 (SDXL) / 30 (FLUX).")
+            raise UserError(f"`steps` must be >= 1, got {self.steps}. The paper uses 50 (SDXL) / 30 (FLUX).")
         if self.guidance_scale < 0:
-            raise UserError(f"--guidance-scale must be >= 0, got {self.guidance_scale}.")
+            raise UserError(f"`guidance_scale` must be >= 0, got {self.guidance_scale}.")
         if self.ip_scale < 0:
-            raise UserError(f"--ip-scale must be >= 0, got {self.ip_scale}. The paper uses 0.2.")
+            raise UserError(f"`ip_scale` must be >= 0, got {self.ip_scale}. The paper uses 0.2.")
         if self.passes < 0:
-            raise UserError(f"--passes must be >= 0, got {self.passes}. The paper uses 3.")
+            raise UserError(f"`passes` must be >= 0, got {self.passes}. The paper uses 3.")
         if self.true_cfg_scale < 0:
             raise UserError(f"true_cfg_scale must be >= 0, got {self.true_cfg_scale}.")
         if self.height < 8 or self.width < 8:
@@ -583,7 +583,7 @@ class IMGPipeline:
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError(f"prompt {prompt!r} is empty. Pass a non-empty text prompt.")
         if rounds < 0:
-            raise UserError(f"--rounds must be >= 0, got {rounds}. 1 is the paper's setting.")
+            raise UserError(f"`rounds` must be >= 0, got {rounds}. 1 is the paper's setting.")
         s = self.settings(settings, **overrides)
         t0 = time.perf_counter()
         image = self.generate_base(prompt, seed, s, on_step)

@@ -71,31 +71,31 @@ class InferConfig:
 def read_prompts(prompt: Optional[str] = None, prompts_file: Optional[str | Path] = None) -> list[str]:
     """The prompts of ``--prompt`` or ``--prompts`` (exactly one of them); ``UserError`` if none is usable."""
     if (prompt is None) == (prompts_file is None):
-        raise UserError("pass exactly one of --prompt TEXT or --prompts FILE.")
+        raise UserError("pass exactly one of `prompt` (a text) or `prompts_file` (a file of prompts).")
     if prompt is not None:
         if not prompt.strip():
-            raise UserError("--prompt is empty. Pass a non-empty text prompt, e.g. --prompt \"a red circle\".")
+            raise UserError("`prompt` is empty. Pass a non-empty text prompt, e.g. \"a red circle\".")
         return [prompt.strip()]
     path = Path(prompts_file).expanduser()  # type: ignore[arg-type]
     if not path.is_file():
-        raise UserError(f"--prompts {str(path)!r} is not a file. Pass a text file with one prompt per line.")
+        raise UserError(f"`prompts_file` {str(path)!r} is not a file. Pass a text file with one prompt per line.")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--prompts {str(path)!r} cannot be read as UTF-8 text ({e}).") from None
+        raise UserError(f"`prompts_file` {str(path)!r} cannot be read as UTF-8 text ({e}).") from None
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"--prompts {str(path)!r} is not valid JSON ({e}). Use a JSON list of strings.") from None
+            raise UserError(f"`prompts_file` {str(path)!r} is not valid JSON ({e}). Use a JSON list of strings.") from None
         if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-            raise UserError(f"--prompts {str(path)!r} must hold a JSON list of strings.")
+            raise UserError(f"`prompts_file` {str(path)!r} must hold a JSON list of strings.")
         lines = data
     else:
         lines = text.splitlines()
     prompts = [p.strip() for p in lines if p.strip()]
     if not prompts:
-        raise UserError(f"--prompts {str(path)!r} has no non-empty prompt. Put one prompt per line.")
+        raise UserError(f"`prompts_file` {str(path)!r} has no non-empty prompt. Put one prompt per line.")
     return prompts
 
 
@@ -114,8 +114,8 @@ def check_out_dir(out: Path) -> list[Path]:
     """Create ``out`` if needed once a write probe proved it writable; returns the folders created (for clean-up)."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} exists and is not a folder. Pass a folder path.")
-    check_writable_folder(out, "--out")
+        raise UserError(f"`out` {str(out)!r} exists and is not a folder. Pass a folder path.")
+    check_writable_folder(out, "`out`")
     created: list[Path] = []
     p = out.absolute()
     while not p.exists():
@@ -143,7 +143,7 @@ def check_lake(lake: str) -> None:
     try:
         ds = open_table(lake, "generations")
     except Exception as e:  # a broken table
-        raise UserError(f"{table_uri(lake, 'generations')} cannot be opened ({e}). Use another --lake.") from None
+        raise UserError(f"{table_uri(lake, 'generations')} cannot be opened ({e}). Use another `lake`.") from None
     if ds is None:
         return
     have = read_provenance(ds.schema)["schema_version"]
@@ -152,7 +152,7 @@ def check_lake(lake: str) -> None:
     if have != generations.VERSION or not have_schema.equals(want_schema):
         raise UserError(
             f"{table_uri(lake, 'generations')} has generations schema v{have}, this img writes "
-            f"v{generations.VERSION}. Use another --lake, or move the old table away."
+            f"v{generations.VERSION}. Use another `lake`, or move the old table away."
         )
 
 
@@ -271,7 +271,7 @@ def resolve_device(device: str) -> str:
     try:
         torch.device(device)
     except RuntimeError:
-        raise UserError(f"--device {device!r} is not a torch device. Use auto, cpu, cuda or cuda:N.") from None
+        raise UserError(f"`device` {device!r} is not a torch device. Use auto, cpu, cuda or cuda:N.") from None
     return device
 
 
@@ -385,9 +385,9 @@ def validate(prompts: list[str], profile: str, out: str | Path, *, aligner: Opti
     Loads the aligner (its dims are checked) and creates ``out`` once a write probe passed.
     """
     if not prompts or any(not p.strip() for p in prompts):
-        raise UserError("a prompt is empty. Pass non-empty prompts (--prompt TEXT or --prompts FILE).")
+        raise UserError("a prompt is empty. Pass non-empty prompts (`prompt` or `prompts_file`).")
     if rounds < 0:
-        raise UserError(f"--rounds must be >= 0, got {rounds}. 1 is the paper's setting.")
+        raise UserError(f"`rounds` must be >= 0, got {rounds}. 1 is the paper's setting.")
     prof = get_profile(profile)
     pool = resolve_questions(questions)
     resolved = (settings or GenerationSettings()).resolve(prof)

@@ -158,7 +158,7 @@ def lake_dims(ds: Any, uri: str = "features") -> LakeDims:
     if missing:
         raise UserError(
             f"{uri} has no {missing} in its schema metadata (img.extra). It was not written by `img jobs embed`; "
-            "re-run the embed job into a fresh --lake."
+            "re-run the embed job into a fresh `lake`."
         )
     dtype = str(extra.get("dtype", "float16"))
     if dtype not in ("float16", "bfloat16"):
@@ -189,7 +189,7 @@ def open_features(lake: str, version: int | None = None):
     if ds is None:
         raise UserError(
             f"no features table at {lake_mod.table_uri(lake, 'features')}. "
-            f"Run `img jobs embed --lake {lake} ...` first, or pass the --lake that holds it."
+            f"Run `img jobs embed --lake {lake} ...` first, or pass the `lake` that holds it."
         )
     if version is not None and version != ds.version:
         ds = lance.dataset(lake_mod.table_uri(lake, "features"), version=version)
