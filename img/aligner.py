@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import pickle
 from dataclasses import dataclass
@@ -31,7 +30,6 @@ from torch import nn
 
 from img.errors import UserError
 
-log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

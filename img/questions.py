@@ -22,14 +22,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 from pathlib import Path
 from typing import Optional, Sequence
 
 from img.errors import UserError
 
-log = logging.getLogger(__name__)
 
 PLACEHOLDERS: tuple[str, ...] = ("{caption}", "{prompt}")
 """Where the caption goes in a template: ``{caption}`` (our pool) or ``{prompt}`` (the authors' file)."""

@@ -15,7 +15,6 @@ import pyarrow as pa
 
 VERSION = 1
 BLOB = {b"lance-encoding:blob": b"true"}
-DTYPES = {"float16": pa.float16(), "bfloat16": pa.float16()}  # bf16 is stored bit-cast as 2-byte words
 
 
 def schema(ip_tokens: int, ip_dim: int, text_guidance: bool = False) -> pa.Schema:
@@ -34,6 +33,3 @@ def schema(ip_tokens: int, ip_dim: int, text_guidance: bool = False) -> pa.Schem
             pa.field("text_guidance_len", pa.int32()),
         ]
     return pa.schema(fields)
-
-
-TENSOR_COLUMNS = ("winner_tokens", "loser_tokens", "guidance", "text_guidance")

@@ -24,7 +24,6 @@ anyway; the ``padded_fp16`` variant pads inside the timed loop, for comparison.
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import statistics
@@ -39,7 +38,6 @@ from img.training.loader import TrainLoader
 from schemas import features as features_schema
 from schemas.meta import with_provenance
 
-log = logging.getLogger(__name__)
 
 FULL = {"guidance_len": 650, "guidance_dim": 5120, "ip_tokens": 16, "ip_dim": 2048}
 SMALL = {"guidance_len": 64, "guidance_dim": 512, "ip_tokens": 16, "ip_dim": 256}

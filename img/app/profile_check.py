@@ -19,7 +19,6 @@ aligner -> IP cross-attention of the diffusion model. Nothing is allocated::
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -32,7 +31,6 @@ from img.models.profiles import Profile, get_profile
 from img.models.tiny import IP_ENCODER_SUBFOLDER, get_spec, tiny_root
 from img.questions import question_for
 
-log = logging.getLogger(__name__)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "models" / "configs"
 DRY_BATCH = 2

@@ -99,7 +99,6 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    schedule: Literal["constant"] = "constant"
     batch_size: int = 8  # per rank
     # objective (paper: lambda = 1, reference copied after k = 10 consecutive wins)
     lam: float = 1.0
