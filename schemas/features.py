@@ -1,8 +1,8 @@
 """``features``: the cached tensors of one pair, stored once by the embed job.
 
-Layout follows measured read speed (reference-facts.md): the big variable-length
-MLLM guidance is a ``large_binary`` *blob* column (read with ``take_blobs``, as
-fast as a memmap), with its length beside it and no padding; the small
+The big variable-length MLLM guidance is a ``large_binary`` *blob* column (read
+whole with ``take_blobs`` into a reused buffer), with its length beside it and no
+padding (see docs/architecture.md, "Storage layout"); the small
 fixed-size IP tokens are ``FixedSizeList`` columns. Shapes and dtype live in the
 schema metadata (``extra``) so a reader never guesses::
 

@@ -10,7 +10,7 @@ reported (``*_best`` = fastest pass) because single passes are noisy on a
 shared machine. Two raw baselines:
 
 - ``raw``: each row's bytes copied out of an ``np.memmap`` into a new array
-  (``np.array(mm[a:b])``), the plain "read a row" of reference-facts.md. Its speed
+  (``np.array(mm[a:b])``), the plainest way to read a row. Its speed
   depends on whether the allocator hands back already-mapped memory, so it
   varies between processes.
 - ``raw_into``: the same bytes copied into reused buffers: a pure memcpy, the

@@ -9,10 +9,11 @@
         state = loader.state_dict()  # {epoch, position, ...}: the next batch to be yielded
     loader.load_state_dict(state)    # continue the data order exactly (``--resume``)
 
-Design (reference-facts.md, "Tooling facts"):
+Design:
 - The MLLM guidance is a Lance *blob* column; it is read with the blob API
-  (``read_blobs`` / ``take_blobs``), which reads as fast as a flat memmap, then
-  ``np.frombuffer``. The small image tokens are FixedSizeList columns read with ``take``.
+  (``take_blobs``, or ``read_blobs``) whole into a buffer, then ``np.frombuffer``
+  (no padding on disk; see docs/architecture.md, "Storage layout"). The small image
+  tokens are FixedSizeList columns read with ``take``.
 - The versions of ``features`` and ``pairs`` are pinned when the loader starts
   (and saved in its state), so an embed job appending to the lake never changes
   the order of a running or resumed training run.
