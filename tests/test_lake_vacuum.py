@@ -92,7 +92,7 @@ def test_vacuum_after_a_sigkilled_embed(tmp_path):
     """Kill an embed while a batch is written but not committed; vacuum removes those files; nothing else changes."""
     data, lake = str(tmp_path / "data"), str(tmp_path / "lake")
     write_sample(data, pairs=600, seed=11, corrupt=0.02, ties=0.1, shard_rows=200)
-    exp = expectedlake_counts(600, corrupt=0.02, ties=0.1)
+    exp = expected_counts(600, corrupt=0.02, ties=0.1)
     cmd = img_cmd("jobs", "embed", "--dataset", "pickapic", "--source", data, "--profile", "tiny", "--lake", lake)
     orphans = {}
     for _ in range(3):  # the kill must land while some fragment is written and not yet committed

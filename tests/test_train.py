@@ -409,7 +409,7 @@ def test_resume_never_unpickles_with_weights_only_false(tmp_path, train_lake, mo
     # a file naming a global outside the allowlist is refused, naming it
     bad = tmp_path / "bad.pt"
     torch.save({"ok": torch.ones(2), "cfg": argparse.Namespace(x=1)}, bad)
-    with pytest.raises(UserError, match=r"argparse\.Namespace.*new --run-dir"):
+    with pytest.raises(UserError, match=r"argparse\.Namespace.*new `run_dir`"):
         weights_only_load(bad)
 
 
