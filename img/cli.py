@@ -5,6 +5,9 @@
     img sql --lake lake "select count(*) from pairs"
     img jobs embed --dataset pickapic --source data/sample --profile tiny --lake lake
     img jobs train --lake lake --profile tiny --steps 200 --run-dir runs/r1
+    img data sample --kind edits --out data/edits --pairs 400 --seed 0
+    img jobs finetune-mllm --profile tiny --data data/edits --steps 200 --run-dir runs/ft --lake lake
+    img jobs eval --profile tiny --scorer tiny --prompts prompts.txt --n 6 --lake lake
     img infer --profile tiny --prompt "a red circle" --out out
     img lake vacuum --lake lake --older-than 1h
 
@@ -31,9 +34,9 @@ from img.errors import UserError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="IMG: Implicit Multimodal Guidance - embed, train, infer, query.")
-data_app = typer.Typer(no_args_is_help=True, help="Input data: the bundled Pick-a-Pic-format sample.")
+data_app = typer.Typer(no_args_is_help=True, help="Input data: the bundled Pick-a-Pic and InstructPix2Pix-format samples.")
 profile_app = typer.Typer(no_args_is_help=True, help="Model profiles: what every job loads.")
-jobs_app = typer.Typer(no_args_is_help=True, help="Batch jobs: embed (Ray Data) and train (DeepSpeed).")
+jobs_app = typer.Typer(no_args_is_help=True, help="Batch jobs: embed and eval (Ray Data), train and finetune-mllm (DeepSpeed).")
 bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks that print JSON.")
 lake_app = typer.Typer(no_args_is_help=True, help="Lake housekeeping.")
 app.add_typer(data_app, name="data")
@@ -71,22 +74,43 @@ def _root(verbose: bool = typer.Option(False, "--verbose", "-v", help="Debug log
 # ---------------------------------------------------------------- data
 @data_app.command("sample")
 def data_sample(
-    out: Path = typer.Option(..., "--out", help="Folder to write parquet shards into (created)."),
-    pairs: int = typer.Option(2000, "--pairs", help="Number of rows (pairs) to draw."),
+    out: Path = typer.Option(..., "--out", help="Folder to write parquet shards (or prompts.tsv) into (created)."),
+    kind: str = typer.Option("pairs", "--kind", help="pairs: preference pairs (Pick-a-Pic v2 columns); "
+                             "edits: instruction-edit records (InstructPix2Pix columns) for `img jobs finetune-mllm`; "
+                             "prompts: a shapes-world prompt file with categories (Parti TSV form) for `img jobs eval`."),
+    pairs: int = typer.Option(2000, "--pairs", help="Number of rows (pairs, or edit records) to draw."),
     seed: int = typer.Option(0, "--seed", help="Random seed; the same seed gives byte-identical files."),
-    corrupt: float = typer.Option(0.0, "--corrupt", help="Fraction of rows whose JPEG bytes are corrupted."),
-    ties: float = typer.Option(0.1, "--ties", help="Fraction of rows that are ties (label_0 = 0.5)."),
+    corrupt: float = typer.Option(0.0, "--corrupt", help="Fraction of rows whose JPEG bytes (or instruction) are damaged."),
+    ties: Optional[float] = typer.Option(None, "--ties", help="Fraction of rows that are ties (label_0 = 0.5); "
+                                         "pairs only, default 0.1."),
     shard_rows: int = typer.Option(500, "--shard-rows", help="Rows per parquet shard."),
-    fmt: str = typer.Option("sample", "--format", help="sample: published columns + `broken` + provenance; "
+    fmt: str = typer.Option("sample", "--format", help="pairs only. sample: published columns + `broken` + provenance; "
                             "pickapic: exactly the published Pick-a-Pic v2 columns, HF shard names and row groups."),
     row_group_rows: Optional[int] = typer.Option(None, "--row-group-rows",
                                                  help="Rows per parquet row group (default: a shard; 100 for pickapic)."),
+    n: int = typer.Option(60, "--n", help="--kind prompts: number of distinct prompts."),
 ) -> None:
-    """Write a procedurally drawn shapes-world sample with Pick-a-Pic v2 columns."""
+    """Write a procedurally drawn shapes-world sample: preference pairs, instruction edits, or eval prompts."""
+    kind = "pairs" if kind == "pickapic" else kind
+    if kind not in ("pairs", "edits", "prompts"):
+        raise UserError(f"--kind {kind!r} is not one of pairs, edits, prompts. Pick one of those.")
+    if kind != "pairs" and (ties is not None or fmt != "sample" or row_group_rows is not None):
+        raise UserError("--ties, --format and --row-group-rows apply to --kind pairs only. Drop them.")
+    if kind == "prompts":
+        from img.eval.prompts import write_shapes_prompts
+
+        path = write_shapes_prompts(out, n=n, seed=seed)
+        typer.echo(f"wrote {n} shapes-world prompts (categories single, counting, spatial) to {path}")
+        return
+    if kind == "edits":
+        from img.finetune.edit_sample import write_edits_sample
+
+        typer.echo(write_edits_sample(out, records=pairs, seed=seed, corrupt=corrupt, shard_rows=shard_rows))
+        return
     from img.data.sample import write_sample
 
-    summary = write_sample(out, pairs=pairs, seed=seed, corrupt=corrupt, ties=ties, shard_rows=shard_rows,
-                           fmt=fmt, row_group_rows=row_group_rows)
+    summary = write_sample(out, pairs=pairs, seed=seed, corrupt=corrupt, ties=0.1 if ties is None else ties,
+                           shard_rows=shard_rows, fmt=fmt, row_group_rows=row_group_rows)
     typer.echo(summary)
 
 
@@ -139,6 +163,9 @@ def jobs_embed(
     limit: Optional[int] = typer.Option(None, "--limit", help="Embed at most N input rows."),
     config: Optional[Path] = typer.Option(None, "--config", help="Embed TOML (default: jobs/embed.toml settings)."),
     new_table: bool = typer.Option(False, "--new-table", help="Replace tables made with a different config fingerprint."),
+    mllm_adapter: Optional[Path] = typer.Option(
+        None, "--mllm-adapter", help="Fine-tuned MLLM adapter (RUN_DIR/adapter of `img jobs finetune-mllm`); "
+        "part of the fingerprint."),
     as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON."),
     break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
 ) -> None:
@@ -154,7 +181,8 @@ def jobs_embed(
 
     cfg = load_config(EmbedConfig, config if config is not None else project_file("embed.toml"),
                       overrides={"limit": limit})
-    summary = run_embed(source, lake, profile, cfg, new_table=new_table, break_lock=break_lock)
+    summary = run_embed(source, lake, profile, cfg, new_table=new_table, break_lock=break_lock,
+                        mllm_adapter=mllm_adapter)
     typer.echo(summary.render())
     if as_json:
         typer.echo(summary_json(summary))
@@ -183,6 +211,91 @@ def jobs_train(
     summary = run_training(lake, profile, steps, run_dir, cfg, resume=resume, break_lock=break_lock)
     if os.environ.get("RANK", "0") == "0":
         typer.echo(summary.render())
+
+
+@jobs_app.command("finetune-mllm")
+def jobs_finetune_mllm(
+    profile: str = typer.Option("tiny", "--profile", help="Model profile whose MLLM is fine-tuned."),
+    data: str = typer.Option(..., "--data", help="Folder (or file/URI) of InstructPix2Pix-layout parquet or JSONL shards."),
+    steps: int = typer.Option(..., "--steps", help="Optimizer steps (the run's total)."),
+    run_dir: Path = typer.Option(..., "--run-dir", help="Folder for checkpoints and the adapter."),
+    lake: str = typer.Option(..., "--lake", help="Lake folder/URI: metrics and quarantined records are written there."),
+    resume: bool = typer.Option(False, "--resume", help="Continue exactly from the last checkpoint in --run-dir."),
+    method: Optional[str] = typer.Option(None, "--method", help="lora (default) or full fine-tuning."),
+    merge: bool = typer.Option(False, "--merge", help="Also export base + adapter merged as RUN_DIR/merged "
+                               "(a plain transformers folder)."),
+    checkpoint_every: Optional[int] = typer.Option(None, "--checkpoint-every", help="Checkpoint every N steps."),
+    config: Optional[Path] = typer.Option(None, "--config", help="TOML (default: jobs/finetune_mllm.toml settings)."),
+) -> None:
+    """Fine-tune the MLLM to answer misalignment questions with edit instructions (DeepSpeed; LoRA by default).
+
+    --steps is the run's total; with --resume the run continues from its last checkpoint up to it.
+    """
+    from img.config import load_config
+    from img.finetune.train import DEFAULT_CONFIG, FinetuneConfig, run_finetune
+
+    if method not in (None, "lora", "full"):
+        raise UserError(f"--method {method!r} is not known. Use --method lora or --method full.")
+    cfg_path = config if config is not None else DEFAULT_CONFIG
+    cfg = load_config(FinetuneConfig, cfg_path, overrides={"checkpoint_every": checkpoint_every, "method": method})
+    summary = run_finetune(profile, data, steps, run_dir, lake, cfg, resume=resume, merge=merge)
+    if os.environ.get("RANK", "0") == "0":
+        typer.echo(summary.render())
+
+
+@jobs_app.command("eval")
+def jobs_eval(
+    prompts: Path = typer.Option(..., "--prompts", help="Prompt file or folder: HPDv2 test, PartiPrompts.tsv, "
+                                 "T2I-CompBench *_val.txt, Pick-a-Pic test_unique parquet, or one prompt per line."),
+    lake: str = typer.Option(..., "--lake", help="Lake folder or URI (Lance) for prompts, eval_runs, eval_images, "
+                             "scores and win_rates."),
+    profile: str = typer.Option("tiny", "--profile", help="Model profile of the base model and IMG."),
+    scorer: list[str] = typer.Option(["pickscore", "hpsv2"], "--scorer", help="pickscore, hpsv2 (= hpsv2.1), "
+                                     "hpsv2.0, or tiny (random twins of both); repeatable."),
+    n: Optional[int] = typer.Option(None, "--n", help="Prompts to sample (stratified by category)."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed: the same seed picks the same prompts."),
+    where: Optional[str] = typer.Option(None, "--where", help="SQL predicate over prompts for the default sample, "
+                                        "e.g. \"category = 'spatial'\"."),
+    sample_sql: Optional[Path] = typer.Option(None, "--sample-sql", help="File with a DuckDB SELECT over `prompts` "
+                                              "returning prompt_id ($seed, $n are substituted); replaces the default."),
+    prompt_format: Optional[str] = typer.Option(None, "--prompt-format", help="hpdv2, parti, t2i-compbench, pickapic, "
+                                                "text or json (default: detected from the file)."),
+    set_name: Optional[str] = typer.Option(None, "--set", help="Name of the prompt set in the lake (default from "
+                                           "the format or file name)."),
+    aligner: list[str] = typer.Option([], "--aligner", help="[NAME=]PATH of an aligner: one IMG system each "
+                                      "(repeatable). Required except for tiny profiles (fresh aligner = identity)."),
+    rounds: int = typer.Option(1, "--rounds", help="IMG rounds per system (analysis -> alignment -> regeneration)."),
+    passes: Optional[int] = typer.Option(None, "--passes", help="Aligner passes (default: profile, 3)."),
+    steps: Optional[int] = typer.Option(None, "--steps", help="Diffusion steps (default: profile)."),
+    guidance_scale: Optional[float] = typer.Option(None, "--guidance-scale",
+                                                   help="CFG / FLUX guidance (default: profile)."),
+    ip_scale: Optional[float] = typer.Option(None, "--ip-scale",
+                                             help="IP-Adapter scale at regeneration (default 0.2)."),
+    negative_prompt: str = typer.Option("", "--negative-prompt", help="Negative prompt of every image."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Eval TOML (default: jobs/eval.toml settings)."),
+    mllm_adapter: Optional[Path] = typer.Option(
+        None, "--mllm-adapter", help="Fine-tuned MLLM adapter (RUN_DIR/adapter of `img jobs finetune-mllm`)."),
+    as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON."),
+) -> None:
+    """Base vs IMG images for sampled prompts (Ray Data), preference scores, and win rates with 95% intervals."""
+    from img.eval.scorers import resolve_scorers
+
+    resolve_scorers(scorer)  # first, before heavy imports: a scorer without local weights fails in well under 1 s
+    from img.config import load_config, project_file
+    from img.inference.generation import GenerationSettings
+    from pipelines.eval import plan_eval, run_eval
+    from pipelines.eval_config import EvalConfig
+
+    cfg = load_config(EvalConfig, config if config is not None else project_file("eval.toml"))
+    settings = GenerationSettings(steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale, passes=passes,
+                                  negative_prompt=negative_prompt)  # None: the profile's value
+    plan = plan_eval(prompts, lake, profile, scorer, n=n, seed=seed, where=where, sample_sql=sample_sql,
+                     prompt_format=prompt_format, set_name=set_name, aligners=aligner, seeds=cfg.seeds, rounds=rounds,
+                     settings=settings, storage_options=cfg.storage_options or None, mllm_adapter=mllm_adapter)
+    summary = run_eval(plan, cfg)
+    typer.echo(summary.render())
+    if as_json:
+        typer.echo(summary.to_json())
 
 
 @bench_app.command("embed")
@@ -225,6 +338,8 @@ def infer(
         None, "--questions", help="JSON list of question templates with {prompt} (e.g. the authors' list); "
         "default: the config's `questions`, else our own pool."),
     config: Optional[Path] = typer.Option(None, "--config", help="Infer TOML (default: jobs/infer.toml settings)."),
+    mllm_adapter: Optional[Path] = typer.Option(
+        None, "--mllm-adapter", help="Fine-tuned MLLM adapter (RUN_DIR/adapter of `img jobs finetune-mllm`)."),
     as_json: bool = typer.Option(False, "--json", help="Also print the summary as JSON."),
     break_lock: bool = typer.Option(False, "--break-lock", help=BREAK_LOCK_HELP),
 ) -> None:
@@ -240,6 +355,7 @@ def infer(
     summary = run_infer(
         read_prompts(prompt, prompts), profile, out, aligner=aligner, seed=seed, rounds=rounds, lake=lake,
         settings=settings, device=device, progress=True, questions=cfg.questions, break_lock=break_lock,
+        mllm_adapter=mllm_adapter,
     )
     typer.echo(summary.render())
     if as_json:

@@ -1,7 +1,7 @@
 """The one progress-bar helper: rich bars on a terminal's stderr, nothing anywhere else.
 
     from img.progress import progress_bars
-    with progress_bars(rate="pairs") as bars:     # a rate column: "12.3 pairs/s"
+    with progress_bars(rate="pairs") as bars:     # a rate column: "12.30 pairs/s"
         task = bars.add_task("embed", total=1000, rate=0.0)
         bars.update(task, advance=8, rate=4.2)
     bars.shown                                    # False off a terminal (or disabled): every call is a no-op
@@ -64,7 +64,7 @@ def progress_bars(enabled: bool = True, *, rate: Optional[str] = None, eta: bool
     columns: list[Any] = [TextColumn(f"{{task.description:<{width}}}" if width else "{task.description}"),
                           BarColumn(), MofNCompleteColumn()]
     if rate:
-        columns.append(TextColumn(f"{{task.fields[rate]:.1f}} {rate}/s"))
+        columns.append(TextColumn(f"{{task.fields[rate]:.2f}} {rate}/s"))
     columns.append(TimeElapsedColumn())
     if eta:
         columns += [TextColumn("ETA"), TimeRemainingColumn()]

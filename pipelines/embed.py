@@ -35,6 +35,7 @@ import pyarrow as pa
 from img.config import fingerprint
 from img.errors import UserError
 from img.features import GuidanceEncoder, IPTokenEncoder, TextGuidanceEncoder
+from img.finetune.adapter import with_mllm_adapter
 from img.lake import tables as lake_mod
 from img.lake.lock import writer_lock
 from img.models.profiles import get_profile
@@ -252,13 +253,17 @@ class _ModelStage:
 
     timer = ""
 
-    def __init__(self, profile_name: str, device: str = "auto", threads: int = 0):
+    def __init__(self, profile_name: str, device: str = "auto", threads: int = 0, mllm_adapter: str | None = None,
+                 mllm_adapter_id: str = ""):
         import torch
 
 
         if threads:
             torch.set_num_threads(threads)  # one actor per core share; Ray's OMP default may differ
-        self.profile = get_profile(profile_name)
+        self.profile = with_mllm_adapter(get_profile(profile_name), mllm_adapter)
+        if mllm_adapter and self.profile.mllm_adapter_id != mllm_adapter_id:  # the driver's fingerprint names this id
+            raise UserError(f"the MLLM adapter {mllm_adapter!r} changed since the embed job started "
+                            f"({mllm_adapter_id} -> {self.profile.mllm_adapter_id}). Re-run the job.")
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.encoder = self.load()
 
@@ -491,7 +496,8 @@ def check_reservations(cfg: EmbedConfig) -> None:
 
 
 def build_dataset(units: list[dict], lake: str, profile_name: str, cfg: EmbedConfig, schemas: dict[str, pa.Schema],
-                  questions: Sequence[str] | None = None):
+                  questions: Sequence[str] | None = None, mllm_adapter: str | None = None,
+                  mllm_adapter_id: str = ""):
     """The Ray Data plan: read -> decode -> model actor pools -> fragment writers."""
     import ray
 
@@ -504,7 +510,8 @@ def build_dataset(units: list[dict], lake: str, profile_name: str, cfg: EmbedCon
     stages = [(IPTokens, cfg.ip), (Guidance, cfg.mllm)] + ([(TextGuidance, cfg.text)] if cfg.text_guidance else [])
     for stage, pool in stages:
         threads = max(1, int(round(pool.num_cpus)))
-        ds = ds.map_batches(stage, fn_constructor_args=(profile_name, "auto", threads), batch_size=pool.batch_size,
+        ds = ds.map_batches(stage, fn_constructor_args=(profile_name, "auto", threads, mllm_adapter, mllm_adapter_id),
+                            batch_size=pool.batch_size,
                             compute=ray.data.ActorPoolStrategy(size=pool.concurrency),
                             num_gpus=pool.num_gpus or None, num_cpus=pool.num_cpus)
     ds = ds.map_batches(WriteFragments, fn_constructor_args=(lake, schemas, cfg.storage_options),
@@ -525,18 +532,20 @@ def _disk_bytes(path: str) -> int:
 
 
 def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_table: bool = False,
-              progress: bool = True, break_lock: bool = False) -> EmbedSummary:
+              progress: bool = True, break_lock: bool = False,
+              mllm_adapter: str | os.PathLike | None = None) -> EmbedSummary:
     """Embed every not-yet-done decisive pair of ``source`` into ``lake``; see the module docstring.
 
     The whole run (table creation, reconcile, planning, every commit) holds the lake's writer lock
     (``img.lake.lock``): a second writer waits for it. ``break_lock`` takes an object-store lease from a stuck holder.
+    ``mllm_adapter``: a fine-tuned MLLM adapter folder (else the profile's, if it names one); its id is part of
+    the fingerprint, so guidance with and without it never mix in one table.
     """
-
     t_start = time.perf_counter()
     # everything a user can get wrong, before the lake is touched
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError(f"`limit` must be >= 1, got {cfg.limit}. Omit it to embed everything.")
-    profile = get_profile(profile_name)
+    profile = with_mllm_adapter(get_profile(profile_name), mllm_adapter)
     questions = resolve_questions(cfg.questions)  # a bad file fails here, before anything is written
     lake = _abs_lake(lake)
     check_lake_folder(lake)
@@ -545,11 +554,11 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
     fp = embed_fingerprint(profile, cfg, questions)
     schemas = table_schemas(profile, cfg, fp)
     with writer_lock(lake, job="embed", break_lock=break_lock, storage_options=so) as lock:
-        return _embed_locked(lake, shards, profile_name, cfg, schemas, fp, questions, new_table, progress, lock,
+        return _embed_locked(lake, shards, profile, cfg, schemas, fp, questions, new_table, progress, lock,
                              t_start)
 
 
-def _embed_locked(lake, shards, profile_name, cfg, schemas, fp, questions, new_table, progress, lock,
+def _embed_locked(lake, shards, profile, cfg, schemas, fp, questions, new_table, progress, lock,
                   t_start) -> EmbedSummary:
     """run_embed's work once the lake's writer lock is held."""
     so = cfg.storage_options or None
@@ -575,7 +584,8 @@ def _embed_locked(lake, shards, profile_name, cfg, schemas, fp, questions, new_t
     if todo:
         _init_ray()
         check_reservations(cfg)
-        ds = build_dataset(units, lake, profile_name, cfg, schemas, questions)
+        ds = build_dataset(units, lake, profile.name, cfg, schemas, questions, profile.mllm_adapter,
+                           profile.mllm_adapter_id)
         with _Progress(todo, enabled=progress) as bar:
             for row in ds.iter_rows():
                 lock.check()  # an object-store lease taken over or not renewed: stop before committing
@@ -607,16 +617,18 @@ def _embed_locked(lake, shards, profile_name, cfg, schemas, fp, questions, new_t
 
 
 class _Progress:
-    """A live line with pairs/s and ETA on a terminal (``img.progress``); a log line every 10 s otherwise."""
+    """A live line with a rate and ETA on a terminal (``img.progress``); a log line every 10 s otherwise
+    (``label``/``unit`` name them)."""
 
-    def __init__(self, total: int, enabled: bool = True):
+    def __init__(self, total: int, enabled: bool = True, label: str = "embed", unit: str = "pairs"):
         self.total, self.enabled, self.done = total, enabled, 0
+        self.label, self.unit = label, unit
         self.t0 = self.last_log = time.perf_counter()
-        self.bars = progress_bars(enabled, rate="pairs", eta=True)
+        self.bars = progress_bars(enabled, rate=unit, eta=True)
 
     def __enter__(self):
         self.bars.__enter__()
-        self.task = self.bars.add_task("embed", total=self.total, rate=0.0)
+        self.task = self.bars.add_task(self.label, total=self.total, rate=0.0)
         return self
 
     def advance(self, n: int) -> None:
@@ -626,7 +638,8 @@ class _Progress:
         self.bars.update(self.task, advance=n, rate=rate)
         if not self.bars.shown and self.enabled and (now - self.last_log > 10 or self.done == self.total):
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            log.info("embed %d/%d pairs, %.1f pairs/s, ETA %.0fs", self.done, self.total, rate, eta)
+            log.info("%s %d/%d %s, %.2f %s/s, ETA %.0fs", self.label, self.done, self.total, self.unit, rate,
+                     self.unit, eta)
             self.last_log = now
 
     def __exit__(self, *exc):

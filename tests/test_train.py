@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from synthetic_lake import tiny_dims, write_synthetic_lake
+from torch_load_guard import only_weights_only_torch_load
 from typer.testing import CliRunner
 
 from img.errors import UserError
@@ -394,7 +395,7 @@ def test_resume_never_unpickles_with_weights_only_false(tmp_path, train_lake, mo
     assert files == (["mp_rank_00_model_states.pt"] if stage == 0 else
                      ["mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt"])
 
-    loaded = _only_weights_only_torch_load(monkeypatch)
+    loaded = only_weights_only_torch_load(monkeypatch)
     with pytest.raises(AssertionError, match="weights_only=False"):  # DeepSpeed's own loader is caught
         TorchCheckpointEngine().load(str(ck / files[0]))
     _train([*base, "--steps", "6", "--run-dir", str(b), "--resume"])

@@ -43,6 +43,7 @@ from typing import Any, Callable, Optional
 import torch
 
 from img.errors import UserError
+from img.finetune.adapter import with_mllm_adapter
 from img.inference.generation import GenerationSettings, IMGPipeline, IMGResult, weights_id
 from img.inference.infer import (
     _set_threads,
@@ -176,15 +177,8 @@ class Demo:
              lake: Optional[str] = None, out: Optional[str | Path] = None, device: str = "auto",
              echo: Callable[[str], None] = print) -> "Demo":
         """Check everything a user can get wrong, then load the models once (one progress line each way)."""
-        prof = get_profile(profile)
+        prof = with_mllm_adapter(get_profile(profile), mllm_adapter)  # a fine-tuned MLLM (img jobs finetune-mllm)
         dev = resolve_device(device)
-        if mllm_adapter is not None:
-            # The hook for a fine-tuned MLLM: pass `mllm_adapter` to the profile's MLLM loading once img.finetune
-            # provides it. Refused rather than ignored, so no one serves the base MLLM believing it is adapted.
-            raise UserError(
-                f"--mllm-adapter {str(mllm_adapter)!r}: loading MLLM adapters is not available in this version yet. "
-                "Leave --mllm-adapter out to serve the profile's MLLM."
-            )
         aligner_model, aid = check_models(prof, aligner)
         if lake is not None:
             check_lake(str(lake))

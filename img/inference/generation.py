@@ -326,14 +326,18 @@ class IMGPipeline:
         self.ip_encoder = ip_encoder
         self.guidance_encoder = guidance_encoder
         self.device = torch.device(device) if device is not None else torch.device(getattr(ip_encoder, "device", "cpu"))
-        _check_aligner_dims(aligner, self.profile, "passed in")
-        self.aligner = aligner.to(self.device, torch.float32).eval()
-        self.aligner_id = aligner_id or weights_id(aligner)
+        self.set_aligner(aligner, aligner_id)
         self._uncond: Optional[torch.Tensor] = None
         self._denoiser = self._check_pipe()
         self._base_procs: Optional[dict[str, Any]] = None
         self._projection: Optional[torch.nn.Module] = None
         self._install_ip_adapter()
+
+    def set_aligner(self, aligner: ImplicitAligner, aligner_id: Optional[str] = None) -> None:
+        """Use ``aligner`` (fp32, on the pipeline's device) from now on; the eval job swaps systems this way."""
+        _check_aligner_dims(aligner, self.profile, "passed in")
+        self.aligner = aligner.to(self.device, torch.float32).eval()
+        self.aligner_id = aligner_id or weights_id(aligner)
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -588,7 +592,15 @@ class IMGPipeline:
         t0 = time.perf_counter()
         image = self.generate_base(prompt, seed, s, on_step)
         result = IMGResult(prompt, seed, s, image, time.perf_counter() - t0)
+        result.rounds = self.refine(prompt, image, seed, rounds, s, on_step)
+        return result
+
+    def refine(self, prompt: str, image: Any, seed: int, rounds: int, settings: GenerationSettings,
+               on_step: Optional[StepCallback] = None) -> list[IMGRound]:
+        """``rounds`` x (analysis of the latest image -> alignment -> regeneration), starting from ``image``."""
+        s = settings
         question = self.question(prompt, seed)
+        out: list[IMGRound] = []
         for r in range(1, rounds + 1):
             t0 = time.perf_counter()
             tokens = self.image_tokens(image)
@@ -599,6 +611,6 @@ class IMGPipeline:
             t3 = time.perf_counter()
             image = self.regenerate(prompt, aligned, seed, s, on_step)
             t4 = time.perf_counter()
-            result.rounds.append(IMGRound(r, image, question, tokens, aligned, int(h.shape[1]),
-                                          t1 - t0, t2 - t1, t3 - t2, t4 - t3))
-        return result
+            out.append(IMGRound(r, image, question, tokens, aligned, int(h.shape[1]),
+                                t1 - t0, t2 - t1, t3 - t2, t4 - t3))
+        return out

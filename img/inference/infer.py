@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from img.errors import UserError
+from img.finetune.adapter import with_mllm_adapter
 from img.inference.generation import GenerationSettings, IMGPipeline, load_aligner, released_resampler
 from img.lake.lock import writer_lock
 from img.lake.tables import append_rows, open_table, table_uri
@@ -379,16 +380,17 @@ class InferPlan:
 def validate(prompts: list[str], profile: str, out: str | Path, *, aligner: Optional[str | Path] = None,
              seed: int = 0, rounds: int = 1, lake: Optional[str] = None,
              settings: Optional[GenerationSettings] = None, device: str = "cpu",
-             questions: Optional[str | Path] = None) -> InferPlan:
+             questions: Optional[str | Path] = None, mllm_adapter: Optional[str | Path] = None) -> InferPlan:
     """Everything a user can get wrong, cheapest first; ``UserError`` before anything is written.
 
-    Loads the aligner (its dims are checked) and creates ``out`` once a write probe passed.
+    Loads the aligner (its dims are checked) and creates ``out`` once a write probe passed. ``mllm_adapter``:
+    a fine-tuned MLLM adapter (``img jobs finetune-mllm``) used in place of the profile's MLLM.
     """
     if not prompts or any(not p.strip() for p in prompts):
         raise UserError("a prompt is empty. Pass non-empty prompts (`prompt` or `prompts_file`).")
     if rounds < 0:
         raise UserError(f"`rounds` must be >= 0, got {rounds}. 1 is the paper's setting.")
-    prof = get_profile(profile)
+    prof = with_mllm_adapter(get_profile(profile), mllm_adapter)
     pool = resolve_questions(questions)
     resolved = (settings or GenerationSettings()).resolve(prof)
     dev = resolve_device(device)
@@ -447,6 +449,7 @@ def run_infer(
     progress: bool = True,
     questions: Optional[str | Path] = None,
     break_lock: bool = False,
+    mllm_adapter: Optional[str | Path] = None,
 ) -> InferSummary:
     """``validate``, ``load``, ``run``: for each prompt the base image and ``rounds`` regenerations, as PNGs and
     ``generations`` rows.
@@ -457,7 +460,7 @@ def run_infer(
     """
     t_start = time.perf_counter()
     plan = validate(prompts, profile, out, aligner=aligner, seed=seed, rounds=rounds, lake=lake, settings=settings,
-                    device=device, questions=questions)
+                    device=device, questions=questions, mllm_adapter=mllm_adapter)
     written: list[str] = []
     threads = _set_threads(plan.profile, plan.device)
     try:

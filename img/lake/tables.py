@@ -74,10 +74,14 @@ def ensure_table(lake: str, name: str, schema: pa.Schema, *, new_table: bool = F
         if have["fingerprint"] == want["fingerprint"] and have["schema_version"] == want["schema_version"]:
             return ds
         if not new_table:
+            ids = {k for k in set(have["model_ids"]) | set(want["model_ids"])
+                   if have["model_ids"].get(k) != want["model_ids"].get(k)}
+            models = "; models differ: " + ", ".join(
+                f"{k} {have['model_ids'].get(k)!r} -> {want['model_ids'].get(k)!r}" for k in sorted(ids)) if ids else ""
             raise UserError(
                 f"table {table_uri(lake, name)} was made with config fingerprint {have['fingerprint']!r} "
                 f"(schema v{have['schema_version']}), but this job's fingerprint is {want['fingerprint']!r} "
-                f"(schema v{want['schema_version']}). Use the same config, another `lake`, or pass `new_table` "
+                f"(schema v{want['schema_version']}){models}. Use the same config, another `lake`, or pass `new_table` "
                 f"to start a new version of the table."
             )
         log.warning("replacing %s (fingerprint %s -> %s)", name, have["fingerprint"], want["fingerprint"])

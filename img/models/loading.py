@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from img.errors import UserError
+from img.finetune.adapter import merge_adapter
 from img.logs import quiet_loading, quiet_logger
 from img.models.processors import clip_image_processor
 from img.models.profiles import Profile
@@ -72,6 +73,12 @@ def _repo_root(repo: str) -> tuple[Path | None, str, str]:
         log.debug("snapshot_download(%s, local_files_only=True) failed: %r", repo, e)
         return None, "", "not in the local Hugging Face cache (offline: nothing is downloaded)"
     return Path(snap), "HF cache", ""
+
+
+def find_local(repo: str) -> tuple[Path | None, str, str]:
+    """(root, source, why-missing) of a hub id or local path, offline; the lookup ``locate`` uses, for models
+    that are not profile components (e.g. the eval scorers)."""
+    return _repo_root(repo)
 
 
 def locate(profile: Profile, component: str) -> Located:
@@ -210,7 +217,10 @@ QWEN_MAX_PIXELS = 768 * 28 * 28  # at most 768 image tokens per image for Qwen2.
 
 
 def load_mllm(profile: Profile, device: Any = "cpu", dtype: Any = None):
-    """(MLLM, processor): ``LlavaForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``."""
+    """(MLLM, processor): ``LlavaForConditionalGeneration`` or ``Qwen2_5_VLForConditionalGeneration``.
+
+    The profile's ``mllm_adapter`` (if any) is merged into the weights.
+    """
     quiet_loading()
     from transformers import AutoProcessor
 
@@ -230,6 +240,8 @@ def load_mllm(profile: Profile, device: Any = "cpu", dtype: Any = None):
     # On an accelerator, load straight onto it (a 13B model would otherwise pass through host memory).
     placement = {} if torch.device(device).type == "cpu" else {"device_map": {"": str(torch.device(device))}}
     model = Model.from_pretrained(loc.path, dtype=dt, local_files_only=True, **placement).to(device).eval()
+    if profile.mllm_adapter:  # a fine-tuned adapter (img jobs finetune-mllm), merged into the weights
+        model = merge_adapter(model, profile.mllm_adapter, profile.mllm_adapter_id).eval()
     return model, processor
 
 

@@ -41,12 +41,13 @@ environment variable        default (hub id)                           used by (
 ``IMG_CACHE``               ~/.cache/img (tiny models are built here)  tiny, bench
 ==========================  =========================================  =================================
 
-A TOML file may also set ``tensor_dtype = "float16"`` or ``"bfloat16"``, and how
+A TOML file may also set ``tensor_dtype = "float16"`` or ``"bfloat16"``, how
 the MLLM sees its input: ``mllm_template`` (the conversation text, see
 ``img.features.format_mllm_prompt``: ``"llava_v0"``, ``"llava_hf"`` or
 ``"chat_template"``) and ``mllm_image`` (``"pad"``: pad to a square filled with
 the processor's mean colour, then resize, as LLaVA-1.5 does; ``"crop"``: the
-processor's own preprocessing, which for llava-hf centre-crops). The released
+processor's own preprocessing, which for llava-hf centre-crops), and
+``mllm_adapter = "runs/ft/adapter"`` (a fine-tuned MLLM adapter, merged on load). The released
 aligners were trained on ``llava_v0`` + ``pad``, the default of every LLaVA
 profile. Example ``jobs/profiles/sdxl.toml``::
 
@@ -62,9 +63,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal, Optional
 
-from img.aligner import AlignerConfig
 from img.config import jobs_dir, load_config
 from img.errors import UserError
+from img.finetune.adapter import with_mllm_adapter
 from img.models.tiny import FLAVOURS, IP_ENCODER_SUBFOLDER, IP_WEIGHT_NAME, IP_WEIGHT_SUBFOLDER
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -149,6 +150,8 @@ class Profile:
     aligner_dim_head: int = 64
     aligner_ff_mult: int = 4
     tiny: Optional[str] = None  # tiny flavour when every model is built in code
+    mllm_adapter: Optional[str] = None  # peft adapter folder merged into the MLLM on load (img jobs finetune-mllm)
+    mllm_adapter_id: str = ""  # "sha256:<16 hex>" of the adapter's files; set with img.finetune.adapter.with_mllm_adapter
     sources: tuple[tuple[str, str], ...] = field(default=(), compare=False)  # (component, "env VAR"/"TOML ...")
 
     def components(self) -> dict[str, ModelRef]:
@@ -160,11 +163,15 @@ class Profile:
         return out
 
     def model_ids(self) -> dict[str, str]:
-        """Ids for table provenance (``schemas.meta``)."""
-        return {k: v.id for k, v in self.components().items()}
+        """Ids for table provenance (``schemas.meta``) and the embed fingerprint, incl. the MLLM adapter's."""
+        ids = {k: v.id for k, v in self.components().items()}
+        if self.mllm_adapter:
+            ids["mllm_adapter"] = self.mllm_adapter_id
+        return ids
 
     def aligner_config(self) -> "AlignerConfig":
         """The Implicit Aligner's sizes for this profile (SDXL: 195,094,528 parameters)."""
+        from img.aligner import AlignerConfig  # heavy: img.aligner imports torch; profiles stay torch-free
 
         return AlignerConfig(
             dim=self.dims.ip_dim,
@@ -321,6 +328,7 @@ class ProfileOverrides:
     tensor_dtype: Optional[Literal["float16", "bfloat16"]] = None
     mllm_template: Optional[MLLMTemplate] = None
     mllm_image: Optional[MLLMImage] = None
+    mllm_adapter: Optional[str] = None  # a folder from `img jobs finetune-mllm` (RUN_DIR/adapter)
 
 
 def profiles_dir() -> Path:
@@ -360,9 +368,11 @@ def _apply_overrides(p: Profile) -> Profile:
         if value:
             changes[comp] = dataclasses.replace(ref, repo=value)
             sources.append((comp, source))
-    if not changes:
-        return p
-    return dataclasses.replace(p, sources=tuple(sources), **changes)
+    if changes:
+        p = dataclasses.replace(p, sources=tuple(sources), **changes)
+    if ov.mllm_adapter:
+        p = with_mllm_adapter(p, ov.mllm_adapter)
+    return p
 
 
 def get_profile(name: str) -> Profile:

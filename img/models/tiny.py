@@ -33,11 +33,12 @@ import shutil
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from img.conversation import TEMPLATES
 from img.data.shapes_world import vocabulary
 from img.errors import UserError
+from img.finetune.edits import INSTRUCTION_WORDS
 from img.logs import quiet_loading
 from img.models.processors import clip_image_processor
 from img.questions import QUESTIONS
@@ -98,7 +99,7 @@ def vocabulary_words() -> list[str]:
     """Deterministic, de-duplicated word list shared by the tiny tokenizers."""
 
     seen: dict[str, None] = {}
-    for w in [*CAPTION_WORDS, *vocabulary(), *CHAT_WORDS, *_question_words()]:
+    for w in [*CAPTION_WORDS, *vocabulary(), *CHAT_WORDS, *_question_words(), *INSTRUCTION_WORDS]:
         seen.setdefault(w.lower(), None)
     return list(seen)
 
@@ -212,14 +213,21 @@ def get_spec(flavour: str) -> TinySpec:
 
 def tiny_root(flavour: str = "tiny") -> Path:
     """The built tiny model folder for ``flavour``; builds it atomically on first use."""
-    final = tiny_dir(flavour)
+    spec = get_spec(flavour)
+    return atomic_build(tiny_dir(flavour), lambda tmp: build_tiny(spec, tmp), what=f"tiny models {flavour!r}")
+
+
+def atomic_build(final: Path, build: Callable[[Path], Any], what: str = "tiny models") -> Path:
+    """``final`` if it holds a finished build (``BUILD.json``); else ``build(tmp)`` into a temporary sibling
+    folder, renamed into place at the end (a crash never leaves a half-built cache; of two concurrent
+    builders, one copy wins). ``build`` must write ``BUILD.json`` last."""
     if (final / "BUILD.json").is_file():
         return final
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.parent / f".{final.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    log.info("building tiny models %r into %s", flavour, final)
+    log.info("building %s into %s", what, final)
     try:
-        build_tiny(get_spec(flavour), tmp)
+        build(tmp)
         try:
             os.rename(tmp, final)
         except OSError:

@@ -44,35 +44,35 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import os
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 
 from img.aligner import AlignerConfig, ImplicitAligner
-from img.config import fingerprint, project_file, resolve_project_path
+from img.config import fingerprint, project_file
 from img.errors import UserError
-from img.lake import tables as lake_mod
-from img.lake.lock import writer_lock
 from img.models.profiles import get_profile
-from img.net import free_port
-from img.objective import (
-    ReferenceKeeper,
-    copy_into_reference,
-    iupo_loss,
-    make_reference,
-    sq_dist,
-)
+from img.objective import ReferenceKeeper, copy_into_reference, iupo_loss, make_reference, sq_dist
 from img.paths import check_lake_folder
 from img.training import run_folder
-from img.training.checkpoint_io import use_weights_only_loading
 from img.training.loader import LakeDims, TrainLoader
-from schemas import metrics as metrics_schema
+from img.training.run_common import (  # noqa: F401
+    MetricsWriter,
+    _load_rng,
+    _rss_gb,
+    _save_rng,
+    _tag,
+    build_engine,
+    deepspeed_config,
+    dist_env,
+    init_distributed,
+    load_engine_checkpoint,
+    new_run_id,
+)
 
 log = logging.getLogger(__name__)
 
@@ -148,18 +148,6 @@ class TrainSummary:
 
 
 # ----------------------------------------------------------------------------- set-up helpers
-def dist_env() -> tuple[int, int, int]:
-    """(rank, world_size, local_rank); a plain process becomes a world of one on 127.0.0.1."""
-    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
-        os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(free_port()))
-    os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29500")
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ["LOCAL_RANK"])
-
-
 def resolve_aligner_config(profile: str | None, dims: LakeDims, guidance: str, lake: str,
                            overrides: AlignerOverrides | None = None) -> AlignerConfig:
     """The aligner for ``profile``, checked against the lake's dims (or from the lake when no profiles module)."""
@@ -189,107 +177,13 @@ def resolve_aligner_config(profile: str | None, dims: LakeDims, guidance: str, l
     return acfg
 
 
-def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict[str, Any]:
-    """The DeepSpeed JSON, with batch sizes and precision set from the TrainConfig."""
-    p = resolve_project_path(cfg.deepspeed_config)
-    if not p.is_file():
-        raise UserError(f"DeepSpeed config {cfg.deepspeed_config!r} not found (looked at {str(p)!r}; relative paths "
-                        "are taken from the img project folder, never the working directory). Set deepspeed_config "
-                        "in the train TOML to an absolute path or to a file such as jobs/deepspeed_zero0.json.")
-    try:
-        ds = json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise UserError(f"DeepSpeed config {str(p)!r} is not readable JSON ({e}). Fix the file.") from None
-    ds["train_micro_batch_size_per_gpu"] = cfg.batch_size
-    ds.setdefault("gradient_accumulation_steps", 1)
-    ds["train_batch_size"] = cfg.batch_size * ds["gradient_accumulation_steps"] * world_size
-    ds["bf16"] = {**ds.get("bf16", {}), "enabled": bf16}
-    ds["fp16"] = {"enabled": False}
-    if cfg.zero_stage is not None:
-        ds.setdefault("zero_optimization", {})["stage"] = cfg.zero_stage
-    ds.setdefault("steps_per_print", 10**9)
-    return ds
-
-
-def _rss_gb() -> float:
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**30
-    except ImportError:  # pragma: no cover
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-
-
-class MetricsWriter:
-    """Buffers (run_id, step, name, value) rows on rank 0 and appends them to <lake>/metrics.lance.
-
-    On resume, rows already recorded for this run (same step and name) are not written again.
-    Each flush holds the lake's writer lock (waiting while, e.g., an embed job holds it);
-    ``break_lock`` applies to the first flush only.
-    """
-
-    def __init__(self, lake: str, run_id: str, after_step: int | None = None, break_lock: bool = False) -> None:
-        self.lake, self.run_id, self.rows, self.break_lock = lake, run_id, [], break_lock
-        self.seen: set[tuple[int, str]] = set()
-        if after_step is not None:
-            ds = lake_mod.open_table(lake, "metrics")
-            if ds is not None:
-                import pyarrow.compute as pc
-
-                # an expression, not an SQL string: run ids come from --run-dir names, which may hold quotes
-                t = ds.to_table(columns=["step", "name"],
-                                filter=(pc.field("run_id") == run_id) & (pc.field("step") > int(after_step)))
-                self.seen = set(zip(t.column("step").to_pylist(), t.column("name").to_pylist()))
-
-    def add(self, step: int, name: str, value: float) -> None:
-        if (step, name) not in self.seen:
-            self.rows.append((step, name, float(value)))
-
-    def flush(self) -> None:
-        if not self.rows:
-            return
-        import pyarrow as pa
-
-
-        steps, names, values = zip(*self.rows)
-        table = pa.table({"run_id": [self.run_id] * len(steps), "step": list(steps), "name": list(names),
-                          "value": list(values)}, schema=metrics_schema.SCHEMA)
-        with writer_lock(self.lake, job="train", break_lock=self.break_lock):
-            lake_mod.append_rows(self.lake, "metrics", table, metrics_schema.SCHEMA)
-        self.rows, self.break_lock = [], False
-
-
 # ----------------------------------------------------------------------------- checkpoints
-def _tag(step: int) -> str:
-    return f"step_{step:08d}"
-
-
 def _export(module: torch.nn.Module, config: AlignerConfig, directory: Path) -> None:
     """Save an fp32 CPU copy of an aligner module with save_pretrained."""
     with torch.device("meta"):
         out = ImplicitAligner(config)
     out.load_state_dict({k: v.detach().float().cpu() for k, v in module.state_dict().items()}, assign=True)
     out.save_pretrained(directory)
-
-
-def _save_rng(path: Path) -> None:
-    from safetensors.torch import save_file
-
-    state = {"torch_cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["torch_cuda"] = torch.cuda.get_rng_state()
-    save_file(state, str(path))
-
-
-def _load_rng(path: Path) -> None:
-    from safetensors.torch import load_file
-
-    state = load_file(str(path))
-    torch.set_rng_state(state["torch_cpu"])
-    if "torch_cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["torch_cuda"])
 
 
 # ----------------------------------------------------------------------------- the job
@@ -332,36 +226,22 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
                          prefetch=cfg.prefetch, version=version, pairs_version=pairs_version)
     acfg = resolve_aligner_config(profile, loader.dims, cfg.guidance, lake, cfg.aligner)
 
-    import deepspeed
     import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
 
-
-    on_gpu = get_accelerator().device_name() == "cuda"
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    device = torch.device(get_accelerator().device_name(local_rank) if on_gpu else "cpu")
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    device, bf16, dtype = init_distributed(local_rank, cfg.precision)
 
     torch.manual_seed(cfg.seed)
     model = ImplicitAligner(acfg)
     ref = make_reference(acfg, seed=cfg.seed + 1, init=cfg.reference_init)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=tuple(cfg.betas))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, world, bf16))
-
-    use_weights_only_loading(engine)  # DeepSpeed's own loader would unpickle with weights_only=False
+    engine = build_engine(model, optimizer, cfg, world, bf16)
     ref.to(device=device, dtype=dtype)
     keeper = ReferenceKeeper(cfg.k)
     start = 0
     if resume:
         tag = pointer.read_text().strip()
-        ck = run_dir / "checkpoints" / tag
-        load_path, _ = engine.load_checkpoint(str(run_dir / "checkpoints"), tag=tag, load_optimizer_states=True,
-                                              load_lr_scheduler_states=True)
-        if load_path is None:
-            raise UserError(f"--resume: DeepSpeed could not load {ck}. The checkpoint is incomplete; delete it.")
+        ck = load_engine_checkpoint(engine, run_dir, tag)
         state = json.loads((ck / "state.json").read_text())
         from safetensors.torch import load_file
 
@@ -373,11 +253,7 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
         run_id = info["run_id"]
         log.info("resumed %s from %s (step %d)", run_id, tag, start)
     else:
-        run_id = f"{run_dir.name}-{uuid.uuid4().hex[:8]}"
-        if world > 1:  # every rank needs the same id
-            box = [run_id]
-            dist.broadcast_object_list(box, src=0)
-            run_id = box[0]
+        run_id = new_run_id(run_dir, world)
         if rank == 0:
             run_dir.mkdir(parents=True, exist_ok=True)
             run_json.write_text(json.dumps({
