@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +25,6 @@ from img.errors import UserError
 if TYPE_CHECKING:  # pragma: no cover
     from img.models.profiles import Profile
 
-log = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"  # peft's file names
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")

@@ -29,7 +29,6 @@ import base64
 import binascii
 import io
 import json
-import logging
 import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -44,7 +43,6 @@ from pipelines.embed import Decode
 from pipelines.source import SourceShard
 from schemas.instructpix2pix import REQUIRED
 
-log = logging.getLogger(__name__)
 
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl"}
 JSONL_BLOCK_ROWS = 64  # lines per block of a JSONL shard
