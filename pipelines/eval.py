@@ -59,7 +59,7 @@ from img.lake.lock import writer_lock
 from img.models.loading import locate, quiet_loading
 from img.models.profiles import get_profile
 from img.models.tiny import tiny_dir
-from pipelines.embed import _init_ray, _Progress
+from pipelines.common import JobProgress, check_cluster_fits, init_ray
 from pipelines.eval_config import EvalConfig
 from schemas import eval_images as eval_images_schema
 from schemas import eval_runs as eval_runs_schema
@@ -455,19 +455,8 @@ def record_prompts_and_run(plan: EvalPlan, storage_options: Optional[dict]) -> N
 
 def check_reservations(cfg: EvalConfig, n_scorers: int) -> None:
     """Refuse a plan whose actors reserve more CPUs/GPUs than the Ray cluster has (it would stall, not fail)."""
-    import ray
-
-    res = ray.cluster_resources()
     pools = [cfg.generate] + [cfg.scorer] * n_scorers
-    cpus = cfg.writer_cpus + sum(p.num_cpus * p.concurrency for p in pools)
-    gpus = sum(p.num_gpus * p.concurrency for p in pools)
-    if cpus > res.get("CPU", 0) + 1e-9:
-        raise UserError(f"the eval config reserves {cpus:g} CPUs (generate + {n_scorers} scorer pool(s) + writer) but "
-                        f"the Ray cluster has {res.get('CPU', 0):g}. Lower num_cpus or concurrency in the "
-                        "[generate]/[scorer] sections of the `config` TOML.")
-    if gpus > res.get("GPU", 0) + 1e-9:
-        raise UserError(f"the eval config reserves {gpus:g} GPUs but the Ray cluster has {res.get('GPU', 0):g}. "
-                        "Set num_gpus = 0 (CPU) or lower concurrency in the `config` TOML.")
+    check_cluster_fits("eval", pools, cfg.writer_cpus, f"writer {cfg.writer_cpus:g}", "[generate]/[scorer]")
 
 
 def build_dataset(units: list[dict], plan: EvalPlan, cfg: EvalConfig):
@@ -519,10 +508,10 @@ def run_eval(plan: EvalPlan, cfg: EvalConfig, progress: bool = True) -> EvalSumm
         log.info("eval %s: %d unit(s), %d already done, %d to generate", plan.run, len(units), summary.skipped_done,
                  len(todo))
         if todo:
-            _init_ray()
+            init_ray()
             check_reservations(cfg, len(plan.scorers))
             ds = build_dataset(todo, plan, cfg)
-            with _Progress(len(todo), enabled=progress, label="eval", unit="units") as bar:
+            with JobProgress(len(todo), enabled=progress, label="eval", unit="units") as bar:
                 for row in ds.iter_rows():
                     for name in ("eval_images", "scores"):  # scores is the commit marker
                         lake_mod.commit_fragments(plan.lake, name, json.loads(row[name]), so)

@@ -362,21 +362,6 @@ def test_kill_leftovers_are_removed_and_pruning_keeps_the_pointer_target(tmp_pat
     assert sorted(s for s, n in seen if n == "loss") == list(range(1, 7)) and max(seen.values()) == 1
 
 
-def _only_weights_only_torch_load(monkeypatch) -> list[str]:
-    """Make torch.load raise unless called with weights_only=True; returns the files it loaded."""
-    real, loaded = torch.load, []
-
-    def guarded(f, *args, **kwargs):
-        if kwargs.get("weights_only") is not True:
-            raise AssertionError(f"torch.load({f!r}) with weights_only={kwargs.get('weights_only')!r}")
-        loaded.append(Path(f).name)
-        return real(f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", guarded)
-    monkeypatch.setattr(torch.serialization, "load", guarded)
-    return loaded
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_resume_never_unpickles_with_weights_only_false(tmp_path, train_lake, monkeypatch, stage):
