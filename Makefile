@@ -8,7 +8,7 @@ export TRANSFORMERS_OFFLINE := 1
 export RAY_USAGE_STATS_ENABLED := 0
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-slow bench clean ablation browser
+.PHONY: setup demo test test-fast test-slow bench clean ablation browser
 
 setup: $(STAMP)
 
@@ -27,7 +27,13 @@ demo: $(STAMP)
 ablation: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash jobs/ablation.sh
 
+# CI: every test (the `slow` ones included), about 6-8 minutes on 2 cores.
 test: $(STAMP) browser
+	$(BIN)/python -m pytest -q tests
+
+# The edit-test loop: everything but the tests marked `slow` (subprocesses, Ray jobs and clusters, SIGKILL,
+# training runs, notebooks, the browser), under ~90 s on an idle 2-core machine.
+test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -m "not slow" tests
 
 # tests/test_serve.py drives the web demo in Debian's headless chromium (through Playwright; never
@@ -42,7 +48,7 @@ browser:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq chromium >/dev/null; \
 	  test -x "$(CHROMIUM)" || { echo "error: apt-get did not install $(CHROMIUM)" >&2; exit 1; }; }
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) browser
 	$(BIN)/python -m pytest -q -m slow tests
 
 clean:

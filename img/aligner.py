@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import math
 import pickle
 from dataclasses import dataclass
@@ -30,8 +29,6 @@ import torch
 from torch import nn
 
 from img.errors import UserError
-
-log = logging.getLogger(__name__)
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -293,4 +290,5 @@ def load_official_checkpoint(
 
 
 def param_count(model: nn.Module) -> int:
+    """Parameters of any module (works on the meta device): ``param_count(ImplicitAligner(cfg))``."""
     return sum(p.numel() for p in model.parameters())

@@ -11,13 +11,16 @@
     img infer --profile tiny --prompt "a red circle" --out out
     img lake vacuum --lake lake --older-than 1h
 
-Every command has ``--help``. A user's mistake raises ``UserError``; ``main``
-prints it as one line and exits 2, with no traceback.
+Every command has ``--help``. A user's mistake raises ``UserError`` (a ``ValueError`` whose message names
+parameters in backticks, as a Python caller passes them); ``main`` prints it as one line with each parameter
+shown as its flag (`` `run_dir` `` -> ``--run-dir``) and exits 2, with no traceback.
 """
 from __future__ import annotations
 
+import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Optional
@@ -54,6 +57,13 @@ def _setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("httpx", "urllib3", "filelock", "ray", "diffusers", "transformers", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _echo_figures(figures: dict, as_json: bool, line: str) -> None:
+    """A benchmark's figures: a one-line summary (unless --json), then the JSON."""
+    if not as_json:
+        typer.echo(line)
+    typer.echo(json.dumps(figures, indent=2))
 
 
 @app.callback()
@@ -274,15 +284,16 @@ def jobs_eval(
 
     resolve_scorers(scorer)  # first, before heavy imports: a scorer without local weights fails in well under 1 s
     from img.config import load_config, project_file
+    from img.inference.generation import GenerationSettings
     from pipelines.eval import plan_eval, run_eval
     from pipelines.eval_config import EvalConfig
 
     cfg = load_config(EvalConfig, config if config is not None else project_file("eval.toml"))
+    settings = GenerationSettings(steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale, passes=passes,
+                                  negative_prompt=negative_prompt)  # None: the profile's value
     plan = plan_eval(prompts, lake, profile, scorer, n=n, seed=seed, where=where, sample_sql=sample_sql,
                      prompt_format=prompt_format, set_name=set_name, aligners=aligner, seeds=cfg.seeds, rounds=rounds,
-                     passes=passes, steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale,
-                     negative_prompt=negative_prompt, storage_options=cfg.storage_options or None,
-                     mllm_adapter=mllm_adapter)
+                     settings=settings, storage_options=cfg.storage_options or None, mllm_adapter=mllm_adapter)
     summary = run_eval(plan, cfg)
     typer.echo(summary.render())
     if as_json:
@@ -302,13 +313,9 @@ def bench_embed(
 
     if pairs < 8:
         raise UserError(f"--pairs must be >= 8, got {pairs}. Pass a larger sample size.")
-    result = run_bench(pairs=pairs, profile_name=profile, fmt=fmt)
-    if not as_json:
-        typer.echo(f"job {result['job_pairs_per_s']} pairs/s, bare {result['bare_pairs_per_s']} pairs/s, "
-                   f"ratio {result['ratio']}, bytes_ratio {result['bytes_ratio']}")
-    import json
-
-    typer.echo(json.dumps(result, indent=2))
+    r = run_bench(pairs=pairs, profile_name=profile, fmt=fmt)
+    _echo_figures(r, as_json, f"job {r['job_pairs_per_s']} pairs/s, bare {r['bare_pairs_per_s']} pairs/s, "
+                              f"ratio {r['ratio']}, bytes_ratio {r['bytes_ratio']}")
 
 
 @app.command("infer")
@@ -341,15 +348,16 @@ def infer(
 ) -> None:
     """Generate with the base model, then regenerate with IMG (MLLM guidance -> aligner -> IP-Adapter)."""
     from img.config import load_config, project_file
+    from img.inference.generation import GenerationSettings
     from img.inference.infer import InferConfig, read_prompts, run_infer
 
     cfg = load_config(InferConfig, config if config is not None else project_file("infer.toml"),
                       overrides={"questions": str(questions) if questions is not None else None})
+    settings = GenerationSettings(steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale, passes=passes,
+                                  negative_prompt=negative_prompt)  # None: the profile's value
     summary = run_infer(
         read_prompts(prompt, prompts), profile, out, aligner=aligner, seed=seed, rounds=rounds, lake=lake,
-        steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale, passes=passes,
-        negative_prompt=negative_prompt, device=device, progress=True, questions=cfg.questions,
-        break_lock=break_lock,
+        settings=settings, device=device, progress=True, questions=cfg.questions, break_lock=break_lock,
         mllm_adapter=mllm_adapter,
     )
     typer.echo(summary.render())
@@ -391,13 +399,9 @@ def bench_loader(
 
     if rows < 8:
         raise UserError(f"--rows must be >= 8 (one batch), got {rows}. Pass a larger row count.")
-    result = run_bench(rows=rows, small=small, workdir=str(workdir) if workdir else None)
-    if not as_json:
-        typer.echo(f"loader {result['loader_samples_per_s']} samples/s, raw memmap {result['raw_samples_per_s']} "
-                   f"samples/s, ratio {result['ratio']}")
-    import json
-
-    typer.echo(json.dumps(result, indent=2))
+    r = run_bench(rows=rows, small=small, workdir=str(workdir) if workdir else None)
+    _echo_figures(r, as_json, f"loader {r['loader_samples_per_s']} samples/s, raw memmap {r['raw_samples_per_s']} "
+                              f"samples/s, ratio {r['ratio']}")
 
 
 # ---------------------------------------------------------------- lake
@@ -418,19 +422,39 @@ def lake_vacuum(
     report = vacuum(lake, parse_age(older_than), dry_run=dry_run, break_lock=break_lock)
     typer.echo(report.render())
     if as_json:
-        import json
-
         typer.echo(json.dumps(report.to_dict()))
 
 
+def flags() -> dict[str, str]:
+    """Each command's parameter name -> its flag (``run_dir`` -> ``--run-dir``, ``fmt`` -> ``--format``)."""
+    names: dict[str, str] = {}
+
+    def walk(command) -> None:
+        for param in getattr(command, "params", []):
+            if param.param_type_name == "option" and param.name:
+                names.setdefault(param.name, max(param.opts, key=len))
+        for sub in getattr(command, "commands", {}).values():
+            walk(sub)
+
+    walk(typer.main.get_command(app))
+    names.setdefault("prompts_file", names.get("prompts", "--prompts"))  # read_prompts' name for --prompts
+    return names
+
+
+def cli_message(error: UserError) -> str:
+    """The error's message with every backticked parameter that is a flag of ``img`` written as that flag."""
+    known = flags()
+    return re.sub(r"`([a-z_][a-z0-9_]*)`", lambda m: known.get(m.group(1), m.group(0)), str(error))
+
+
 def main() -> None:
-    """Console entry point: user errors become one line and exit code 2."""
+    """Console entry point: user errors become one line (parameters shown as flags) and exit code 2."""
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     try:
         app(standalone_mode=True)
     except UserError as e:
-        typer.echo(f"error: {e}", err=True)
+        typer.echo(f"error: {cli_message(e)}", err=True)
         sys.exit(e.exit_code)
 
 

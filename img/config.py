@@ -21,12 +21,11 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import tomllib
 import types
 import typing
 from pathlib import Path
 from typing import Any, TypeVar
-
-import tomllib
 
 from img.errors import UserError
 
@@ -131,7 +130,7 @@ def load_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any]
     if path is not None:
         p = Path(path)
         if not p.is_file():
-            raise UserError(f"config file {str(p)!r} does not exist. Pass --config with a TOML file under jobs/.")
+            raise UserError(f"config file {str(p)!r} does not exist. Pass an existing TOML file as `config` (e.g. one under jobs/).")
         try:
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:

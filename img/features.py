@@ -25,7 +25,6 @@ The text the MLLM reads is ``format_mllm_prompt(question, profile.mllm_template)
 """
 from __future__ import annotations
 
-import logging
 from typing import Any, Sequence
 
 import torch
@@ -35,7 +34,6 @@ from img.errors import UserError
 from img.models.loading import compute_dtype, load_ip_image_encoder, load_ip_projection, load_mllm, load_text_encoders
 from img.models.profiles import Profile, get_profile
 
-log = logging.getLogger(__name__)
 
 def format_mllm_prompt(question: str, template: str, processor: Any = None) -> str:
     """The exact text the MLLM reads for ``question``, with its image placeholder.

@@ -22,21 +22,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import re
 from pathlib import Path
 from typing import Optional, Sequence
 
 from img.errors import UserError
 
-log = logging.getLogger(__name__)
-
 PLACEHOLDERS: tuple[str, ...] = ("{caption}", "{prompt}")
 """Where the caption goes in a template: ``{caption}`` (our pool) or ``{prompt}`` (the authors' file)."""
 _PLACEHOLDER_RE = re.compile("|".join(re.escape(p) for p in PLACEHOLDERS))
 
 
-class QuestionFileError(UserError, ValueError):
+class QuestionFileError(UserError):
     """A questions file that is missing, not a JSON list of strings, or has an entry without ``{prompt}``."""
 
 # Each opening is followed directly by an ending below; all are questions about the image.

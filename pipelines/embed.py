@@ -24,9 +24,7 @@ import io
 import json
 import logging
 import os
-import sys
 import time
-import warnings
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
 
@@ -42,6 +40,7 @@ from img.lake.lock import writer_lock
 from img.models.profiles import get_profile
 from img.paths import check_lake_folder
 from img.questions import question_for, questions_id, resolve_questions
+from pipelines.common import JobProgress, check_cluster_fits, init_ray
 from pipelines.embed_config import EmbedConfig
 from pipelines.source import READ_ERRORS, SourceShard, describe_error, list_shards, plan_units
 from schemas import features as features_schema
@@ -458,41 +457,11 @@ def reconcile(lake: str, storage_options) -> tuple[set[str], int]:
     return pairs | quarantined, len(orphans)
 
 
-def _init_ray() -> None:
-    import ray
-
-    if ray.is_initialized():
-        return
-    # Ray starts its processes with fork+exec; no Lance handle is used in a forked child, so the warning is moot.
-    warnings.filterwarnings("ignore", message="lance is not fork-safe")
-    if os.environ.get("RAY_ADDRESS"):
-        log.info("connecting to Ray cluster at %s", os.environ["RAY_ADDRESS"])
-        ray.init(log_to_driver=False)
-    else:
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-    for name in ("ray", "ray.data", "ray.data._internal.execution.streaming_executor"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.verbose_stats_logs = False
-
-
 def check_reservations(cfg: EmbedConfig) -> None:
     """Refuse a plan whose actors reserve more CPUs/GPUs than the cluster has (it would stall, not fail)."""
-    import ray
-
-    res = ray.cluster_resources()
     pools = [cfg.ip, cfg.mllm] + ([cfg.text] if cfg.text_guidance else [])
-    cpus = 2 * cfg.decode_cpus + sum(p.num_cpus * p.concurrency for p in pools)
-    gpus = sum(p.num_gpus * p.concurrency for p in pools)
-    if cpus > res.get("CPU", 0) + 1e-9:
-        raise UserError(f"the embed config reserves {cpus:g} CPUs (decode/writer 2 x {cfg.decode_cpus:g} + actor pools) "
-                        f"but the Ray cluster has {res.get('CPU', 0):g}. Lower num_cpus or concurrency in the "
-                        "[ip]/[mllm]/[text] sections of the --config TOML.")
-    if gpus > res.get("GPU", 0) + 1e-9:
-        raise UserError(f"the embed config reserves {gpus:g} GPUs but the Ray cluster has {res.get('GPU', 0):g}. "
-                        "Set num_gpus = 0 (CPU) or lower concurrency in the --config TOML.")
+    check_cluster_fits("embed", pools, 2 * cfg.decode_cpus, f"decode/writer 2 x {cfg.decode_cpus:g}",
+                       "[ip]/[mllm]/[text]")
 
 
 def build_dataset(units: list[dict], lake: str, profile_name: str, cfg: EmbedConfig, schemas: dict[str, pa.Schema],
@@ -544,7 +513,7 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
     t_start = time.perf_counter()
     # everything a user can get wrong, before the lake is touched
     if cfg.limit is not None and cfg.limit < 1:
-        raise UserError(f"--limit must be >= 1, got {cfg.limit}. Omit it to embed everything.")
+        raise UserError(f"`limit` must be >= 1, got {cfg.limit}. Omit it to embed everything.")
     profile = with_mllm_adapter(get_profile(profile_name), mllm_adapter)
     questions = resolve_questions(cfg.questions)  # a bad file fails here, before anything is written
     lake = _abs_lake(lake)
@@ -582,11 +551,11 @@ def _embed_locked(lake, shards, profile, cfg, schemas, fp, questions, new_table,
     timers = {t: 0.0 for t in TIMERS}
     tensor_bytes = 0
     if todo:
-        _init_ray()
+        init_ray()
         check_reservations(cfg)
         ds = build_dataset(units, lake, profile.name, cfg, schemas, questions, profile.mllm_adapter,
                            profile.mllm_adapter_id)
-        with _Progress(todo, enabled=progress) as bar:
+        with JobProgress(todo, enabled=progress) as bar:
             for row in ds.iter_rows():
                 lock.check()  # an object-store lease taken over or not renewed: stop before committing
                 for name in ("features", "pairs", "quarantine"):  # pairs is the commit marker
@@ -614,51 +583,6 @@ def _embed_locked(lake, shards, profile, cfg, schemas, fp, questions, new_table,
     if summary.written:
         summary.tensor_bytes_per_pair = tensor_bytes / summary.written
     return summary
-
-
-class _Progress:
-    """A live line with pairs/s and ETA on a terminal; a log line every 10 s otherwise (``label``/``unit`` name them)."""
-
-    def __init__(self, total: int, enabled: bool = True, label: str = "embed", unit: str = "pairs"):
-        self.total, self.enabled, self.done = total, enabled, 0
-        self.label, self.unit = label, unit
-        self.t0 = self.last_log = time.perf_counter()
-        self.bar = None
-
-    def __enter__(self):
-        if self.enabled and sys.stderr.isatty():
-            from rich.progress import (
-                BarColumn,
-                MofNCompleteColumn,
-                Progress,
-                TextColumn,
-                TimeElapsedColumn,
-                TimeRemainingColumn,
-            )
-
-            self.bar = Progress(TextColumn(self.label), BarColumn(), MofNCompleteColumn(),
-                                TextColumn("{task.fields[rate]:.2f} " + self.unit + "/s"), TimeElapsedColumn(),
-                                TextColumn("ETA"), TimeRemainingColumn(), transient=False)
-            self.bar.start()
-            self.task = self.bar.add_task(self.label, total=self.total, rate=0.0)
-        return self
-
-    def advance(self, n: int) -> None:
-        self.done += n
-        now = time.perf_counter()
-        rate = self.done / max(now - self.t0, 1e-9)
-        if self.bar is not None:
-            self.bar.update(self.task, advance=n, rate=rate)
-        elif self.enabled and (now - self.last_log > 10 or self.done == self.total):
-            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
-            log.info("%s %d/%d %s, %.2f %s/s, ETA %.0fs", self.label, self.done, self.total, self.unit, rate,
-                     self.unit, eta)
-            self.last_log = now
-
-    def __exit__(self, *exc):
-        if self.bar is not None:
-            self.bar.stop()
-        return False
 
 
 def summary_json(summary: EmbedSummary) -> str:

@@ -53,13 +53,13 @@ from img.eval.prompts import PromptSet, load_prompt_set
 from img.eval.sampling import Sample, sample_prompts
 from img.eval.scorers import ScorerSpec, load_scorer, resolve_scorers, tiny_scorer_root
 from img.finetune.adapter import with_mllm_adapter
-from img.inference.generation import RELEASED_RESAMPLER, GenerationSettings, IMGPipeline, default_settings, load_aligner
+from img.inference.generation import GenerationSettings, IMGPipeline, load_aligner, released_resampler
 from img.lake import tables as lake_mod
 from img.lake.lock import writer_lock
 from img.models.loading import locate, quiet_loading
 from img.models.profiles import get_profile
 from img.models.tiny import tiny_dir
-from pipelines.embed import _init_ray, _Progress
+from pipelines.common import JobProgress, check_cluster_fits, init_ray
 from pipelines.eval_config import EvalConfig
 from schemas import eval_images as eval_images_schema
 from schemas import eval_runs as eval_runs_schema
@@ -130,14 +130,14 @@ def parse_aligners(specs: list[str]) -> list[tuple[str, str]]:
         if not sep or "/" in name or not name:
             name, path = ("img" if i == 0 else f"img{i + 1}"), spec
         if name == "base" or not name.replace("-", "").replace("_", "").isalnum():
-            raise UserError(f"--aligner {spec!r}: system name {name!r} is not allowed. Use letters, digits, '-' "
+            raise UserError(f"`aligner` {spec!r}: system name {name!r} is not allowed. Use letters, digits, '-' "
                             "or '_' (and not 'base').")
         if not path.strip():
-            raise UserError(f"--aligner {spec!r} has no path. Pass --aligner PATH or --aligner NAME=PATH.")
+            raise UserError(f"`aligner` {spec!r} has no path. Pass `aligner` as PATH or NAME=PATH.")
         out.append((name, path))
     names = [n for n, _ in out]
     if len(set(names)) != len(names):
-        raise UserError(f"--aligner names must differ, got {names}. Name them: --aligner a=PATH --aligner b=PATH.")
+        raise UserError(f"`aligner` names must differ, got {names}. Name them: a=PATH, b=PATH.")
     return out
 
 
@@ -146,12 +146,12 @@ def _check_lake(lake: str, prompt_set: PromptSet, storage_options: Optional[dict
     if lake_mod.is_local(lake):
         p = Path(lake.removeprefix("file://"))
         if p.exists() and not p.is_dir():
-            raise UserError(f"--lake {lake!r} exists and is not a folder. Pass a lake folder.")
+            raise UserError(f"`lake` {lake!r} exists and is not a folder. Pass a lake folder.")
         anchor = p
         while not anchor.exists() and anchor != anchor.parent:
             anchor = anchor.parent
         if not os.access(anchor, os.W_OK):
-            raise UserError(f"--lake {lake!r} is not writable ({anchor} is read-only). Pass a folder you can write to.")
+            raise UserError(f"`lake` {lake!r} is not writable ({anchor} is read-only). Pass a folder you can write to.")
     for name in (*TABLES, "win_rates"):
         ds = lake_mod.open_table(lake, name, storage_options)
         if ds is None:
@@ -160,12 +160,12 @@ def _check_lake(lake: str, prompt_set: PromptSet, storage_options: Optional[dict
         have = read_provenance(ds.schema)["schema_version"]
         if have != want:
             raise UserError(f"{lake_mod.table_uri(lake, name)} has schema v{have}, this img writes v{want}. "
-                            "Use another --lake, or move the old table away.")
+                            "Use another `lake`, or move the old table away.")
     existing = _stored_set(lake, prompt_set.name, storage_options)
     if existing is not None and existing != _set_rows(prompt_set.table):
         raise UserError(f"prompt set {prompt_set.name!r} in {lake} holds other prompts than {prompt_set.source} "
                         f"({len(existing)} stored, {len(prompt_set)} in the file). A set never changes once loaded: "
-                        "pass --set NEW_NAME for these prompts.")
+                        "pass a new `set_name` for these prompts.")
 
 
 def _set_rows(table: pa.Table) -> dict[str, tuple[str, str]]:
@@ -187,13 +187,13 @@ def _stored_set(lake: str, name: str, storage_options: Optional[dict]) -> Option
 def plan_eval(prompts: str | Path, lake: str, profile: str, scorers: list[str], *, n: Optional[int] = None,
               seed: int = 0, where: Optional[str] = None, sample_sql: Optional[str | Path] = None,
               prompt_format: Optional[str] = None, set_name: Optional[str] = None,
-              aligners: Optional[list[str]] = None, seeds: int = 1, rounds: int = 1, passes: Optional[int] = None,
-              steps: Optional[int] = None, guidance_scale: Optional[float] = None, ip_scale: Optional[float] = None,
-              negative_prompt: str = "", storage_options: Optional[dict] = None,
+              aligners: Optional[list[str]] = None, seeds: int = 1, rounds: int = 1,
+              settings: Optional[GenerationSettings] = None, storage_options: Optional[dict] = None,
               mllm_adapter: Optional[str | Path] = None) -> EvalPlan:
     """Check every input (scorers first: a missing one fails in well under a second) and fix the run's identity.
 
-    Nothing is written. Raises ``UserError`` naming the value and the fix.
+    ``settings``: the generation settings (None fields, or None: the profile's). Nothing is written. Raises
+    ``UserError`` naming the value and the fix.
     """
     specs = resolve_scorers(scorers)  # before importing torch: a missing scorer fails in well under a second
 
@@ -201,15 +201,14 @@ def plan_eval(prompts: str | Path, lake: str, profile: str, scorers: list[str], 
     if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
         raise UserError(f"seeds must be >= 1, got {seeds!r}. Set seeds in the eval TOML (1 is the default).")
     if rounds < 1:
-        raise UserError(f"--rounds must be >= 1 for an eval (round 0 is the base image), got {rounds}.")
-    settings = default_settings(prof, steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale, passes=passes,
-                                negative_prompt=negative_prompt)
+        raise UserError(f"`rounds` must be >= 1 for an eval (round 0 is the base image), got {rounds}.")
+    settings = (settings or GenerationSettings()).resolve(prof)
     prompt_set = load_prompt_set(prompts, prompt_format, set_name)
     sql_text = None
     if sample_sql is not None:
         path = Path(sample_sql).expanduser()
         if not path.is_file():
-            raise UserError(f"--sample-sql {str(path)!r} is not a file. Pass a file holding one SELECT over prompts.")
+            raise UserError(f"`sample_sql` {str(path)!r} is not a file. Pass a file holding one SELECT over prompts.")
         sql_text = path.read_text(encoding="utf-8")
     sample = sample_prompts(prompt_set.table, n=n, seed=seed, where=where, sample_sql=sql_text)
     named = parse_aligners(aligners or [])
@@ -223,10 +222,8 @@ def plan_eval(prompts: str | Path, lake: str, profile: str, scorers: list[str], 
     for name, path in named:
         _, aid = load_aligner(prof, path)
         systems.append(System(name, str(Path(path).expanduser().absolute()), aid, settings.passes, rounds))
-    resampler = None
-    if named and prof.family == "sdxl" and Path(named[0][1]).expanduser().is_dir():
-        found = Path(named[0][1]).expanduser() / RELEASED_RESAMPLER
-        resampler = str(found.absolute()) if found.is_file() else None
+    found = released_resampler(named[0][1], prof) if named else None
+    resampler = str(found.absolute()) if found is not None else None
     lake = os.path.abspath(lake) if lake_mod.is_local(lake) else lake
     _check_lake(lake, prompt_set, storage_options)
     models = prof.model_ids()
@@ -445,7 +442,7 @@ def record_prompts_and_run(plan: EvalPlan, storage_options: Optional[dict]) -> N
         lake_mod.append_rows(lake, "prompts", plan.prompt_set.table, table_schema("prompts"), storage_options)
     elif stored != _set_rows(plan.prompt_set.table):  # loaded by another writer since the plan was made
         raise UserError(f"prompt set {plan.prompt_set.name!r} in {lake} now holds other prompts than "
-                        f"{plan.prompt_set.source}. Pass --set NEW_NAME for these prompts.")
+                        f"{plan.prompt_set.source}. Pass a new `set_name` for these prompts.")
     runs = lake_mod.open_table(lake, "eval_runs", storage_options)
     if runs.count_rows(filter=f"run = {_sql_str(plan.run)}") == 0:
         now = datetime.now(timezone.utc)
@@ -458,19 +455,8 @@ def record_prompts_and_run(plan: EvalPlan, storage_options: Optional[dict]) -> N
 
 def check_reservations(cfg: EvalConfig, n_scorers: int) -> None:
     """Refuse a plan whose actors reserve more CPUs/GPUs than the Ray cluster has (it would stall, not fail)."""
-    import ray
-
-    res = ray.cluster_resources()
     pools = [cfg.generate] + [cfg.scorer] * n_scorers
-    cpus = cfg.writer_cpus + sum(p.num_cpus * p.concurrency for p in pools)
-    gpus = sum(p.num_gpus * p.concurrency for p in pools)
-    if cpus > res.get("CPU", 0) + 1e-9:
-        raise UserError(f"the eval config reserves {cpus:g} CPUs (generate + {n_scorers} scorer pool(s) + writer) but "
-                        f"the Ray cluster has {res.get('CPU', 0):g}. Lower num_cpus or concurrency in the "
-                        "[generate]/[scorer] sections of the --config TOML.")
-    if gpus > res.get("GPU", 0) + 1e-9:
-        raise UserError(f"the eval config reserves {gpus:g} GPUs but the Ray cluster has {res.get('GPU', 0):g}. "
-                        "Set num_gpus = 0 (CPU) or lower concurrency in the --config TOML.")
+    check_cluster_fits("eval", pools, cfg.writer_cpus, f"writer {cfg.writer_cpus:g}", "[generate]/[scorer]")
 
 
 def build_dataset(units: list[dict], plan: EvalPlan, cfg: EvalConfig):
@@ -522,10 +508,10 @@ def run_eval(plan: EvalPlan, cfg: EvalConfig, progress: bool = True) -> EvalSumm
         log.info("eval %s: %d unit(s), %d already done, %d to generate", plan.run, len(units), summary.skipped_done,
                  len(todo))
         if todo:
-            _init_ray()
+            init_ray()
             check_reservations(cfg, len(plan.scorers))
             ds = build_dataset(todo, plan, cfg)
-            with _Progress(len(todo), enabled=progress, label="eval", unit="units") as bar:
+            with JobProgress(len(todo), enabled=progress, label="eval", unit="units") as bar:
                 for row in ds.iter_rows():
                     for name in ("eval_images", "scores"):  # scores is the commit marker
                         lake_mod.commit_fragments(plan.lake, name, json.loads(row[name]), so)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import json
 import logging
 import re
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import pyarrow as pa
@@ -93,9 +93,9 @@ def list_shards(source: str, storage_options: dict | None = None) -> list[Source
         fs, root = pafs.FileSystem.from_uri(uri)
         info = fs.get_file_info(root)
     except (pa.ArrowInvalid, OSError) as e:
-        raise UserError(f"--source {source!r} cannot be opened ({e}). Pass a folder or URI of parquet shards.") from None
+        raise UserError(f"`source` {source!r} cannot be opened ({e}). Pass a folder or URI of parquet shards.") from None
     if info.type == pafs.FileType.NotFound:
-        raise UserError(f"--source {source!r} does not exist. Pass a folder of Pick-a-Pic parquet shards "
+        raise UserError(f"`source` {source!r} does not exist. Pass a folder of Pick-a-Pic parquet shards "
                         "(e.g. one written by `img data sample --out DIR`).")
     if info.type == pafs.FileType.File:
         files = [info]
@@ -103,7 +103,7 @@ def list_shards(source: str, storage_options: dict | None = None) -> list[Source
         files = [f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
                  if f.type == pafs.FileType.File and f.path.endswith(".parquet")]
     if not files:
-        raise UserError(f"--source {source!r} holds no *.parquet files. Pass the folder of Pick-a-Pic v2 shards.")
+        raise UserError(f"`source` {source!r} holds no *.parquet files. Pass the folder of Pick-a-Pic v2 shards.")
     prefix = uri.split("://", 1)[0]
     shards = []
     for f in sorted(files, key=lambda f: f.path):
@@ -122,13 +122,60 @@ def list_shards(source: str, storage_options: dict | None = None) -> list[Source
         check_columns(schema, full)
         shards.append(shard)
     if len({s.name for s in shards}) != len(shards):
-        raise UserError(f"--source {source!r} holds two shards with the same file name; pair ids would collide. "
+        raise UserError(f"`source` {source!r} holds two shards with the same file name; pair ids would collide. "
                         "Give every shard a unique name.")
     return shards
 
 
 def _damaged(shard: SourceShard, row: int | None, pair_id: str, reason: str) -> dict[str, Any]:
     return {"pair_id": pair_id, "source": shard.uri, "row": row, "reason": reason, "caption": ""}
+
+
+@dataclass
+class _Plan:
+    """What ``plan_units`` accumulates: work units, counts, and quarantine rows for unreadable input."""
+
+    done: set[str]
+    unit_rows: int
+    counts: dict[str, int] = field(default_factory=lambda: {"rows": 0, "ties": 0, "done": 0, "todo": 0, "damaged": 0})
+    units: list[dict[str, Any]] = field(default_factory=list)
+    damaged: list[dict[str, Any]] = field(default_factory=list)
+
+    def unreadable_shard(self, shard: SourceShard) -> None:
+        """A shard whose footer cannot be read: one quarantine row for all its rows (unless done before)."""
+        if shard.whole_id in self.done:
+            self.counts["done"] += 1
+            return
+        self.damaged.append(_damaged(shard, None, shard.whole_id,
+                                     f"shard {shard.name}: footer unreadable, all rows skipped ({shard.error})"))
+        self.counts["damaged"] += 1
+
+    def unreadable_rows(self, shard: SourceShard, rg: int, start: int, n_rg: int, take: int, e: Exception) -> None:
+        """A row group whose ``label_0`` cannot be read: each of its rows quarantined (unless done before)."""
+        reason = (f"shard {shard.name} row group {rg} (rows {start}-{start + n_rg - 1}): "
+                  f"label_0 unreadable ({describe_error(e)})")
+        new = [r for r in range(start, start + take) if f"{shard.name}#{r}" not in self.done]
+        log.warning("%s; %d rows quarantined now, %d earlier", reason, len(new), take - len(new))
+        self.damaged += [_damaged(shard, r, f"{shard.name}#{r}", reason) for r in new]
+        self.counts["damaged"] += len(new)
+        self.counts["done"] += take - len(new)
+
+    def row_group(self, shard: SourceShard, shard_json: str, rg: int, start: int, n_rg: int, labels: list,
+                  stream: bool) -> None:
+        """Units of at most ``unit_rows`` decisive, not yet done rows of one row group."""
+        rows = []
+        for i, lab in enumerate(labels):
+            r = start + i
+            if lab not in (0.0, 1.0):
+                self.counts["ties"] += 1
+            elif f"{shard.name}#{r}" in self.done:
+                self.counts["done"] += 1
+            else:
+                rows.append(r)
+        for i in range(0, len(rows), self.unit_rows):
+            self.units.append({"shard": shard_json, "row_group": rg, "rg_start": start, "rg_rows": n_rg,
+                               "stream": stream, "rows": json.dumps(rows[i: i + self.unit_rows])})
+        self.counts["todo"] += len(rows)
 
 
 def plan_units(shards: list[SourceShard], done: set[str], limit: int | None,
@@ -142,21 +189,14 @@ def plan_units(shards: list[SourceShard], done: set[str], limit: int | None,
     import pyarrow.parquet as pq
 
     if limit is not None and limit < 1:
-        raise UserError(f"--limit must be >= 1, got {limit}. Omit it to embed everything.")
-    counts = {"rows": 0, "ties": 0, "done": 0, "todo": 0, "damaged": 0}
-    units: list[dict[str, Any]] = []
-    damaged: list[dict[str, Any]] = []
+        raise UserError(f"`limit` must be >= 1, got {limit}. Omit it to embed everything.")
+    plan = _Plan(done, unit_rows)
     remaining = limit if limit is not None else float("inf")
     for shard in shards:
         if remaining <= 0:
             break
         if shard.error:
-            if shard.whole_id in done:
-                counts["done"] += 1
-            else:
-                damaged.append(_damaged(shard, None, shard.whole_id,
-                                        f"shard {shard.name}: footer unreadable, all rows skipped ({shard.error})"))
-                counts["damaged"] += 1
+            plan.unreadable_shard(shard)
             continue
         pf = pq.ParquetFile(shard.open())
         shard_json = json.dumps(asdict(shard))
@@ -168,35 +208,16 @@ def plan_units(shards: list[SourceShard], done: set[str], limit: int | None,
             n_rg = meta.num_rows
             take = int(min(n_rg, remaining))
             remaining -= take
-            counts["rows"] += take
+            plan.counts["rows"] += take
             try:
                 labels = pf.read_row_group(rg, columns=["label_0"]).column("label_0").to_pylist()[:take]
             except READ_ERRORS as e:
                 if isinstance(e, NotImplementedError):
                     raise
-                reason = (f"shard {shard.name} row group {rg} (rows {start}-{start + n_rg - 1}): "
-                          f"label_0 unreadable ({describe_error(e)})")
-                new = [r for r in range(start, start + take) if f"{shard.name}#{r}" not in done]
-                log.warning("%s; %d rows quarantined now, %d earlier", reason, len(new), take - len(new))
-                damaged += [_damaged(shard, r, f"{shard.name}#{r}", reason) for r in new]
-                counts["damaged"] += len(new)
-                counts["done"] += take - len(new)
-                start += n_rg
-                continue
-            rows = []
-            for i, lab in enumerate(labels):
-                r = start + i
-                if lab not in (0.0, 1.0):
-                    counts["ties"] += 1
-                elif f"{shard.name}#{r}" in done:
-                    counts["done"] += 1
-                else:
-                    rows.append(r)
-            stream = sum(meta.column(c).total_compressed_size for c in range(meta.num_columns)) \
-                > STREAM_ROW_GROUP_BYTES
-            for i in range(0, len(rows), unit_rows):
-                units.append({"shard": shard_json, "row_group": rg, "rg_start": start, "rg_rows": n_rg,
-                              "stream": stream, "rows": json.dumps(rows[i: i + unit_rows])})
-            counts["todo"] += len(rows)
+                plan.unreadable_rows(shard, rg, start, n_rg, take, e)
+            else:
+                stream = sum(meta.column(c).total_compressed_size for c in range(meta.num_columns)) \
+                    > STREAM_ROW_GROUP_BYTES
+                plan.row_group(shard, shard_json, rg, start, n_rg, labels, stream)
             start += n_rg
-    return units, counts, damaged
+    return plan.units, plan.counts, plan.damaged

@@ -4,5 +4,5 @@ Writers, the training loader, inference and the SQL views all import these,
 so a table's layout is defined in exactly one place::
 
     from schemas import features
-    schema = features.schema(ip_tokens=16, ip_dim=2048, dtype="float16")
+    schema = features.schema(ip_tokens=16, ip_dim=2048, text_guidance=True)
 """

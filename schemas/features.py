@@ -1,8 +1,8 @@
 """``features``: the cached tensors of one pair, stored once by the embed job.
 
-Layout follows measured read speed (reference-facts.md): the big variable-length
-MLLM guidance is a ``large_binary`` *blob* column (read with ``take_blobs``, as
-fast as a memmap), with its length beside it and no padding; the small
+The big variable-length MLLM guidance is a ``large_binary`` *blob* column (read
+whole with ``take_blobs`` into a reused buffer), with its length beside it and no
+padding (see docs/architecture.md, "Storage layout"); the small
 fixed-size IP tokens are ``FixedSizeList`` columns. Shapes and dtype live in the
 schema metadata (``extra``) so a reader never guesses::
 
@@ -15,7 +15,6 @@ import pyarrow as pa
 
 VERSION = 1
 BLOB = {b"lance-encoding:blob": b"true"}
-DTYPES = {"float16": pa.float16(), "bfloat16": pa.float16()}  # bf16 is stored bit-cast as 2-byte words
 
 
 def schema(ip_tokens: int, ip_dim: int, text_guidance: bool = False) -> pa.Schema:
@@ -34,6 +33,3 @@ def schema(ip_tokens: int, ip_dim: int, text_guidance: bool = False) -> pa.Schem
             pa.field("text_guidance_len", pa.int32()),
         ]
     return pa.schema(fields)
-
-
-TENSOR_COLUMNS = ("winner_tokens", "loser_tokens", "guidance", "text_guidance")

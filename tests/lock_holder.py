@@ -1,6 +1,7 @@
-"""Test helper: another process that holds a lake's writer lock until told to let go (or is killed)."""
+"""Test helpers for the lake's writers: another process holding the writer lock, `img` as a process, row counts."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -41,3 +42,19 @@ class Holder:
     def kill(self) -> None:
         self.proc.kill()
         self.proc.wait()
+
+
+def img_cmd(*args: str) -> list[str]:
+    """The ``img`` command line as a fresh process (run with ``env=ENV``)."""
+    return [sys.executable, "-m", "img.cli", *args]
+
+
+def lake_counts(lake: str) -> dict[str, int]:
+    """Rows and distinct pair ids of pairs (p, pd), features (f, fd) and quarantine (q, qd), through `img sql`."""
+    q = ("select (select count(*) from pairs) p, (select count(distinct pair_id) from pairs) pd, "
+         "(select count(*) from features) f, (select count(distinct pair_id) from features) fd, "
+         "(select count(*) from quarantine) q, (select count(distinct pair_id) from quarantine) qd")
+    r = subprocess.run(img_cmd("sql", "--lake", lake, "--json", q), env=ENV, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)[0]

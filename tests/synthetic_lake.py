@@ -12,17 +12,14 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 
+from img.models.profiles import get_profile
 from schemas import features as features_schema
 from schemas import pairs as pairs_schema
 from schemas.meta import with_provenance
 
 
 def tiny_dims() -> dict[str, int]:
-    """(ip_tokens, ip_dim, guidance_dim) of the ``tiny`` profile, or small stand-ins without img.models.profiles."""
-    try:
-        from img.models.profiles import get_profile
-    except ImportError:
-        return {"ip_tokens": 4, "ip_dim": 32, "guidance_dim": 24}
+    """(ip_tokens, ip_dim, guidance_dim) of the ``tiny`` profile."""
     d = get_profile("tiny").dims
     return {"ip_tokens": d.ip_tokens, "ip_dim": d.ip_dim, "guidance_dim": d.mllm_hidden}
 

@@ -99,6 +99,7 @@ def sample_dir(tmp_path_factory) -> str:
     return str(out)
 
 
+@pytest.mark.slow
 def test_train_bad_run_dir_and_lake_are_refused_before_deepspeed(tmp_path, small_lake, unwritable):
     afile = tmp_path / "a-file"
     afile.write_text("x")
@@ -122,6 +123,7 @@ def test_train_bad_run_dir_and_lake_are_refused_before_deepspeed(tmp_path, small
     assert tree(tmp_path) == before and sorted(p.name for p in unwritable.iterdir()) == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_train_refuses_a_lake_it_cannot_write_metrics_to(tmp_path, unwritable):
     import shutil
 
@@ -138,6 +140,7 @@ def test_train_refuses_a_lake_it_cannot_write_metrics_to(tmp_path, unwritable):
     shutil.rmtree(lake)
 
 
+@pytest.mark.slow
 def test_embed_bad_values_write_nothing(tmp_path, sample_dir, unwritable):
     afile = tmp_path / "a-file"
     afile.write_text("x")
@@ -161,6 +164,7 @@ def test_embed_bad_values_write_nothing(tmp_path, sample_dir, unwritable):
     assert sorted(p.name for p in unwritable.iterdir()) == ["keep.txt"]
 
 
+@pytest.mark.slow
 def test_sample_too_many_pairs_and_unwritable_out(tmp_path, unwritable):
     import resource
     import time
@@ -189,6 +193,7 @@ class _Evil:
         return (os.system, (f"touch {self.marker}",))
 
 
+@pytest.mark.slow
 def test_garbage_or_malicious_aligner_is_a_clear_error_and_runs_nothing(tmp_path, unwritable):
     import torch
 
@@ -238,8 +243,26 @@ def test_metrics_writer_takes_run_ids_with_quotes(tmp_path):
 
 
 def test_library_checks_name_the_value():
+    from img.cli import cli_message
     from img.paths import check_lake_folder
 
-    with pytest.raises(UserError, match="--lake '/proc/self/status' is a file"):
+    with pytest.raises(ValueError, match="`lake` '/proc/self/status' is a file") as e:  # UserError is a ValueError
         check_lake_folder("/proc/self/status")
+    assert cli_message(e.value).startswith("--lake '/proc/self/status' is a file")  # what `img` prints
     check_lake_folder("s3://bucket/lake")  # object stores are checked by Lance, not here
+
+
+def test_the_cli_shows_parameters_as_its_flags():
+    from img.cli import cli_message, flags
+    from img.inference.generation import GenerationSettings
+    from img.models.profiles import get_profile
+
+    with pytest.raises(UserError) as e:
+        GenerationSettings(guidance_scale=-1).resolve(get_profile("tiny"))
+    assert str(e.value) == "`guidance_scale` must be >= 0, got -1."
+    assert cli_message(e.value) == "--guidance-scale must be >= 0, got -1."
+    names = flags()
+    assert names["fmt"] == "--format" and names["run_dir"] == "--run-dir" and names["prompts_file"] == "--prompts"
+    # backticked words that are not parameters (commands, config keys) stay as written
+    msg = UserError("`guidance` must be 'mllm'; see `img jobs embed --lake`, or pass `break_lock`.")
+    assert cli_message(msg) == "`guidance` must be 'mllm'; see `img jobs embed --lake`, or pass --break-lock."

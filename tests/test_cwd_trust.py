@@ -78,6 +78,7 @@ def test_job_files_come_from_the_project_not_the_cwd(hostile_cwd):
         deepspeed_config(TrainConfig(deepspeed_config="my_ds.json"), world_size=1, bf16=False)
 
 
+@pytest.mark.slow
 def test_cli_in_an_untrusted_folder_loads_the_project_profile(hostile_cwd):
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1"}
     r = subprocess.run([sys.executable, "-m", "img.cli", "profile", "check", "tiny"], capture_output=True, text=True,

@@ -57,6 +57,7 @@ def embedded(request, tmp_path_factory):
     return data, lake, summary
 
 
+@pytest.mark.slow
 def test_counts_are_exact(embedded):
     data, lake, summary = embedded
     src = _source_rows(data)
@@ -78,6 +79,7 @@ def test_counts_are_exact(embedded):
         assert p["caption"] == r["caption"] and p["broken"] == r.get("broken") and p["question"]
 
 
+@pytest.mark.slow
 def test_features_decode_to_profile_shapes(embedded):
     _, lake, _ = embedded
     prof = get_profile("tiny")
@@ -100,6 +102,7 @@ def test_features_decode_to_profile_shapes(embedded):
     assert prov["model_ids"] == prof.model_ids() and len(prov["fingerprint"]) == 16
 
 
+@pytest.mark.slow
 def test_rerun_is_a_no_op_and_matches_recompute(embedded):
     data, lake, _ = embedded
     again = run_embed(data, lake, "tiny", EmbedConfig(rows_per_fragment=16), progress=False)
@@ -108,6 +111,7 @@ def test_rerun_is_a_no_op_and_matches_recompute(embedded):
     assert again.skipped_done == n + lance.dataset(lake_mod.table_uri(lake, "quarantine")).count_rows()
 
 
+@pytest.mark.slow
 def test_kill_between_features_and_pairs_commits_is_redone_once(embedded):
     """Features committed but pairs not (a kill between the two commits): the orphans are redone once."""
     data, lake, _ = embedded
@@ -123,6 +127,7 @@ def test_kill_between_features_and_pairs_commits_is_redone_once(embedded):
         == sorted(feats)
 
 
+@pytest.mark.slow
 def test_other_fingerprint_is_refused(embedded):
     data, lake, _ = embedded
     with pytest.raises(UserError, match="fingerprint"):
@@ -142,6 +147,7 @@ def _embed_cmd(data, lake):
             "--profile", "tiny", "--lake", lake]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", FORMATS)
 def test_sigkill_then_resume_is_exactly_once(tmp_path, fmt):
     """A 600-row run killed with SIGKILL mid-way, then started again, ends exactly once complete."""

@@ -12,21 +12,19 @@ import time
 from pathlib import Path
 
 import lance
+import pytest
 
 from img.data.sample import expected_counts, write_sample
 from img.lake import tables as lake_mod
+from img.net import free_port
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+pytestmark = pytest.mark.slow  # a Ray cluster started with `ray start --head`
 
 
 def test_embed_through_ray_address(tmp_path):
     data, lake = str(tmp_path / "data"), str(tmp_path / "lake")
     write_sample(data, pairs=120, seed=3, corrupt=0.05, ties=0.1)
-    port = _free_port()
+    port = free_port()
     ray = str(Path(sys.executable).parent / "ray")
     # A local test cluster without token auth; a production cluster propagates its token instead.
     env = dict(os.environ, RAY_AUTH_MODE="disabled", RAY_USAGE_STATS_ENABLED="0")

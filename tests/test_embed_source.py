@@ -74,6 +74,7 @@ def damaged(tmp_path_factory):
     return orig, data, lake, (a.name, b.name, cut.name), run
 
 
+@pytest.mark.slow
 def test_damaged_units_are_quarantined_and_the_rest_completes(damaged):
     orig, data, lake, (a, b, cut), run = damaged
     assert run.returncode == 0, run.stderr[-3000:]
@@ -115,6 +116,7 @@ def test_damaged_units_are_quarantined_and_the_rest_completes(damaged):
     assert summary["unreadable"] == len(unreadable) + 1
 
 
+@pytest.mark.slow
 def test_rerun_does_not_loop_on_damaged_units(damaged):
     _, data, lake, _, _ = damaged
     n_pairs, n_quar = len(_table(lake, "pairs")), len(_table(lake, "quarantine"))
@@ -151,6 +153,7 @@ def test_wrong_type_is_a_user_error_before_anything_is_written(small, tmp_path, 
     assert "\n" not in msg and not lake.exists()
 
 
+@pytest.mark.slow
 def test_wrong_type_cli_is_one_line_exit_2(small, tmp_path):
     data, lake = tmp_path / "data", tmp_path / "lake"
     shutil.copytree(small, data)
@@ -208,3 +211,21 @@ def test_listing_keeps_unreadable_shards_with_their_error(small, tmp_path):
     units, counts, damaged = plan_units(shards, {"text.parquet#*"}, None)
     assert [d["pair_id"] for d in damaged] == ["empty.parquet#*"] and counts["damaged"] == 1
     assert counts["done"] == 1 and json.loads(units[0]["shard"])["error"] == ""
+
+
+def test_a_plan_larger_than_the_cluster_is_refused(monkeypatch, repo_root):
+    """The embed config's actor pools against the cluster's resources (Ray's report of them stubbed)."""
+    import ray
+
+    from img.config import load_config
+    from pipelines.embed import check_reservations
+
+    gpu_plan = load_config(EmbedConfig, repo_root / "jobs" / "embed_gpu.toml")  # 2 x 1 + 8 x 4 + 56 x 4 CPUs
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
+    check_reservations(EmbedConfig())  # the CPU defaults fit: 2 x 0.25 + 2 x 0.75
+    with pytest.raises(UserError, match=r"embed config reserves 258 CPUs \(decode/writer 2 x 1 \+ actor pools\) "
+                                        r"but the Ray cluster has 8\. .*\[ip\]/\[mllm\]/\[text\] sections"):
+        check_reservations(gpu_plan)
+    monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 512.0, "GPU": 8.0})
+    with pytest.raises(UserError, match="reserves 64 GPUs but the Ray cluster has 8"):
+        check_reservations(gpu_plan)

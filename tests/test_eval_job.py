@@ -21,6 +21,8 @@ from img.lake import tables as lake_mod
 from img.lake.sql import run_query
 from pipelines.eval import reconcile
 
+pytestmark = pytest.mark.slow  # the eval job as a process (Ray), killed with SIGKILL and restarted
+
 SEVEN = ["a red circle", "two blue squares", "a green star above a yellow triangle", "three purple circles",
          "a cyan square to the left of a red star", "a yellow triangle", "two green stars below a blue circle"]
 

@@ -136,9 +136,9 @@ def test_plain_text_and_override(tmp_path):
     tsv.write_text(PARTI_TSV, encoding="utf-8")
     as_text = load_prompt_set(tsv, fmt="text", name="raw")  # --prompt-format wins over detection
     assert len(as_text) == 6 and as_text.table.column("prompt").to_pylist()[0] == "Prompt\tCategory\tChallenge\tNote"
-    with pytest.raises(UserError, match="--prompt-format 'csv'"):
+    with pytest.raises(UserError, match="`prompt_format` 'csv'"):
         load_prompt_set(f, fmt="csv")
-    with pytest.raises(UserError, match="--set"):
+    with pytest.raises(UserError, match="`set_name`"):
         load_prompt_set(f, name="bad name!")
     (tmp_path / "empty.txt").write_text("\n \n")
     with pytest.raises(UserError, match="holds no prompt"):
@@ -210,7 +210,7 @@ def test_where_and_sample_sql(tmp_path):
         (dict(sample_sql="select prompt_id from prompts; select prompt_id from prompts"), "exactly one SELECT"),
         (dict(sample_sql="select * from read_csv('/etc/passwd')"), "failed"),  # no file access
         (dict(n=2, sample_sql="select prompt_id from prompts"), "does not use \\$n"),
-        (dict(), "--n"),
+        (dict(), "`n`"),
     ]
     for kwargs, msg in bad:
         with pytest.raises(UserError, match=msg):

@@ -204,6 +204,7 @@ def test_missing_scorer_fails_fast_naming_the_variable(tmp_path, monkeypatch):
         resolve_scorers(["clipscore"])
 
 
+@pytest.mark.slow
 def test_cli_missing_scorer_is_one_line_exit_2_without_torch(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMG_")}
     env.update(HF_HUB_CACHE=str(tmp_path / "hub"), HF_HUB_OFFLINE="1")

@@ -12,6 +12,8 @@ import img.data.shapes_world as sw
 from img.models.profiles import get_profile
 from img.questions import QUESTIONS, question_for, question_index
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.py
+
 
 @pytest.fixture(scope="module")
 def profile():
@@ -30,6 +32,13 @@ def mllm(profile):
     from img.features import GuidanceEncoder
 
     return GuidanceEncoder(profile)
+
+
+@pytest.fixture(scope="module")
+def sdxl_pipe(profile):
+    from img.models.loading import load_sdxl_pipeline
+
+    return load_sdxl_pipeline(profile)
 
 
 @pytest.fixture(scope="module")
@@ -54,6 +63,7 @@ def test_question_pool_is_large_distinct_and_deterministic():
     assert sum(question_index(f"pair-{i}", 0) != question_index(f"pair-{i}", 1) for i in range(100)) > 90
 
 
+@pytest.mark.slow
 def test_question_pick_does_not_depend_on_python_hash_seed():
     code = "from img.questions import question_index as q; print([q(f'k{i}', 3) for i in range(20)])"
     outs = {
@@ -111,11 +121,9 @@ def test_unconditional_tokens_are_the_all_zeros_image(ip, profile, scenes):
     assert (u - ip(scenes[0][:1])).abs().max() > 0.1
 
 
-def test_resampler_equals_the_unet_projection_loaded_by_load_ip_adapter(ip, profile, scenes):
+def test_resampler_equals_the_unet_projection_loaded_by_load_ip_adapter(ip, sdxl_pipe, scenes):
     """Our resampler (diffusers' conversion without a UNet) == the one pipe.load_ip_adapter put in the UNet."""
-    from img.models.loading import load_sdxl_pipeline
-
-    pipe = load_sdxl_pipeline(profile)
+    pipe = sdxl_pipe
     layer = pipe.unet.encoder_hid_proj.image_projection_layers[0]
     ours = ip.projection.state_dict()
     theirs = layer.state_dict()
@@ -131,9 +139,9 @@ def test_resampler_equals_the_unet_projection_loaded_by_load_ip_adapter(ip, prof
 
 def test_resampler_original_format_roundtrip():
     """The tiny IP-Adapter file is in h94's original key layout; diffusers' converter inverts our writer."""
-    from diffusers.loaders.unet import UNet2DConditionLoadersMixin
     from diffusers.models.embeddings import IPAdapterPlusImageProjection
 
+    from img.models.loading import ip_projection_from_state
     from img.models.tiny import resampler_to_original
 
     torch.manual_seed(0)
@@ -141,8 +149,7 @@ def test_resampler_original_format_roundtrip():
                                        num_queries=16)
     original = resampler_to_original(ref.state_dict())
     assert "layers.2.0.to_kv.weight" in original and "layers.2.1.1.weight" in original
-    back = UNet2DConditionLoadersMixin._convert_ip_adapter_image_proj_to_diffusers(None, original,
-                                                                                     low_cpu_mem_usage=False)
+    back = ip_projection_from_state(original, "plus")
     x = torch.randn(2, 17, 32)
     assert torch.equal(back(x), ref(x))
 
@@ -206,18 +213,22 @@ def test_guidance_rejects_mismatched_lists(mllm, scenes):
 
 
 # ---------------------------------------------------------------- text guidance
-def test_text_guidance_shapes_and_determinism(profile, scenes):
+def test_text_guidance_shapes_and_determinism(profile, scenes, sdxl_pipe):
     from img.features import TextGuidanceEncoder
 
     enc = TextGuidanceEncoder(profile)
+    assert [type(e).__name__ for _, e in enc.encoders] == ["CLIPTextModel", "CLIPTextModelWithProjection"]
     captions = [c for _, c in scenes]
+    assert len(set(captions)) == len(captions)
     out = enc(captions)
     assert len(out) == len(captions)
     assert all(t.shape == (77, profile.text_guidance_dim()) for t in out)
     assert all(torch.equal(a, b) for a, b in zip(out, enc(captions)))
-    if captions[0] != captions[1]:
-        assert (out[0] - out[1]).abs().max() > 1e-3
-    assert not hasattr(enc, "unet")
+    assert (out[0] - out[1]).abs().max() > 1e-3
+    # exactly the prompt embeddings StableDiffusionXLPipeline.encode_prompt gives the UNet
+    with torch.inference_mode():
+        embeds = sdxl_pipe.encode_prompt(captions, device="cpu", do_classifier_free_guidance=False)[0]
+    assert torch.allclose(torch.stack(out), embeds, atol=1e-6)
 
 
 def test_text_guidance_is_sdxl_only():

@@ -62,7 +62,7 @@ def _toml(tmp_path: Path, extra: str = "", name: str = "ft.toml") -> str:
 
 def _cli(args: list[str], ok: bool = True):
     """Run the CLI in-process; with ``ok=False`` a UserError becomes (2, its message) as ``img.cli.main`` prints it."""
-    from img.cli import app
+    from img.cli import app, cli_message
 
     result = CliRunner().invoke(app, args)
     if ok:
@@ -71,7 +71,7 @@ def _cli(args: list[str], ok: bool = True):
         assert result.exit_code == 0, result.output
         return result
     if isinstance(result.exception, UserError):
-        return 2, f"error: {result.exception}"
+        return 2, f"error: {cli_message(result.exception)}"
     return result.exit_code, result.output
 
 
@@ -275,6 +275,7 @@ def finetuned(edits, tmp_path_factory) -> tuple[Path, str]:
     return run, lake
 
 
+@pytest.mark.slow
 def test_finetune_learns_and_records_metrics_and_quarantine(finetuned, edits):
     run, lake = finetuned
     m = _metrics(lake, _run_id(run))
@@ -304,6 +305,7 @@ def test_finetune_learns_and_records_metrics_and_quarantine(finetuned, edits):
     assert code == 2 and "--resume" in msg
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(edits, tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
@@ -333,6 +335,7 @@ def test_resume_continues_exactly(edits, tmp_path, monkeypatch):
 
 
 # ----------------------------------------------------------------------------- the adapter in use
+@pytest.mark.slow
 def test_adapter_changes_guidance_and_merged_export_matches(finetuned, tmp_path, monkeypatch):
     import dataclasses
 
@@ -383,6 +386,7 @@ def _stored_vs_encoders(lake: str, data: str, adapter: Path, n: int = 2) -> None
     assert json.loads(feats.schema.metadata[b"img.model_ids"])["mllm_adapter"] == adapter_id(adapter)
 
 
+@pytest.mark.slow
 def test_embed_stage_and_fingerprint_use_the_adapter(finetuned, tmp_path):
     """The embed job's Guidance stage (as its Ray actors build it) and its table fingerprint, without Ray."""
     from img.data.sample import write_sample
@@ -417,7 +421,7 @@ def test_embed_stage_and_fingerprint_use_the_adapter(finetuned, tmp_path):
     assert fp != embed_fingerprint(tiny, cfg)
     for name, schema in table_schemas(tuned_profile, cfg, fp).items():
         lake_mod.ensure_table(lake, name, schema)
-    with pytest.raises(UserError, match=r"models differ: mllm_adapter 'sha256:[0-9a-f]{16}' -> None.*--new-table"):
+    with pytest.raises(UserError, match=r"models differ: mllm_adapter 'sha256:[0-9a-f]{16}' -> None.*`new_table`"):
         run_embed(data, lake, "tiny", cfg, progress=False)
     code, msg = _cli(["jobs", "embed", "--source", data, "--lake", lake, "--mllm-adapter", str(tmp_path / "none")],
                      ok=False)
@@ -443,18 +447,22 @@ def test_embed_job_with_the_adapter_stores_the_fine_tuned_guidance(finetuned, tm
     _stored_vs_encoders(lake, data, run / "adapter")
 
 
+@pytest.mark.slow
 def test_infer_records_the_adapter(finetuned, tmp_path):
+    from img.inference.generation import GenerationSettings
     from img.inference.infer import run_infer
 
     run, _ = finetuned
     lake = str(tmp_path / "lake")
-    s = run_infer(["a red circle"], "tiny", tmp_path / "out", rounds=1, steps=2, lake=lake, progress=False,
+    s = run_infer(["a red circle"], "tiny", tmp_path / "out", rounds=1, settings=GenerationSettings(steps=2), lake=lake,
+                  progress=False,
                   mllm_adapter=run / "adapter")
     assert s.images == 2
     rows = lance.dataset(f"{lake}/generations.lance").to_table().to_pylist()
     assert {json.loads(r["model_ids"])["mllm_adapter"] for r in rows} == {adapter_id(run / "adapter")}
 
 
+@pytest.mark.slow
 def test_user_errors_are_one_line(tmp_path, edits, repo_root):
     cases = [
         (["--data", str(tmp_path / "nope"), "--steps", "5"], "--data"),

@@ -16,7 +16,7 @@ from img.conversation import LLAVA_V0_SYSTEM
 from img.errors import UserError
 from img.features import format_mllm_prompt, llava_input_ids, pad_to_square
 from img.models.profiles import PROFILES, get_profile
-from img.questions import QUESTIONS, QuestionFileError, load_questions, question_for, questions_id
+from img.questions import QUESTIONS, QuestionFileError, load_questions, question_for, question_index, questions_id
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # fixture in conftest.py
 
@@ -217,8 +217,8 @@ def test_load_questions_reads_the_authors_format(tmp_path):
     assert questions_id(load_questions(other / "q2.json")) == questions_id(pool) != questions_id(None)
     assert questions_id(None) == questions_id(QUESTIONS)
     # our own pool is unchanged by the new placeholder handling
-    assert question_for("a red circle", key="pair-7") == QUESTIONS[
-        __import__("img.questions").questions.question_index("pair-7", 0)].format(caption="a red circle")
+    assert question_for("a red circle", key="pair-7") == QUESTIONS[question_index("pair-7", 0)].format(
+        caption="a red circle")
 
 
 @pytest.mark.parametrize("content, match", [

@@ -103,6 +103,7 @@ def test_cli_writes_images_and_rows_deterministically(tmp_path, monkeypatch, cap
         assert mine[1]["question"].endswith(f"{PROMPT}?") and mine[1]["ip_scale"] == pytest.approx(0.2)
 
 
+@pytest.mark.slow
 def test_empty_prompt_fails_cleanly_as_a_process(tmp_path, repo_root):
     out, lake = tmp_path / "D", tmp_path / "L"
     env = dict(os.environ, HF_HUB_OFFLINE="1")

@@ -12,7 +12,7 @@ import time
 import lance
 import pyarrow as pa
 import pytest
-from lock_holder import ENV, Holder
+from lock_holder import ENV, Holder, img_cmd, lake_counts
 
 from img.data.sample import expected_counts, write_sample
 from img.errors import UserError
@@ -20,11 +20,8 @@ from img.lake.lock import LOCK_FILE, LakeLocked, LeaseLock, LockLost, writer_loc
 from schemas import features as features_schema
 
 
-def _img(*args):
-    return [sys.executable, "-m", "img.cli", *args]
-
-
 # ----------------------------------------------------------------------------- local lake: flock
+@pytest.mark.slow
 def test_second_writer_is_told_who_holds_the_lock(tmp_path):
     h = Holder(tmp_path)
     try:
@@ -38,6 +35,7 @@ def test_second_writer_is_told_who_holds_the_lock(tmp_path):
         h.release()
 
 
+@pytest.mark.slow
 def test_second_writer_waits_printing_one_line_then_runs(tmp_path):
     h = Holder(tmp_path)
     threading.Timer(1.5, h.release).start()
@@ -51,6 +49,7 @@ def test_second_writer_waits_printing_one_line_then_runs(tmp_path):
     assert (tmp_path / LOCK_FILE).read_text() == ""  # released: no holder info left behind
 
 
+@pytest.mark.slow
 def test_sigkill_cannot_leave_a_local_lake_locked(tmp_path):
     h = Holder(tmp_path)
     h.kill()
@@ -59,6 +58,7 @@ def test_sigkill_cannot_leave_a_local_lake_locked(tmp_path):
         assert time.monotonic() - t0 < 2
 
 
+@pytest.mark.slow
 def test_break_lock_on_a_local_lake_explains_instead(tmp_path):
     h = Holder(tmp_path)
     try:
@@ -69,6 +69,7 @@ def test_break_lock_on_a_local_lake_explains_instead(tmp_path):
         h.release()
 
 
+@pytest.mark.slow
 def test_the_lock_is_reentrant_within_a_process(tmp_path):
     with writer_lock(str(tmp_path), job="eval") as outer:
         with writer_lock(str(tmp_path), job="infer", timeout=0.1) as inner:
@@ -90,6 +91,7 @@ def test_unwritable_lake_is_a_user_error(tmp_path):
 
 
 # ----------------------------------------------------------------------------- object store: the lease
+@pytest.mark.slow
 def test_lease_heartbeats_keep_it_and_release_frees_it(tmp_path):
     lake = str(tmp_path)
     h = Holder(lake, kind="lease", ttl=1.0)
@@ -110,6 +112,7 @@ def test_lease_heartbeats_keep_it_and_release_frees_it(tmp_path):
         assert time.monotonic() - t0 < 1.0
 
 
+@pytest.mark.slow
 def test_lease_of_a_killed_holder_expires(tmp_path):
     lake, ttl = str(tmp_path), 1.5
     h = Holder(lake, kind="lease", ttl=ttl)
@@ -122,6 +125,7 @@ def test_lease_of_a_killed_holder_expires(tmp_path):
     assert 0.9 * ttl <= waited <= 2 * ttl + 3
 
 
+@pytest.mark.slow
 def test_break_lock_takes_a_live_lease_and_the_holder_stops_committing(tmp_path):
     lake = str(tmp_path)
     h = Holder(lake, kind="lease", ttl=2.0)
@@ -158,6 +162,7 @@ for _ in range(3):
 """
 
 
+@pytest.mark.slow
 def test_lease_is_exclusive_under_contention(tmp_path):
     """Four processes race for the lease three times each; no two hold it at once."""
     lake, log = str(tmp_path / "lake"), str(tmp_path / "log")
@@ -171,22 +176,24 @@ def test_lease_is_exclusive_under_contention(tmp_path):
         assert start >= end, spans
 
 
+@pytest.mark.slow
 def test_cli_break_lock_takes_the_lease_from_a_stuck_holder(tmp_path):
     lake = str(tmp_path)
     h = Holder(lake, kind="lease", ttl=60.0)  # renewing: it would never expire
     env = dict(ENV, IMG_LAKE_LOCK="lease")
-    r = subprocess.run(_img("lake", "vacuum", "--lake", lake, "--break-lock"), env=env, capture_output=True,
+    r = subprocess.run(img_cmd("lake", "vacuum", "--lake", lake, "--break-lock"), env=env, capture_output=True,
                        text=True, timeout=120)
     assert r.returncode == 0 and "vacuum" in r.stdout, r.stderr
     assert f"breaking the writer lease on {lake} held by holder (host " in r.stderr and f"pid {h.pid}" in r.stderr
     assert "Traceback" not in r.stderr
     assert h.release().startswith("lost: the writer lease")
-    bad = subprocess.run(_img("lake", "vacuum", "--lake", lake), env=dict(env, IMG_LAKE_LEASE_TTL="soon"),
+    bad = subprocess.run(img_cmd("lake", "vacuum", "--lake", lake), env=dict(env, IMG_LAKE_LEASE_TTL="soon"),
                          capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and "'soon'" in bad.stderr
 
 
 # ----------------------------------------------------------------------------- the writers
+@pytest.mark.slow
 def test_metrics_flush_waits_for_the_lock(tmp_path):
     from img.training.trainer import MetricsWriter
 
@@ -206,10 +213,11 @@ def test_metrics_flush_waits_for_the_lock(tmp_path):
         [{"run_id": "run1", "step": 1, "name": "loss", "value": 0.5}]
 
 
+@pytest.mark.slow
 def test_infer_waits_for_the_lock_before_appending_generations(tmp_path):
     lake, out = tmp_path / "lake", tmp_path / "out"
     h = Holder(lake)
-    p = subprocess.Popen(_img("infer", "--profile", "tiny", "--prompt", "a red circle", "--steps", "2", "--rounds", "1",
+    p = subprocess.Popen(img_cmd("infer", "--profile", "tiny", "--prompt", "a red circle", "--steps", "2", "--rounds", "1",
                               "--lake", str(lake), "--out", str(out)), env=ENV, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 300
@@ -248,21 +256,13 @@ def test_loader_drops_duplicate_pair_ids_and_logs_them(tmp_path, caplog):
 
 
 # ----------------------------------------------------------------------------- two embeds at once, end to end
-def _sql_counts(lake):
-    q = ("select (select count(*) from pairs) p, (select count(distinct pair_id) from pairs) pd, "
-         "(select count(*) from features) f, (select count(distinct pair_id) from features) fd, "
-         "(select count(*) from quarantine) q, (select count(distinct pair_id) from quarantine) qd")
-    r = subprocess.run(_img("sql", "--lake", lake, "--json", q), env=ENV, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)[0]
-
-
+@pytest.mark.slow
 def test_two_embeds_at_once_then_a_third_end_exactly_once(tmp_path):
     data, lake = str(tmp_path / "data"), str(tmp_path / "lake")
     write_sample(data, pairs=160, seed=4, corrupt=0.05, ties=0.1, shard_rows=80)
     exp = expected_counts(160, corrupt=0.05, ties=0.1)
     good, bad = exp["decisive"] - exp["corrupt"], exp["corrupt"]
-    cmd = _img("jobs", "embed", "--dataset", "pickapic", "--source", data, "--profile", "tiny", "--lake", lake)
+    cmd = img_cmd("jobs", "embed", "--dataset", "pickapic", "--source", data, "--profile", "tiny", "--lake", lake)
     procs = [subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
              for _ in range(2)]
     outs = [p.communicate(timeout=600) for p in procs]
@@ -276,4 +276,4 @@ def test_two_embeds_at_once_then_a_third_end_exactly_once(tmp_path):
     assert f"{good} pairs written" in outs[owner][0] and "0 pairs written" in outs[waiter][0]
     third = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0 and "0 pairs written" in third.stdout, third.stderr[-2000:]
-    assert _sql_counts(lake) == {"p": good, "pd": good, "f": good, "fd": good, "q": bad, "qd": bad}
+    assert lake_counts(lake) == {"p": good, "pd": good, "f": good, "fd": good, "q": bad, "qd": bad}

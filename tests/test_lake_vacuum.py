@@ -5,23 +5,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import lance
 import pyarrow as pa
 import pytest
 from lance.fragment import write_fragments
-from lock_holder import ENV, Holder
+from lock_holder import ENV, Holder, img_cmd, lake_counts
 
 from img.data.sample import expected_counts, write_sample
 from img.errors import UserError
 from img.lake import tables as lake_mod
 from img.lake.vacuum import parse_age, unreferenced_files, vacuum
-
-
-def _img(*args):
-    return [sys.executable, "-m", "img.cli", *args]
 
 
 def _age(path, seconds):
@@ -62,19 +57,21 @@ def test_parse_age_and_bad_values():
         parse_age("soon")
 
 
+@pytest.mark.slow
 def test_cli_mistakes_are_one_line(tmp_path):
-    r = subprocess.run(_img("lake", "vacuum", "--lake", str(tmp_path), "--older-than", "soon"), env=ENV,
+    r = subprocess.run(img_cmd("lake", "vacuum", "--lake", str(tmp_path), "--older-than", "soon"), env=ENV,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "--older-than 'soon'" in r.stderr
-    r = subprocess.run(_img("lake", "vacuum", "--lake", str(tmp_path / "nope")), env=ENV,
+    r = subprocess.run(img_cmd("lake", "vacuum", "--lake", str(tmp_path / "nope")), env=ENV,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "is not a lake folder" in r.stderr
     assert not (tmp_path / "nope").exists()
 
 
+@pytest.mark.slow
 def test_vacuum_waits_for_the_writer_lock(tmp_path):
     h = Holder(tmp_path)
-    p = subprocess.Popen(_img("lake", "vacuum", "--lake", str(tmp_path)), env=ENV, stdout=subprocess.PIPE,
+    p = subprocess.Popen(img_cmd("lake", "vacuum", "--lake", str(tmp_path)), env=ENV, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE, text=True)
     line = p.stderr.readline()
     assert f"pid {h.pid}" in line and "waiting" in line
@@ -89,21 +86,13 @@ def _orphans(lake):
     return {t: unreferenced_files(lake, t) for t in ("features", "pairs", "quarantine")}
 
 
-def _counts(lake):
-    q = ("select (select count(*) from pairs) p, (select count(distinct pair_id) from pairs) pd, "
-         "(select count(*) from features) f, (select count(distinct pair_id) from features) fd, "
-         "(select count(*) from quarantine) q")
-    r = subprocess.run(_img("sql", "--lake", lake, "--json", q), env=ENV, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 0, r.stderr
-    return json.loads(r.stdout)[0]
-
-
+@pytest.mark.slow
 def test_vacuum_after_a_sigkilled_embed(tmp_path):
     """Kill an embed while a batch is written but not committed; vacuum removes those files; nothing else changes."""
     data, lake = str(tmp_path / "data"), str(tmp_path / "lake")
     write_sample(data, pairs=600, seed=11, corrupt=0.02, ties=0.1, shard_rows=200)
     exp = expected_counts(600, corrupt=0.02, ties=0.1)
-    cmd = _img("jobs", "embed", "--dataset", "pickapic", "--source", data, "--profile", "tiny", "--lake", lake)
+    cmd = img_cmd("jobs", "embed", "--dataset", "pickapic", "--source", data, "--profile", "tiny", "--lake", lake)
     orphans = {}
     for _ in range(3):  # the kill must land while some fragment is written and not yet committed
         proc = subprocess.Popen(cmd, env=ENV, start_new_session=True, stdout=subprocess.DEVNULL,
@@ -122,20 +111,20 @@ def test_vacuum_after_a_sigkilled_embed(tmp_path):
             break
     files = [f"{lake}/{t}.lance/{rel}" for t, fs in orphans.items() for rel, _ in fs]
     assert files and all(os.path.exists(f) for f in files)
-    before = _counts(lake)
+    before = lake_counts(lake)
 
-    kept = subprocess.run(_img("lake", "vacuum", "--lake", lake), env=ENV, capture_output=True, text=True, timeout=300)
+    kept = subprocess.run(img_cmd("lake", "vacuum", "--lake", lake), env=ENV, capture_output=True, text=True, timeout=300)
     assert kept.returncode == 0 and f"kept {len(files)} younger than 3600s" in kept.stdout, kept.stdout + kept.stderr
     assert all(os.path.exists(f) for f in files)  # inside the default 1 h window
-    r = subprocess.run(_img("lake", "vacuum", "--lake", lake, "--older-than", "0s", "--json"), env=ENV,
+    r = subprocess.run(img_cmd("lake", "vacuum", "--lake", lake, "--older-than", "0s", "--json"), env=ENV,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     report = json.loads(r.stdout.splitlines()[-1])
     assert report["removed_files"] == len(files) and report["kept_young"] == 0
     assert not any(os.path.exists(f) for f in files) and not any(_orphans(lake).values())
-    assert _counts(lake) == before  # every committed row still reads
+    assert lake_counts(lake) == before  # every committed row still reads
 
     r = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)  # and the job still finishes
     assert r.returncode == 0, r.stderr[-2000:]
     good = exp["decisive"] - exp["corrupt"]
-    assert _counts(lake) == {"p": good, "pd": good, "f": good, "fd": good, "q": exp["corrupt"]}
+    assert lake_counts(lake) == {"p": good, "pd": good, "f": good, "fd": good, "q": exp["corrupt"], "qd": exp["corrupt"]}

@@ -1,6 +1,7 @@
 """Notebooks are executed against a real lake (sample -> embed -> train -> eval), so they never rot."""
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -22,6 +23,8 @@ from pipelines.eval import plan_eval, run_eval
 from pipelines.eval_config import EvalConfig
 
 PAIRS, CORRUPT = 64, 0.05
+
+pytestmark = pytest.mark.slow  # embed, train and eval jobs, then a Jupyter kernel per notebook
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +50,29 @@ FIGURES = {
 }
 
 
+def _result(cell) -> str:
+    """The text of a code cell's value (its ``execute_result``)."""
+    (out,) = [o for o in cell.outputs if o.output_type == "execute_result"]
+    return out.data["text/plain"]
+
+
+def _check_lake_tour(cells, lake: str) -> None:
+    tables = {t["name"]: t["rows"] for t in ast.literal_eval(_result(cells[0]))}  # the table listing it printed
+    for name in ("pairs", "features", "quarantine"):
+        assert tables[name] == lake_mod.open_table(lake, name).count_rows(), (name, tables)
+    assert tables["pairs"] > 40 and tables["quarantine"] > 0
+    by_kind = ast.literal_eval(_result(cells[1]))
+    assert sum(r["n"] for r in by_kind) == tables["pairs"] and {r["broken"] for r in by_kind} > {"colour"}
+    lens, quarantine = ast.literal_eval(_result(cells[2]))
+    assert sum(r["n"] for r in quarantine) == tables["quarantine"] and all(r["reason"] for r in quarantine)
+    assert all(r["L"] > 0 for r in lens)
+
+
+# What each notebook shows is checked: its printed values against the lake, or the figures it saves (whose
+# numbers come from img.eval.report, checked against the lake in test_report_numbers_match_the_lake).
+CHECKS = {"lake_tour.ipynb": _check_lake_tour}
+
+
 @pytest.mark.parametrize("name", sorted(n for n in os.listdir(NOTEBOOKS) if n.endswith(".ipynb")))
 def test_notebook_runs(name, built, repo_root, monkeypatch, tmp_path):
     monkeypatch.setenv("IMG_LAKE", built["lake"])
@@ -54,9 +80,11 @@ def test_notebook_runs(name, built, repo_root, monkeypatch, tmp_path):
     monkeypatch.setenv("IMG_FIGURES", str(tmp_path / "figures"))
     nb = nbformat.read(repo_root / "notebooks" / name, as_version=4)
     NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(repo_root)}}).execute()
-    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    assert not [o for o in outputs if o.get("output_type") == "error"]
-    assert any("pairs" in str(o.get("data", {})) for o in outputs)  # the table listing was produced
+    cells = [c for c in nb.cells if c.cell_type == "code"]
+    assert not [o for c in cells for o in c.outputs if o.get("output_type") == "error"]
+    assert name in CHECKS or name in FIGURES, f"{name} has no check of what it shows in tests/test_notebooks.py"
+    if name in CHECKS:
+        CHECKS[name](cells, built["lake"])
     for fig in FIGURES.get(name, []):
         png = tmp_path / "figures" / f"{fig}.png"
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", fig

@@ -26,16 +26,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from img.net import free_port
+
 REPO = Path(__file__).resolve().parent.parent
 PROMPT = "a red circle left of a blue star"
 CHROMIUM = os.environ.get("IMG_CHROMIUM", "/usr/bin/chromium")
 SIZE = (64, 64)  # the tiny profile's image size
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -112,6 +108,7 @@ def generation_rows(lake: Path) -> list[dict]:
 
 
 # ----------------------------------------------------------------------------- the API
+@pytest.mark.slow
 def test_generate_with_prompt_and_seed_only_matches_img_infer(server, client, tmp_path):
     from img.inference.infer import run_infer
 
@@ -156,6 +153,7 @@ def test_generate_with_prompt_and_seed_only_matches_img_infer(server, client, tm
     ((PROMPT, 3, 1, 3, 0.2, 0), "Steps must be a whole number from 1 to 200, got 0"),
     ((PROMPT, 3, 1, 3, 0.2, 20, -2.0), "Guidance scale must be a number from 0.0 to 30.0, got -2.0"),
 ])
+@pytest.mark.slow
 def test_bad_input_is_a_clear_message_and_writes_nothing(server, client, args, message):
     from gradio_client.exceptions import AppError
 
@@ -167,6 +165,7 @@ def test_bad_input_is_a_clear_message_and_writes_nothing(server, client, args, m
 
 
 # ----------------------------------------------------------------------------- the page, in a real browser
+@pytest.mark.slow
 def test_page_in_headless_chromium(server, tmp_path):
     if not Path(CHROMIUM).is_file():
         pytest.fail(f"no browser at {CHROMIUM}: install Debian's chromium (`make browser`, or "
@@ -278,7 +277,8 @@ def test_check_request_limits():
     from img.errors import UserError
 
     ok = check_request("  a red circle ", 2**32 - 1, 8, 0, 2.0, 1, 0.0)
-    assert ok.prompt == "a red circle" and ok.seed == 2**32 - 1 and isinstance(ok.steps, int)
+    assert ok.prompt == "a red circle" and ok.seed == 2**32 - 1 and isinstance(ok.settings.steps, int)
+    assert (ok.rounds, ok.settings.passes, ok.settings.ip_scale, ok.settings.guidance_scale) == (8, 0, 2.0, 0.0)
     assert check_request("x", 3.0, 1.0, 3, 0.2, 20.0, 7.5).seed == 3
     for bad in [("x", 3.5, 1, 3, 0.2, 20, 7.5), ("x", 3, 1, 3, float("nan"), 20, 7.5),
                 ("x", 3, 1, 3, 0.2, 20, float("inf")), ("x", None, 1, 3, 0.2, 20, 7.5), ("x", 3, True, 3, 0.2, 20, 7.5),

@@ -23,6 +23,7 @@ from torch_load_guard import only_weights_only_torch_load
 from typer.testing import CliRunner
 
 from img.errors import UserError
+from img.net import free_port
 from img.training.loader import TrainLoader, heldout_key, split_heldout
 
 REPO = Path(__file__).resolve().parents[1]
@@ -61,7 +62,7 @@ def test_loader_reads_exact_values_padding_and_mask(lake):
         assert torch.count_nonzero(batch.guidance[j, lens[j]:]) == 0
 
 
-def test_loader_split_shards_and_uncommitted(lake):
+def test_loader_split_shards_and_uncommitted(lake, tmp_path):
     root, arrays = lake
     a = TrainLoader(root, rank=0, world_size=2, batch_size=8, heldout_pairs=40, num_workers=0)
     b = TrainLoader(root, rank=1, world_size=2, batch_size=8, heldout_pairs=40, num_workers=0)
@@ -119,32 +120,73 @@ def test_loader_state_resumes_the_exact_order(lake):
         bad.load_state_dict(state)
 
 
-def test_buffer_pool_never_hands_out_a_buffer_in_use(lake):
+def test_buffer_pool_hands_a_buffer_out_once_until_it_is_given_back():
     from img.training.loader import BufferPool
 
     pool = BufferPool(max_free=2)
     a = pool.get(1000)
-    view = np.frombuffer(a, np.uint8)
-    del a
     b = pool.get(1000)
-    assert b is not view.base  # still viewed: not reused
-    del b
-    c = pool.get(900)  # b is idle and large enough
-    assert pool.allocated == 2 and c is not view.base
-    del view, c
-    assert pool.get(1000) is not None and pool.allocated == 2  # reused an idle buffer
-    for size in (10**5, 2 * 10**5, 4 * 10**5):  # none fit: idle buffers beyond max_free are dropped
-        pool.get(size)
-    assert len(pool) <= 4
-    # batches read through the pool keep their values while later batches are read
+    assert a is not b and pool.allocated == 2 and pool.out == 2 and len(pool) == 0
+    pool.give_back([a])
+    c = pool.get(900)  # a is idle and large enough
+    assert c is a and pool.allocated == 2 and pool.out == 2
+    assert pool.get(1000) is not b  # b was never given back: a new buffer
+    assert pool.allocated == 3
+    pool.give_back([b])
+    assert pool.get(10**6) is not b and pool.allocated == 4  # b is far too small: not used for a big read
+    pool.give_back([c, b, bytearray(5)])
+    assert len(pool) == 2  # at most max_free idle buffers are kept (the newest)
+
+
+def _buffer_of(a: np.ndarray):
+    while isinstance(a, np.ndarray):
+        a = a.base
+    return a
+
+
+def test_batches_own_their_buffers_until_released(lake):
+    import gc
+
     root, arrays = lake
+
+    def check(batch):
+        for j, pid in enumerate(batch.pair_ids):
+            i = _row(arrays, pid)
+            assert torch.equal(batch.guidance[j, : arrays["lens"][i]], torch.from_numpy(arrays["guidance"][i]))
+
+    # batches kept by the caller keep their values while later batches are read
     loader = TrainLoader(root, batch_size=8, num_workers=2, prefetch=2)
     it = iter(loader)
     kept = [next(it) for _ in range(6)]
     for batch in kept:
-        for j, pid in enumerate(batch.pair_ids):
-            i = _row(arrays, pid)
-            assert torch.equal(batch.guidance[j, : arrays["lens"][i]], torch.from_numpy(arrays["guidance"][i]))
+        assert batch._padded is None  # nothing padded yet: the rows still point into the buffers
+        check(batch)
+    it.close()
+    # released batches give their buffers back and the next reads reuse them, with the right values
+    loader = TrainLoader(root, batch_size=8, num_workers=0)
+    order = loader.epoch_order(0)
+    with loader.read(order[:8]) as first:
+        assert loader._buffers.out == loader._buffers.allocated == 8 and len(first.guidance_rows) == 8
+        bases = [id(_buffer_of(row)) for row in first.guidance_rows]
+    assert loader._buffers.out == 0 and first.guidance_rows is None
+    with pytest.raises(RuntimeError, match="released"):
+        first.guidance  # never padded, and its rows are gone
+    with loader.read(order[:8]) as again:  # the same rows again: each lands in the buffer it used before
+        assert loader._buffers.allocated == 8 and [id(_buffer_of(r)) for r in again.guidance_rows] == bases
+        check(again)
+    for s in range(8, 64, 8):  # other rows in recycled buffers read right
+        with loader.read(order[s : s + 8]) as batch:
+            check(batch)
+    assert loader._buffers.allocated < 8 + 56 and loader._buffers.out == 0
+    # a padded batch stays usable after release; a dropped batch gives its buffers back too
+    batch = loader.read(order[:8])
+    padded = batch.guidance
+    batch.release()
+    batch.release()  # idempotent
+    assert torch.equal(batch.guidance, padded) and loader._buffers.out == 0
+    moved = loader.read(order[:8]).to("cpu", torch.float32)  # the read batch is dropped right away
+    gc.collect()
+    assert loader._buffers.out == 0 and torch.equal(moved.guidance, padded.float())
 
 
 def test_loader_pins_table_versions(tmp_path):
@@ -248,6 +290,7 @@ def train_lake(tmp_path_factory) -> str:
     return str(root)
 
 
+@pytest.mark.slow
 def test_training_learns_and_records_metrics(tmp_path, train_lake):
     from img.aligner import ImplicitAligner
 
@@ -293,6 +336,7 @@ def test_training_learns_and_records_metrics(tmp_path, train_lake):
         _train(["--lake", train_lake, "--steps", "10", "--run-dir", str(run), "--config", str(_toml(tmp_path))])
 
 
+@pytest.mark.slow
 def test_resume_reproduces_uninterrupted_losses(tmp_path, train_lake):
     cfg = str(_toml(tmp_path))
     base = ["--lake", train_lake, "--profile", "tiny", "--config", cfg, "--checkpoint-every", "12"]
@@ -318,6 +362,7 @@ def test_resume_reproduces_uninterrupted_losses(tmp_path, train_lake):
                 "--run-dir", str(b), "--resume"])
 
 
+@pytest.mark.slow
 def test_kill_leftovers_are_removed_and_pruning_keeps_the_pointer_target(tmp_path, train_lake):
     """keep_checkpoints = 1 with a partial checkpoint a kill left past the pointer, in a run folder named with a quote."""
     import shutil
@@ -349,21 +394,7 @@ def test_kill_leftovers_are_removed_and_pruning_keeps_the_pointer_target(tmp_pat
     assert sorted(s for s, n in seen if n == "loss") == list(range(1, 7)) and max(seen.values()) == 1
 
 
-def _only_weights_only_torch_load(monkeypatch) -> list[str]:
-    """Make torch.load raise unless called with weights_only=True; returns the files it loaded."""
-    real, loaded = torch.load, []
-
-    def guarded(f, *args, **kwargs):
-        if kwargs.get("weights_only") is not True:
-            raise AssertionError(f"torch.load({f!r}) with weights_only={kwargs.get('weights_only')!r}")
-        loaded.append(Path(f).name)
-        return real(f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "load", guarded)
-    monkeypatch.setattr(torch.serialization, "load", guarded)
-    return loaded
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", [0, 1, 2])
 def test_resume_never_unpickles_with_weights_only_false(tmp_path, train_lake, monkeypatch, stage):
     """Resume (in-process) reads every DeepSpeed file with weights_only=True and still matches an uninterrupted run."""
@@ -396,10 +427,11 @@ def test_resume_never_unpickles_with_weights_only_false(tmp_path, train_lake, mo
     # a file naming a global outside the allowlist is refused, naming it
     bad = tmp_path / "bad.pt"
     torch.save({"ok": torch.ones(2), "cfg": argparse.Namespace(x=1)}, bad)
-    with pytest.raises(UserError, match=r"argparse\.Namespace.*new --run-dir"):
+    with pytest.raises(UserError, match=r"argparse\.Namespace.*new `run_dir`"):
         weights_only_load(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("guidance", ["none", "text"])
 def test_guidance_ablations_train(tmp_path, guidance):
     root = tmp_path / "lake"
@@ -425,10 +457,8 @@ def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    from img.training.trainer import _free_port
-
     cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", str(nproc),
-           "--master_port", str(_free_port()),
+           "--master_port", str(free_port()),
            "-m", "img.cli", "jobs", "train", *args]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=str(REPO),
                             start_new_session=True)
@@ -441,6 +471,7 @@ def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+@pytest.mark.slow
 def test_two_ranks_match_one_rank_with_the_global_batch(tmp_path, train_lake):
     """2 ranks x batch 8 see the same pairs per step as 1 rank x batch 16; DeepSpeed averages the gradients."""
     two, one = tmp_path / "two", tmp_path / "one"

@@ -14,7 +14,6 @@ pair.
 """
 from __future__ import annotations
 
-import json
 import os
 import tempfile
 import time
@@ -109,7 +108,3 @@ def run_bench(pairs: int = 1024, profile_name: str = "bench", seed: int = 0, wor
         "job_time_split_s": {k: round(v, 2) for k, v in summary.time_split.items()},
         "cpus": os.cpu_count(),
     }
-
-
-def main_json(**kw) -> str:
-    return json.dumps(run_bench(**kw), indent=2)

@@ -10,7 +10,7 @@ reported (``*_best`` = fastest pass) because single passes are noisy on a
 shared machine. Two raw baselines:
 
 - ``raw``: each row's bytes copied out of an ``np.memmap`` into a new array
-  (``np.array(mm[a:b])``), the plain "read a row" of reference-facts.md. Its speed
+  (``np.array(mm[a:b])``), the plainest way to read a row. Its speed
   depends on whether the allocator hands back already-mapped memory, so it
   varies between processes.
 - ``raw_into``: the same bytes copied into reused buffers: a pure memcpy, the
@@ -24,7 +24,6 @@ anyway; the ``padded_fp16`` variant pads inside the timed loop, for comparison.
 """
 from __future__ import annotations
 
-import logging
 import os
 import shutil
 import statistics
@@ -38,8 +37,6 @@ import numpy as np
 from img.training.loader import TrainLoader
 from schemas import features as features_schema
 from schemas.meta import with_provenance
-
-log = logging.getLogger(__name__)
 
 FULL = {"guidance_len": 650, "guidance_dim": 5120, "ip_tokens": 16, "ip_dim": 2048}
 SMALL = {"guidance_len": 64, "guidance_dim": 512, "ip_tokens": 16, "ip_dim": 256}
@@ -99,9 +96,9 @@ def _time_loader(loader, steps: int, pad: bool = False) -> float:
     t = time.perf_counter()
     it = iter(loader)
     for _ in range(steps):
-        batch = next(it)
-        if pad:
-            batch.guidance  # materialise the padded (B, L_max, E) tensor in the storage dtype
+        with next(it) as batch:  # its read buffers go back to the loader at the end of the step
+            if pad:
+                batch.guidance  # materialise the padded (B, L_max, E) tensor in the storage dtype
     dt = time.perf_counter() - t
     it.close()
     return dt

@@ -19,20 +19,17 @@ aligner -> IP cross-attention of the diffusion model. Nothing is allocated::
 from __future__ import annotations
 
 import json
-import logging
 import time
 from pathlib import Path
 from typing import Any, Callable
 
-from img.aligner import ImplicitAligner
+from img.aligner import ImplicitAligner, param_count
 from img.errors import UserError
 from img.features import GuidanceEncoder, IPTokenEncoder, TextGuidanceEncoder
 from img.models.loading import QWEN_MAX_PIXELS, ModelNotFound, has_weights, load_sdxl_pipeline, locate
 from img.models.profiles import Profile, get_profile
 from img.models.tiny import IP_ENCODER_SUBFOLDER, get_spec, tiny_root
 from img.questions import question_for
-
-log = logging.getLogger(__name__)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "models" / "configs"
 DRY_BATCH = 2
@@ -114,70 +111,73 @@ def resolve_check(profile: Profile, out: Callable[[str], Any] = print) -> int:
     return 0
 
 
+class _TinySmoke:
+    """One forward of every tiny component, each loaded through from_pretrained; a step returns its report line."""
+
+    CAPTION = "a red square"
+
+    def __init__(self, profile: Profile) -> None:
+        from PIL import Image
+
+        self.profile, self.d = profile, profile.dims
+        self.image = Image.new("RGB", (128, 128), (40, 40, 60))
+        self.image.paste((220, 30, 30), (32, 32, 96, 96))
+        self.question = question_for(self.CAPTION, key="profile-check", seed=0)
+        self.c: Any = None  # IP tokens, then guidance: what the aligner step needs
+        self.h: Any = None
+
+    def ip_tokens(self) -> str:
+        enc = IPTokenEncoder(self.profile)
+        self.c = enc([self.image])
+        assert self.c.shape == (1, self.d.ip_tokens, self.d.ip_dim), self.c.shape
+        return f"{type(enc.encoder).__name__} + {type(enc.projection).__name__}: tokens {tuple(self.c.shape)}"
+
+    def guidance(self) -> str:
+        enc = GuidanceEncoder(self.profile)
+        (self.h,) = enc([self.image], [self.question])
+        assert self.h.shape[1] == self.d.mllm_hidden, self.h.shape
+        return f"{type(enc.model).__name__}: guidance {tuple(self.h.shape)}"
+
+    def text(self) -> str:
+        (t,) = TextGuidanceEncoder(self.profile)([self.CAPTION])
+        return f"CLIPTextModel + CLIPTextModelWithProjection: text guidance {tuple(t.shape)}"
+
+    def aligner(self) -> str:
+        import torch
+
+        passes = self.profile.aligner_passes
+        model = ImplicitAligner(self.profile.aligner_config()).eval()
+        with torch.inference_mode():
+            y = model.align(self.h[None], self.c, passes=passes)
+        assert y.shape == self.c.shape
+        return f"ImplicitAligner x{passes}: {tuple(y.shape)}"
+
+    def pipeline(self) -> str:
+        import torch
+
+        pipe = load_sdxl_pipeline(self.profile)
+        pipe.set_ip_adapter_scale(self.profile.ip_scale)
+        img = pipe(self.CAPTION, ip_adapter_image=self.image, num_inference_steps=2,
+                   generator=torch.Generator().manual_seed(0)).images[0]
+        assert img.size == (self.d.image_size, self.d.image_size), img.size
+        return f"{type(pipe).__name__} + load_ip_adapter: 2 steps -> {img.size[0]}x{img.size[1]} image"
+
+
 def _smoke_tiny(profile: Profile, out: Callable[[str], Any]) -> int:
     """Load every tiny component through from_pretrained and run one forward of each."""
-    import torch
-    from PIL import Image
-
-
-    d = profile.dims
-    image = Image.new("RGB", (128, 128), (40, 40, 60))
-    image.paste((220, 30, 30), (32, 32, 96, 96))
-    caption = "a red square"
-    question = question_for(caption, key="profile-check", seed=0)
+    smoke = _TinySmoke(profile)
     failures = 0
-
-    def step(label: str, fn: Callable[[], str]) -> None:
-        nonlocal failures
+    for label in ("ip_tokens", "guidance", "text", "aligner", "pipeline"):
+        if label == "aligner" and (smoke.c is None or smoke.h is None):
+            continue  # its inputs failed, reported above
         t0 = time.perf_counter()
         try:
-            msg = fn()
+            msg = getattr(smoke, label)()
         except Exception as e:  # noqa: BLE001 - report any failure of a component as one line
             failures += 1
             out(f"  FAIL     {label:<10} {type(e).__name__}: {e}")
-            return
-        out(f"  ran      {label:<10} {msg} ({time.perf_counter() - t0:.2f}s)")
-
-    state: dict[str, Any] = {}
-
-    def ip() -> str:
-        enc = IPTokenEncoder(profile)
-        c = enc([image])
-        assert c.shape == (1, d.ip_tokens, d.ip_dim), c.shape
-        state["c"] = c
-        return f"{type(enc.encoder).__name__} + {type(enc.projection).__name__}: tokens {tuple(c.shape)}"
-
-    def mllm() -> str:
-        enc = GuidanceEncoder(profile)
-        (h,) = enc([image], [question])
-        assert h.shape[1] == d.mllm_hidden, h.shape
-        state["h"] = h
-        return f"{type(enc.model).__name__}: guidance {tuple(h.shape)}"
-
-    def text() -> str:
-        (t,) = TextGuidanceEncoder(profile)([caption])
-        return f"CLIPTextModel + CLIPTextModelWithProjection: text guidance {tuple(t.shape)}"
-
-    def aligner() -> str:
-        model = ImplicitAligner(profile.aligner_config()).eval()
-        with torch.inference_mode():
-            y = model.align(state["h"][None], state["c"], passes=profile.aligner_passes)
-        assert y.shape == state["c"].shape
-        return f"ImplicitAligner x{profile.aligner_passes}: {tuple(y.shape)}"
-
-    def pipeline() -> str:
-        pipe = load_sdxl_pipeline(profile)
-        pipe.set_ip_adapter_scale(profile.ip_scale)
-        img = pipe(caption, ip_adapter_image=image, num_inference_steps=2,
-                   generator=torch.Generator().manual_seed(0)).images[0]
-        assert img.size == (d.image_size, d.image_size), img.size
-        return f"{type(pipe).__name__} + load_ip_adapter: 2 steps -> {img.size[0]}x{img.size[1]} image"
-
-    for label, fn in (("ip_tokens", ip), ("guidance", mllm), ("text", text), ("aligner", aligner),
-                      ("pipeline", pipeline)):
-        if label == "aligner" and not {"c", "h"} <= state.keys():
             continue
-        step(label, fn)
+        out(f"  ran      {label:<10} {msg} ({time.perf_counter() - t0:.2f}s)")
     if failures:
         out(f"FAILED: {failures} component(s) did not run.")
         return 1
@@ -186,10 +186,6 @@ def _smoke_tiny(profile: Profile, out: Callable[[str], Any]) -> int:
 
 
 # ---------------------------------------------------------------- dry run
-def _count(module: Any) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
 def _arch_sources(profile: Profile) -> dict[str, Path]:
     """Config files of every architecture: shipped ones for real profiles, the tiny build's for tiny."""
     if profile.tiny:
@@ -225,80 +221,98 @@ def _qwen_image_tokens(config: Any, side: int = 1024) -> int:
     return (h // patch) * (w // patch) // (merge * merge)
 
 
+class _Shapes:
+    """The shape walk's report: one line per stage, and every mismatch."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self.problems: list[str] = []
+
+    def expect(self, label: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
+        if tuple(got) != tuple(want):
+            self.problems.append(f"{label}: got {tuple(got)}, expected {tuple(want)}")
+
+
+def _shapes_ip_tokens(profile: Profile, models: dict[str, Any], report: _Shapes) -> Any:
+    """image -> CLIP -> IP projection: the tokens c_I (meta)."""
+    import torch
+
+    d, B = profile.dims, DRY_BATCH
+    enc = models["ip_encoder"]
+    px = torch.empty(B, 3, enc.config.image_size, enc.config.image_size)
+    report.lines.append(f"image {tuple(px.shape)}")
+    if profile.ip_kind == "xlabs":
+        feats = enc(px).image_embeds
+        report.lines.append(f"-> CLIP image_embeds {tuple(feats.shape)}")
+    else:
+        feats = enc(px, output_hidden_states=True).hidden_states[-2]
+        report.lines.append(f"-> CLIP penultimate {tuple(feats.shape)}")
+        report.expect("CLIP penultimate", feats.shape, (B, d.clip_tokens, d.clip_hidden))
+    c = models["ip_projection"](feats)
+    report.lines.append(f"-> {type(models['ip_projection']).__name__} {tuple(c.shape)} = c_I")
+    report.expect("IP tokens", c.shape, (B, d.ip_tokens, d.ip_dim))
+    return c
+
+
+def _shapes_aligned(profile: Profile, models: dict[str, Any], c: Any, report: _Shapes) -> Any:
+    """(image, question) -> MLLM guidance h; (h, c_I) -> the aligner's passes: c_I' (meta)."""
+    h, note = _meta_guidance(profile, models["mllm"], DRY_BATCH)
+    report.lines.append(f"(image, question) -> {type(models['mllm']).__name__} hidden_states[-1] {tuple(h.shape)} "
+                        f"[{note}]")
+    if h.shape[-1] != profile.dims.mllm_hidden:
+        report.problems.append(f"guidance width {h.shape[-1]} != profile E={profile.dims.mllm_hidden}")
+    y = c
+    for _ in range(profile.aligner_passes):
+        y = models["aligner"](h, y)
+    report.lines.append(f"-> ImplicitAligner x{profile.aligner_passes} {tuple(y.shape)} = c_I'")
+    report.expect("aligner output", y.shape, c.shape)
+    return y
+
+
+def _shapes_injection(profile: Profile, models: dict[str, Any], y: Any, report: _Shapes) -> None:
+    """c_I' -> the IP-Adapter's keys and values on every cross-attention layer (meta)."""
+    d, B = profile.dims, DRY_BATCH
+    procs, cross = models["ip_layers"], models["cross_attention_dim"]
+    widths = sorted({p.to_k_ip[0].out_features for p in procs})
+    for p in procs:
+        k, v = p.to_k_ip[0](y), p.to_v_ip[0](y)
+        if p.to_k_ip[0].in_features != cross or k.shape[:2] != (B, d.ip_tokens) or v.shape != k.shape:
+            report.problems.append(f"IP layer expects width {p.to_k_ip[0].in_features}, tokens are {y.shape[-1]}")
+            break
+    report.lines.append(f"-> IP-Adapter keys/values on {len(procs)} cross-attention layers "
+                        f"({B}, {d.ip_tokens}, {'/'.join(map(str, widths))}); cross-attention dim {cross}")
+    if cross != d.ip_dim:
+        report.problems.append(f"diffusion cross-attention dim {cross} != IP token width D={d.ip_dim}")
+
+
 def dry_run_check(profile: Profile, out: Callable[[str], Any] = print) -> int:
     """Build real-size architectures on the meta device, count parameters, check the shapes end to end."""
     import torch
 
     t_start = time.perf_counter()
-    src = _arch_sources(profile)
-    d, B = profile.dims, DRY_BATCH
     rows: list[tuple[str, int, str, str]] = []
     with torch.device("meta"):
-        models = _build_meta(profile, src, rows)
+        models = _build_meta(profile, _arch_sources(profile), rows)
     width = max(len(r[0]) for r in rows)
     out(f"architectures on the meta device (no weights), from {CONFIGS if not profile.tiny else 'the tiny build'}:")
     for name, n, cls, where in rows:
         out(f"  {name:<{width}}  {n:>15,}  {cls}  [{where}]")
     total = sum(n for _, n, _, _ in rows)
-    out(f"  (IMG trains only the aligner; every other component is frozen)")
+    out("  (IMG trains only the aligner; every other component is frozen)")
 
-    shapes: list[str] = []
-    problems: list[str] = []
-
-    def expect(label: str, got: tuple[int, ...], want: tuple[int, ...]) -> None:
-        if tuple(got) != tuple(want):
-            problems.append(f"{label}: got {tuple(got)}, expected {tuple(want)}")
-
+    report = _Shapes()
     with torch.device("meta"), torch.inference_mode():
-        enc = models["ip_encoder"]
-        S = enc.config.image_size
-        px = torch.empty(B, 3, S, S)
-        shapes.append(f"image {tuple(px.shape)}")
-        if profile.ip_kind == "xlabs":
-            feats = enc(px).image_embeds
-            shapes.append(f"-> CLIP image_embeds {tuple(feats.shape)}")
-        else:
-            feats = enc(px, output_hidden_states=True).hidden_states[-2]
-            shapes.append(f"-> CLIP penultimate {tuple(feats.shape)}")
-            expect("CLIP penultimate", feats.shape, (B, d.clip_tokens, d.clip_hidden))
-        c = models["ip_projection"](feats)
-        shapes.append(f"-> {type(models['ip_projection']).__name__} {tuple(c.shape)} = c_I")
-        expect("IP tokens", c.shape, (B, d.ip_tokens, d.ip_dim))
-
-        h, note = _meta_guidance(profile, models["mllm"], B)
-        shapes.append(f"(image, question) -> {type(models['mllm']).__name__} hidden_states[-1] {tuple(h.shape)} "
-                      f"[{note}]")
-        if h.shape[-1] != d.mllm_hidden:
-            problems.append(f"guidance width {h.shape[-1]} != profile E={d.mllm_hidden}")
-        aligner = models["aligner"]
-        y = c
-        for _ in range(profile.aligner_passes):
-            y = aligner(h, y)
-        shapes.append(f"-> ImplicitAligner x{profile.aligner_passes} {tuple(y.shape)} = c_I'")
-        expect("aligner output", y.shape, c.shape)
-
-        procs = models["ip_layers"]
-        cross = models["cross_attention_dim"]
-        widths = sorted({p.to_k_ip[0].out_features for p in procs})
-        for p in procs:
-            k = p.to_k_ip[0](y)
-            v = p.to_v_ip[0](y)
-            if p.to_k_ip[0].in_features != cross or k.shape[:2] != (B, d.ip_tokens) or v.shape != k.shape:
-                problems.append(f"IP layer expects width {p.to_k_ip[0].in_features}, tokens are {y.shape[-1]}")
-                break
-        shapes.append(f"-> IP-Adapter keys/values on {len(procs)} cross-attention layers "
-                      f"({B}, {d.ip_tokens}, {'/'.join(map(str, widths))}); cross-attention dim {cross}")
-        if cross != d.ip_dim:
-            problems.append(f"diffusion cross-attention dim {cross} != IP token width D={d.ip_dim}")
-
-    out("shapes (meta tensors, batch of %d):" % B)
-    for s in shapes:
+        c = _shapes_ip_tokens(profile, models, report)
+        y = _shapes_aligned(profile, models, c, report)
+        _shapes_injection(profile, models, y, report)
+    out("shapes (meta tensors, batch of %d):" % DRY_BATCH)
+    for s in report.lines:
         out(f"  {s}")
-    for p in problems:
+    for p in report.problems:
         out(f"  MISMATCH {p}")
     secs = time.perf_counter() - t_start
-    if problems:
-        out(f"FAILED: {len(problems)} shape mismatch(es) ({secs:.1f}s).")
+    if report.problems:
+        out(f"FAILED: {len(report.problems)} shape mismatch(es) ({secs:.1f}s).")
         return 1
     out(f"ok: dry run passed in {secs:.1f}s; {total:,} parameters in all, none allocated.")
     return 0
@@ -311,95 +325,98 @@ def _config(path: Path) -> dict[str, Any]:
     return {k: v for k, v in cfg.items() if not k.startswith("_comment")}
 
 
-def _build_meta(profile: Profile, src: dict[str, Path], rows: list) -> dict[str, Any]:
-    """Instantiate every architecture (under a meta device context) and record its parameter count."""
-    from diffusers import AutoencoderKL
-    from transformers import (
-        CLIPTextConfig,
-        CLIPTextModel,
-        CLIPTextModelWithProjection,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-    )
+def _rel(p: Path) -> str:
+    """A shipped config's path from the repository root (absolute for anything else)."""
+    try:
+        return str(p.relative_to(CONFIGS.parents[2]))
+    except ValueError:
+        return str(p)
 
 
-    def rel(p: Path) -> str:
-        try:
-            return str(p.relative_to(CONFIGS.parents[2]))
-        except ValueError:
-            return str(p)
+def _meta_sdxl(profile: Profile, base: Path, rows: list) -> dict[str, Any]:
+    """SDXL's UNet and text encoders (counted), the IP-Adapter Plus projection and one IP layer per cross-attention."""
+    from diffusers import UNet2DConditionModel
+    from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
+    from diffusers.models.embeddings import IPAdapterPlusImageProjection
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    models: dict[str, Any] = {}
-    base = src["base"]
-    if profile.family == "sdxl":
-        from diffusers import UNet2DConditionModel
-        from diffusers.models.attention_processor import IPAdapterAttnProcessor2_0
-        from diffusers.models.embeddings import IPAdapterPlusImageProjection
+    unet_cfg = base / "unet" / "config.json"
+    unet = UNet2DConditionModel.from_config(_config(unet_cfg))
+    label = "unet (DPO)" if profile.unet is not None else "unet"
+    rows.append((label, param_count(unet), "UNet2DConditionModel", _rel(unet_cfg)))
+    for sub, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
+        p = base / sub / "config.json"
+        rows.append((sub, param_count(cls(CLIPTextConfig.from_dict(_config(p)))), cls.__name__, _rel(p)))
+    procs = []
+    for name in unet.attn_processors:
+        if name.endswith("attn2.processor"):
+            attn = unet.get_submodule(name[: -len(".processor")])
+            procs.append(IPAdapterAttnProcessor2_0(hidden_size=attn.to_k.out_features,
+                                                   cross_attention_dim=unet.config.cross_attention_dim,
+                                                   num_tokens=(profile.dims.ip_tokens,)))
+    return {"ip_projection": IPAdapterPlusImageProjection(**_ip_projection_args(profile)), "ip_layers": procs,
+            "cross_attention_dim": unet.config.cross_attention_dim}
 
-        unet_cfg = base / "unet" / "config.json"
-        unet = UNet2DConditionModel.from_config(_config(unet_cfg))
-        label = "unet (DPO)" if profile.unet is not None else "unet"
-        rows.append((label, _count(unet), "UNet2DConditionModel", rel(unet_cfg)))
-        for sub, cls in (("text_encoder", CLIPTextModel), ("text_encoder_2", CLIPTextModelWithProjection)):
-            p = base / sub / "config.json"
-            rows.append((sub, _count(cls(CLIPTextConfig.from_dict(_config(p)))), cls.__name__, rel(p)))
-        proj = IPAdapterPlusImageProjection(**_ip_projection_args(profile))
-        procs = []
-        for name in unet.attn_processors:
-            if name.endswith("attn2.processor"):
-                attn = unet.get_submodule(name[: -len(".processor")])
-                procs.append(IPAdapterAttnProcessor2_0(hidden_size=attn.to_k.out_features,
-                                                       cross_attention_dim=unet.config.cross_attention_dim,
-                                                       num_tokens=(profile.dims.ip_tokens,)))
-        models["cross_attention_dim"] = unet.config.cross_attention_dim
-        del unet
-    else:
-        from diffusers import FluxTransformer2DModel
-        from diffusers.models.embeddings import ImageProjection
-        from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
-        from transformers import T5Config, T5EncoderModel
 
-        tcfg = base / "transformer" / "config.json"
-        tr = FluxTransformer2DModel.from_config(_config(tcfg))
-        rows.append(("transformer", _count(tr), "FluxTransformer2DModel", rel(tcfg)))
-        p = base / "text_encoder" / "config.json"
-        rows.append(("text_encoder", _count(CLIPTextModel(CLIPTextConfig.from_dict(_config(p)))), "CLIPTextModel", rel(p)))
-        p = base / "text_encoder_2" / "config.json"
-        rows.append(("text_encoder_2", _count(T5EncoderModel(T5Config.from_dict(_config(p)))), "T5EncoderModel", rel(p)))
-        proj = ImageProjection(**_ip_projection_args(profile))
-        procs = [
-            FluxIPAdapterAttnProcessor(hidden_size=tr.inner_dim, cross_attention_dim=tr.config.joint_attention_dim,
-                                       num_tokens=(profile.dims.ip_tokens,))
-            for _ in range(tr.config.num_layers)
-        ]
-        models["cross_attention_dim"] = tr.config.joint_attention_dim
-        del tr
-    vae_cfg = base / "vae" / "config.json"
-    rows.append(("vae", _count(AutoencoderKL.from_config(_config(vae_cfg))), "AutoencoderKL", rel(vae_cfg)))
+def _meta_flux(profile: Profile, base: Path, rows: list) -> dict[str, Any]:
+    """FLUX's transformer and text encoders (counted), the XLabs projection and one IP layer per double block."""
+    from diffusers import FluxTransformer2DModel
+    from diffusers.models.embeddings import ImageProjection
+    from diffusers.models.transformers.transformer_flux import FluxIPAdapterAttnProcessor
+    from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 
-    enc_cfg = src["ip_encoder"]
-    enc = CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(_config(enc_cfg)))
-    rows.append(("ip_encoder", _count(enc), "CLIPVisionModelWithProjection", rel(enc_cfg)))
-    ip_src = rel(CONFIGS / profile.ip_weights.shipped) if not profile.tiny else "tiny spec"
-    rows.append(("ip_projection", _count(proj), type(proj).__name__, ip_src))
-    rows.append(("ip_layers", sum(_count(p) for p in procs), f"{len(procs)} x {type(procs[0]).__name__}", ip_src))
+    tcfg = base / "transformer" / "config.json"
+    tr = FluxTransformer2DModel.from_config(_config(tcfg))
+    rows.append(("transformer", param_count(tr), "FluxTransformer2DModel", _rel(tcfg)))
+    p = base / "text_encoder" / "config.json"
+    rows.append(("text_encoder", param_count(CLIPTextModel(CLIPTextConfig.from_dict(_config(p)))), "CLIPTextModel",
+                 _rel(p)))
+    p = base / "text_encoder_2" / "config.json"
+    rows.append(("text_encoder_2", param_count(T5EncoderModel(T5Config.from_dict(_config(p)))), "T5EncoderModel",
+                 _rel(p)))
+    procs = [FluxIPAdapterAttnProcessor(hidden_size=tr.inner_dim, cross_attention_dim=tr.config.joint_attention_dim,
+                                        num_tokens=(profile.dims.ip_tokens,)) for _ in range(tr.config.num_layers)]
+    return {"ip_projection": ImageProjection(**_ip_projection_args(profile)), "ip_layers": procs,
+            "cross_attention_dim": tr.config.joint_attention_dim}
 
-    mcfg_path = src["mllm"]
+
+def _meta_mllm(profile: Profile, config: Path) -> Any:
+    """The profile's MLLM class (LLaVA or Qwen2.5-VL) from its config."""
     if profile.mllm_kind == "qwen2_5_vl":
         from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
-        mllm = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(_config(mcfg_path)))
-    else:
-        from transformers import LlavaConfig, LlavaForConditionalGeneration
+        return Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(_config(config)))
+    from transformers import LlavaConfig, LlavaForConditionalGeneration
 
-        mllm = LlavaForConditionalGeneration(LlavaConfig.from_dict(_config(mcfg_path)))
-    rows.append(("mllm", _count(mllm), type(mllm).__name__, rel(mcfg_path)))
+    return LlavaForConditionalGeneration(LlavaConfig.from_dict(_config(config)))
 
+
+def _build_meta(profile: Profile, src: dict[str, Path], rows: list) -> dict[str, Any]:
+    """Instantiate every architecture (under a meta device context) and record its parameter count in ``rows``.
+
+    Returns the modules the shape check runs: ip_encoder, ip_projection, ip_layers, mllm, aligner (and the
+    diffusion model's cross_attention_dim; the diffusion model itself is dropped once counted).
+    """
+    from diffusers import AutoencoderKL
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    base = src["base"]
+    models = (_meta_sdxl if profile.family == "sdxl" else _meta_flux)(profile, base, rows)
+    vae_cfg = base / "vae" / "config.json"
+    rows.append(("vae", param_count(AutoencoderKL.from_config(_config(vae_cfg))), "AutoencoderKL", _rel(vae_cfg)))
+    enc = CLIPVisionModelWithProjection(CLIPVisionConfig.from_dict(_config(src["ip_encoder"])))
+    rows.append(("ip_encoder", param_count(enc), "CLIPVisionModelWithProjection", _rel(src["ip_encoder"])))
+    proj, procs = models["ip_projection"], models["ip_layers"]
+    ip_src = _rel(CONFIGS / profile.ip_weights.shipped) if not profile.tiny else "tiny spec"
+    rows.append(("ip_projection", param_count(proj), type(proj).__name__, ip_src))
+    rows.append(("ip_layers", sum(param_count(p) for p in procs), f"{len(procs)} x {type(procs[0]).__name__}", ip_src))
+    mllm = _meta_mllm(profile, src["mllm"])
+    rows.append(("mllm", param_count(mllm), type(mllm).__name__, _rel(src["mllm"])))
     acfg = profile.aligner_config()
     aligner = ImplicitAligner(acfg)
-    rows.append(("aligner", _count(aligner), "ImplicitAligner(" + ", ".join(
+    rows.append(("aligner", param_count(aligner), "ImplicitAligner(" + ", ".join(
         f"{k}={v}" for k, v in acfg.to_dict().items()) + ")", "profile.aligner_config()"))
-    models.update(ip_encoder=enc, ip_projection=proj, ip_layers=procs, mllm=mllm, aligner=aligner)
+    models.update(ip_encoder=enc, mllm=mllm, aligner=aligner)
     return models
 
 

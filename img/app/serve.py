@@ -78,15 +78,12 @@ class Limits:
 
 @dataclass
 class Request:
-    """One validated request."""
+    """One validated request: what to draw, and the settings it overrides (the profile fills in the rest)."""
 
     prompt: str
     seed: int
     rounds: int
-    passes: int
-    ip_scale: float
-    steps: int
-    guidance_scale: float
+    settings: GenerationSettings
 
 
 def _number(name: str, value: Any, lo: float, hi: float, integer: bool) -> Any:
@@ -123,10 +120,12 @@ def check_request(prompt: Any, seed: Any, rounds: Any, passes: Any, ip_scale: An
         prompt=prompt.strip(),
         seed=_number("Seed", seed, *limits.seed, integer=True),
         rounds=_number("Rounds", rounds, *limits.rounds, integer=True),
-        passes=_number("Aligner passes", passes, *limits.passes, integer=True),
-        ip_scale=_number("IP scale", ip_scale, *limits.ip_scale, integer=False),
-        steps=_number("Steps", steps, *limits.steps, integer=True),
-        guidance_scale=_number("Guidance scale", guidance_scale, *limits.guidance_scale, integer=False),
+        settings=GenerationSettings(
+            passes=_number("Aligner passes", passes, *limits.passes, integer=True),
+            ip_scale=_number("IP scale", ip_scale, *limits.ip_scale, integer=False),
+            steps=_number("Steps", steps, *limits.steps, integer=True),
+            guidance_scale=_number("Guidance scale", guidance_scale, *limits.guidance_scale, integer=False),
+        ),
     )
 
 
@@ -209,9 +208,7 @@ class Demo:
         with self._lock:  # the models are not re-entrant; the queue already runs one request at a time
             idx = self._count
             self._count += 1
-            result = self.pipe(req.prompt, seed=req.seed, rounds=req.rounds, steps=req.steps,
-                               guidance_scale=req.guidance_scale, ip_scale=req.ip_scale, passes=req.passes,
-                               on_step=on_step)
+            result = self.pipe(req.prompt, seed=req.seed, rounds=req.rounds, settings=req.settings, on_step=on_step)
             paths: list[Path] = []
             if self.out is not None:
                 out_dir = self.out / self.run_id

@@ -122,46 +122,46 @@ def read_sample(path: str | os.PathLike) -> pa.Table:
 def _validate(out: Path, pairs: int, seed: int, corrupt: float, ties: float, shard_rows: int,
               fmt: str = "sample", row_group_rows: int | None = None) -> None:
     if fmt not in FORMATS:
-        raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}. "
-                        "Pass --format pickapic for exactly the published columns.")
+        raise UserError(f"`fmt` must be one of {', '.join(FORMATS)}, got {fmt!r}. "
+                        "`fmt` \"pickapic\" writes exactly the published columns.")
     if row_group_rows is not None and (isinstance(row_group_rows, bool) or not isinstance(row_group_rows, int)
                                        or row_group_rows < 1):
-        raise UserError(f"--row-group-rows must be an integer >= 1, got {row_group_rows!r}. Pass e.g. 100.")
+        raise UserError(f"`row_group_rows` must be an integer >= 1, got {row_group_rows!r}. Pass e.g. 100.")
     if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
-        raise UserError(f"--pairs must be an integer >= 1, got {pairs!r}. Pass e.g. --pairs 2000.")
+        raise UserError(f"`pairs` must be an integer >= 1, got {pairs!r}. Pass e.g. 2000.")
     if pairs > MAX_PAIRS:
-        raise UserError(f"--pairs {pairs} is more than the sample supports ({MAX_PAIRS:,}, twice Pick-a-Pic v2's "
-                        "size). Pass a smaller --pairs; for real data point `img jobs embed --source` at the shards.")
+        raise UserError(f"`pairs` {pairs} is more than the sample supports ({MAX_PAIRS:,}, twice Pick-a-Pic v2's "
+                        "size). Pass a smaller `pairs`; for real data point `img jobs embed --source` at the shards.")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UserError(f"--seed must be an integer >= 0, got {seed!r}. Pass e.g. --seed 0.")
+        raise UserError(f"`seed` must be an integer >= 0, got {seed!r}. Pass e.g. 0.")
     if isinstance(shard_rows, bool) or not isinstance(shard_rows, int) or shard_rows < 1:
-        raise UserError(f"--shard-rows must be an integer >= 1, got {shard_rows!r}. Pass e.g. --shard-rows 500.")
+        raise UserError(f"`shard_rows` must be an integer >= 1, got {shard_rows!r}. Pass e.g. 500.")
     if not (0.0 <= corrupt <= 1.0):
-        raise UserError(f"--corrupt must be a fraction between 0 and 1, got {corrupt!r}. Pass e.g. --corrupt 0.02.")
+        raise UserError(f"`corrupt` must be a fraction between 0 and 1, got {corrupt!r}. Pass e.g. 0.02.")
     if not (0.0 <= ties <= 1.0):
-        raise UserError(f"--ties must be a fraction between 0 and 1, got {ties!r}. Pass e.g. --ties 0.1.")
+        raise UserError(f"`ties` must be a fraction between 0 and 1, got {ties!r}. Pass e.g. 0.1.")
     if corrupt + ties > 1.0:
-        raise UserError(f"--corrupt + --ties must be <= 1 (corrupt rows are decisive rows), got "
+        raise UserError(f"`corrupt` + `ties` must be <= 1 (corrupt rows are decisive rows), got "
                         f"{corrupt!r} + {ties!r} = {corrupt + ties!r}. Lower one of them.")
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {out} is an existing file, not a folder. Pass a new or empty folder.")
+        raise UserError(f"`out` {out} is an existing file, not a folder. Pass a new or empty folder.")
     if out.is_dir():
         others = sorted(p.name for p in out.iterdir() if not SHARD_RE.match(p.name))
         if others:
-            raise UserError(f"--out {out} already holds {len(others)} file(s) that are not sample shards "
+            raise UserError(f"`out` {out} already holds {len(others)} file(s) that are not sample shards "
                             f"(e.g. {others[0]!r}). Pass a new or empty folder, or one holding only a "
                             f"previous sample.")
     parent = out.parent
     # real write probes (they leave nothing): os.access says "writable" to root even for an immutable folder
-    check_writable_folder(parent, f"the parent folder of --out {str(out)!r},")
+    check_writable_folder(parent, f"the parent folder of `out` {str(out)!r},")
     if out.is_dir():
-        check_writable_folder(out, "--out")
+        check_writable_folder(out, "`out`")
     need = pairs * DISK_BYTES_PER_PAIR
     existing = next(p for p in (parent, *parent.parents) if p.exists())
     free = shutil.disk_usage(existing).free
     if need > free:
-        raise UserError(f"--pairs {pairs} needs about {need / 1e9:.1f} GB in {parent}, which has {free / 1e9:.1f} GB "
-                        "free. Pass a smaller --pairs or another --out.")
+        raise UserError(f"`pairs` {pairs} needs about {need / 1e9:.1f} GB in {parent}, which has {free / 1e9:.1f} GB "
+                        "free. Pass a smaller `pairs` or another `out`.")
     parent.mkdir(parents=True, exist_ok=True)
 
 

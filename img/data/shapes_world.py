@@ -22,15 +22,12 @@ back exactly (the oracle the tests use).
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import re
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageDraw
-
-logger = logging.getLogger(__name__)
 
 # Saturated, well separated in RGB (smallest pairwise distance ~116).
 COLOURS: dict[str, tuple[int, int, int]] = {

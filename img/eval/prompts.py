@@ -84,7 +84,7 @@ def _read_text(path: Path) -> str:
     try:
         return path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError as e:
-        raise UserError(f"--prompts {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}). "
+        raise UserError(f"`prompts` {str(path)!r} is not UTF-8 text ({e.reason} at byte {e.start}). "
                         "Save it as UTF-8.") from None
 
 
@@ -106,11 +106,11 @@ def detect_format(path: str | Path) -> str:
         if any(n.endswith(".parquet") for n in names):
             return "pickapic"
         raise UserError(
-            f"--prompts folder {str(p)!r} holds no known prompt set (HPDv2 <style>.json files, T2I-CompBench "
+            f"`prompts` folder {str(p)!r} holds no known prompt set (HPDv2 <style>.json files, T2I-CompBench "
             f"*{T2I_SUFFIX} files, {PARTI_FILE}, or Pick-a-Pic parquet shards). Point at one of those, or a file."
         )
     if not p.is_file():
-        raise UserError(f"--prompts {str(p)!r} does not exist. Pass a prompt file or a prompt-set folder.")
+        raise UserError(f"`prompts` {str(p)!r} does not exist. Pass a prompt file or a prompt-set folder.")
     if p.suffix == ".parquet":
         return "pickapic"
     if p.suffix == ".json":
@@ -130,10 +130,10 @@ def _json_list(path: Path) -> list[str]:
     try:
         data = json.loads(_read_text(path))
     except json.JSONDecodeError as e:
-        raise UserError(f"--prompts {str(path)!r} is not valid JSON ({e.msg}, line {e.lineno}). "
+        raise UserError(f"`prompts` {str(path)!r} is not valid JSON ({e.msg}, line {e.lineno}). "
                         "Fix the file.") from None
     if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-        raise UserError(f"--prompts {str(path)!r} must hold one JSON list of prompt strings, as HPDv2's "
+        raise UserError(f"`prompts` {str(path)!r} must hold one JSON list of prompt strings, as HPDv2's "
                         "benchmark files do.")
     return data
 
@@ -155,7 +155,7 @@ def read_parti(path: Path) -> list[Row]:
     reader = csv.reader(lines, delimiter="\t", quoting=csv.QUOTE_NONE)
     header = [c.strip() for c in next(reader, [])]
     if "Prompt" not in header:
-        raise UserError(f"--prompts {str(f)!r}: the first line must be the Parti header "
+        raise UserError(f"`prompts` {str(f)!r}: the first line must be the Parti header "
                         f"({chr(9).join(PARTI_COLUMNS)}), got {chr(9).join(header)[:80]!r}.")
     ip, ic = header.index("Prompt"), header.index("Category") if "Category" in header else None
     rows: list[Row] = []
@@ -187,9 +187,9 @@ def read_pickapic(path: Path) -> list[Row]:
         try:
             schema = pq.read_schema(f)
         except (pa.ArrowInvalid, OSError) as e:
-            raise UserError(f"--prompts {str(f)!r} is not a readable parquet file ({e}).") from None
+            raise UserError(f"`prompts` {str(f)!r} is not a readable parquet file ({e}).") from None
         if "caption" not in schema.names:
-            raise UserError(f"--prompts {str(f)!r} has no 'caption' column (columns: {', '.join(schema.names[:8])}). "
+            raise UserError(f"`prompts` {str(f)!r} has no 'caption' column (columns: {', '.join(schema.names[:8])}). "
                             "Pick-a-Pic test_unique shards have one.")
         for caption in pq.read_table(f, columns=["caption"]).column("caption").to_pylist():
             rows.append((f"{len(rows):05d}", caption or "", ""))
@@ -231,24 +231,24 @@ def load_prompt_set(path: str | Path, fmt: str | None = None, name: str | None =
     """
     p = Path(path).expanduser()
     if fmt is not None and fmt not in FORMATS:
-        raise UserError(f"--prompt-format {fmt!r} is not one of {', '.join(FORMATS)}. Pick one, or leave it out "
+        raise UserError(f"`prompt_format` {fmt!r} is not one of {', '.join(FORMATS)}. Pick one, or leave it out "
                         "to detect the format from the file.")
     if not p.exists():
-        raise UserError(f"--prompts {str(p)!r} does not exist. Pass a prompt file or a prompt-set folder.")
+        raise UserError(f"`prompts` {str(p)!r} does not exist. Pass a prompt file or a prompt-set folder.")
     fmt = fmt or detect_format(p)
     if p.is_dir() and fmt in ("text", "json"):
-        raise UserError(f"--prompts {str(p)!r} is a folder; --prompt-format {fmt} reads one file. Pass the file.")
+        raise UserError(f"`prompts` {str(p)!r} is a folder; `prompt_format` {fmt} reads one file. Pass the file.")
     rows = [(pid, prompt.strip(), cat) for pid, prompt, cat in READERS[fmt](p) if prompt and prompt.strip()]
     if not rows:
-        raise UserError(f"--prompts {str(p)!r} holds no prompt (read as {fmt}). Check the file, or pass "
-                        "--prompt-format.")
+        raise UserError(f"`prompts` {str(p)!r} holds no prompt (read as {fmt}). Check the file, or pass "
+                        "`prompt_format`.")
     name = name or default_set_name(p, fmt)
     if not _SET_NAME.match(name):
-        raise UserError(f"--set {name!r} is not a valid set name. Use letters, digits, '.', '_' or '-' (max 64).")
+        raise UserError(f"`set_name` {name!r} is not a valid set name. Use letters, digits, '.', '_' or '-' (max 64).")
     ids = [r[0] for r in rows]
     if len(set(ids)) != len(ids):  # only possible when two files share a stem
         dup = next(i for i in ids if ids.count(i) > 1)
-        raise UserError(f"--prompts {str(p)!r}: prompt id {dup!r} occurs twice. Remove the duplicate file.")
+        raise UserError(f"`prompts` {str(p)!r}: prompt id {dup!r} occurs twice. Remove the duplicate file.")
     table = pa.table({"set": [name] * len(rows), "prompt_id": ids, "prompt": [r[1] for r in rows],
                       "category": [r[2] for r in rows]}, schema=prompts_schema.SCHEMA)
     return PromptSet(name=name, format=fmt, source=str(p.absolute()), table=table)
@@ -272,12 +272,12 @@ def write_shapes_prompts(out: str | Path, n: int, seed: int = 0) -> Path:
     ``Note`` (empty). The same ``n`` and ``seed`` give a byte-identical file.
     """
     if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= 2000:
-        raise UserError(f"--n must be an integer from 1 to 2000 for --kind prompts, got {n!r}. Pass e.g. --n 60.")
+        raise UserError(f"`n` must be an integer from 1 to 2000, got {n!r}. Pass e.g. 60.")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UserError(f"--seed must be an integer >= 0, got {seed!r}. Pass e.g. --seed 0.")
+        raise UserError(f"`seed` must be an integer >= 0, got {seed!r}. Pass e.g. 0.")
     out_dir = Path(out).expanduser()
     if out_dir.exists() and not out_dir.is_dir():
-        raise UserError(f"--out {str(out_dir)!r} exists and is not a folder. Pass a folder path.")
+        raise UserError(f"`out` {str(out_dir)!r} exists and is not a folder. Pass a folder path.")
     rng = np.random.default_rng([seed, 7])
     seen: dict[str, str] = {}
     while len(seen) < n:

@@ -58,7 +58,7 @@ def _inline(sql: str, seed: int, n: Optional[int], set_name: str) -> str:
         if m.group(1) == "set":
             return "'" + set_name.replace("'", "''") + "'"
         if n is None:
-            raise UserError("the sample query uses $n but no --n was given. Pass --n N.")
+            raise UserError("the sample query uses $n but no `n` was given. Pass `n`.")
         return str(int(n))
 
     return _PARAM.sub(sub, sql)
@@ -68,20 +68,20 @@ def sample_query(n: Optional[int], seed: int, where: Optional[str] = None, sampl
                  set_name: str = "") -> str:
     """The query that will run, with ``$seed`` / ``$n`` / ``$set`` inlined."""
     if where is not None and sample_sql is not None:
-        raise UserError("pass --where or --sample-sql, not both (--where edits the default query, "
-                        "--sample-sql replaces it).")
+        raise UserError("pass `where` or `sample_sql`, not both (`where` edits the default query, "
+                        "`sample_sql` replaces it).")
     if sample_sql is None:
         if n is None:
-            raise UserError("pass --n N (how many prompts to sample), or --sample-sql FILE.")
+            raise UserError("pass `n` (how many prompts to sample), or `sample_sql` (a file with the query).")
         if where is not None and not where.strip():
-            raise UserError("--where is empty. Pass an SQL predicate over prompts, "
-                            "e.g. --where \"category = 'spatial'\".")
+            raise UserError("`where` is empty. Pass an SQL predicate over prompts, "
+                            "e.g. \"category = 'spatial'\".")
         return _inline(DEFAULT_SAMPLE_SQL.format(where=f"({where})" if where else "TRUE"), seed, n, set_name)
     if not sample_sql.strip():
-        raise UserError("the --sample-sql file is empty. Put one SELECT over `prompts` in it.")
+        raise UserError("the `sample_sql` file is empty. Put one SELECT over `prompts` in it.")
     if n is not None and not re.search(r"\$n\b", sample_sql):
-        raise UserError(f"--n {n} was given but the --sample-sql query does not use $n. Use $n in it "
-                        "(e.g. LIMIT $n) or leave --n out.")
+        raise UserError(f"`n` {n} was given but the `sample_sql` query does not use $n. Use $n in it "
+                        "(e.g. LIMIT $n) or leave `n` out.")
     return _inline(sample_sql, seed, n, set_name)
 
 
@@ -91,9 +91,9 @@ def sample_prompts(prompts: pa.Table, n: Optional[int] = None, seed: int = 0, wh
     import duckdb
 
     if n is not None and (isinstance(n, bool) or n < 1):
-        raise UserError(f"--n must be >= 1, got {n}. Pass the number of prompts to evaluate.")
+        raise UserError(f"`n` must be >= 1, got {n}. Pass the number of prompts to evaluate.")
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise UserError(f"--seed must be an integer >= 0, got {seed!r}.")
+        raise UserError(f"`seed` must be an integer >= 0, got {seed!r}.")
     sets = set(prompts.column("set").to_pylist())
     if len(sets) != 1:
         raise ValueError(f"sample_prompts takes the prompts of one set, got {sorted(sets)}")
@@ -128,8 +128,8 @@ def sample_prompts(prompts: pa.Table, n: Optional[int] = None, seed: int = 0, wh
     if len(set(ids)) != len(ids):
         raise UserError("the sample query returned a prompt_id twice. Use SELECT DISTINCT or fix the query.")
     if not ids:
-        raise UserError("the sample query selected no prompt. Loosen --where, or check the --sample-sql query.")
+        raise UserError("the sample query selected no prompt. Loosen `where`, or check the `sample_sql` query.")
     if n is not None and sample_sql is None and len(ids) < n:
-        raise UserError(f"--n {n} but only {len(ids)} prompt(s) of the set match{' --where' if where else ''}. "
-                        f"Lower --n to at most {len(ids)}.")
+        raise UserError(f"`n` {n} but only {len(ids)} prompt(s) of the set match{' `where`' if where else ''}. "
+                        f"Lower `n` to at most {len(ids)}.")
     return Sample(prompt_ids=ids, categories=[known[i] for i in ids], sql=sql)

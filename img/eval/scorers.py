@@ -121,11 +121,11 @@ def resolve_scorers(names: Sequence[str]) -> list[ScorerSpec]:
     Only looks for files (no torch import), so a missing model fails in well under a second.
     """
     if not names:
-        raise UserError("no scorer given. Pass --scorer pickscore, hpsv2, hpsv2.0 or tiny (repeatable).")
+        raise UserError("no scorer given. Pass `scorer` pickscore, hpsv2, hpsv2.0 or tiny (repeatable).")
     specs: list[ScorerSpec] = []
     for name in names:
         if name not in NAMES:
-            raise UserError(f"--scorer {name!r} is not one of {', '.join(NAMES)}. Pick one of those.")
+            raise UserError(f"`scorer` {name!r} is not one of {', '.join(NAMES)}. Pick one of those.")
         if name == "tiny":
             root, version = tiny_scorer_dir(), f"tiny-{tiny_scorer_fingerprint()[:8]}"
             new = [ScorerSpec("pickscore", version, str(root / "pickscore"), str(root / "clip_vit_h14")),

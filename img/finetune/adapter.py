@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import logging
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +25,6 @@ from img.errors import UserError
 if TYPE_CHECKING:  # pragma: no cover
     from img.models.profiles import Profile
 
-log = logging.getLogger(__name__)
 
 CONFIG_NAME = "adapter_config.json"  # peft's file names
 WEIGHT_NAMES = ("adapter_model.safetensors", "adapter_model.bin")
@@ -43,11 +41,11 @@ def check_adapter_dir(path: str | Path) -> Path:
     """``path`` as an absolute Path if it is a peft adapter folder; ``UserError`` naming it otherwise."""
     folder = Path(path).expanduser()
     if not folder.is_dir():
-        raise UserError(f"--mllm-adapter {str(path)!r} is not a folder. Pass RUN_DIR/adapter of "
+        raise UserError(f"`mllm_adapter` {str(path)!r} is not a folder. Pass RUN_DIR/adapter of "
                         "`img jobs finetune-mllm`.")
     files = adapter_files(folder)
     if not (folder / CONFIG_NAME).is_file() or len(files) < 2:
-        raise UserError(f"--mllm-adapter {str(path)!r} is not a peft adapter folder (needs {CONFIG_NAME} and "
+        raise UserError(f"`mllm_adapter` {str(path)!r} is not a peft adapter folder (needs {CONFIG_NAME} and "
                         f"{WEIGHT_NAMES[0]}). Pass RUN_DIR/adapter of `img jobs finetune-mllm`.")
     return folder.absolute()
 
@@ -79,8 +77,8 @@ def with_mllm_adapter(profile: "Profile", path: str | Path | None) -> "Profile":
     hidden = meta.get("mllm_hidden")
     if hidden is not None and int(hidden) != profile.dims.mllm_hidden:
         raise UserError(
-            f"--mllm-adapter {str(path)!r} was trained on an MLLM of width {hidden} (profile {meta.get('profile')!r}), "
-            f"but profile {profile.name!r} has mllm_hidden {profile.dims.mllm_hidden}. Pass --profile "
+            f"`mllm_adapter` {str(path)!r} was trained on an MLLM of width {hidden} (profile {meta.get('profile')!r}), "
+            f"but profile {profile.name!r} has mllm_hidden {profile.dims.mllm_hidden}. Pass `profile` "
             f"{meta.get('profile')} or an adapter trained for {profile.name!r}."
         )
     return dataclasses.replace(profile, mllm_adapter=str(folder), mllm_adapter_id=adapter_id(folder))

@@ -30,7 +30,6 @@ import binascii
 import hashlib
 import io
 import json
-import logging
 import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
@@ -43,8 +42,6 @@ from img.errors import UserError
 from pipelines.embed import Decode
 from pipelines.source import SourceShard
 from schemas.instructpix2pix import REQUIRED
-
-log = logging.getLogger(__name__)
 
 FORMATS = {".parquet": "parquet", ".jsonl": "jsonl"}
 JSONL_BLOCK_ROWS = 64  # lines per block of a JSONL shard
@@ -109,22 +106,22 @@ def list_edit_shards(data: str | os.PathLike) -> list[EditShard]:
         fs, root = pafs.FileSystem.from_uri(uri)
         info = fs.get_file_info(root)
     except (pa.ArrowInvalid, OSError) as e:
-        raise UserError(f"--data {data!r} cannot be opened ({e}). Pass a folder of InstructPix2Pix shards.") from None
+        raise UserError(f"`data` {data!r} cannot be opened ({e}). Pass a folder of InstructPix2Pix shards.") from None
     if info.type == pafs.FileType.NotFound:
-        raise UserError(f"--data {data!r} does not exist. Pass a folder of InstructPix2Pix parquet or JSONL shards "
+        raise UserError(f"`data` {data!r} does not exist. Pass a folder of InstructPix2Pix parquet or JSONL shards "
                         "(e.g. one written by `img data sample --kind edits --out DIR`).")
     files = [info] if info.type == pafs.FileType.File else [
         f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.type == pafs.FileType.File]
     files = [f for f in files if os.path.splitext(f.path)[1] in FORMATS]
     if not files:
-        raise UserError(f"--data {data!r} holds no *.parquet or *.jsonl files. Pass a folder of InstructPix2Pix "
+        raise UserError(f"`data` {data!r} holds no *.parquet or *.jsonl files. Pass a folder of InstructPix2Pix "
                         "shards (original_prompt, original_image, edit_prompt, edited_prompt, edited_image).")
     prefix = uri.split("://", 1)[0]
     shards = [EditShard(uri=f.path if prefix == "file" else f"{prefix}://{f.path}", name=f.base_name,
                         format=FORMATS[os.path.splitext(f.path)[1]], size=int(f.size or 0),
                         mtime_ns=int(f.mtime_ns or 0)) for f in sorted(files, key=lambda f: f.path)]
     if len({s.name for s in shards}) != len(shards):
-        raise UserError(f"--data {data!r} holds two shards with the same file name; record ids would collide. "
+        raise UserError(f"`data` {data!r} holds two shards with the same file name; record ids would collide. "
                         "Give every shard a unique name.")
     return shards
 
@@ -367,7 +364,7 @@ class EditLoader:
             data, err = image_bytes(rec["original_image"], shard)
             if err or data is None:
                 raise UserError(f"record {self.plan.record_id((b, r))} changed since planning ({err or 'no image'}). "
-                                "Start a new --run-dir on the current data.")
+                                "Start a new `run_dir` on the current data.")
             image = Image.open(io.BytesIO(data)).convert("RGB")
             out.append(EditRecord(self.plan.record_id((b, r)), image, str(rec["edited_prompt"]).strip(),
                                   str(rec["edit_prompt"]).strip()))

@@ -12,6 +12,8 @@ through the IP-Adapter at scale 0.2::
     pipe = IMGPipeline.from_profile("sdxl", aligner="ckpts/")    # folder with aligner_sdxl.pth
     result = pipe("a red circle left of a blue star", seed=3, rounds=2)
     result.initial, result.images[-1], result.timings()          # PIL images; seconds per stage
+    pipe("a red circle", seed=3, steps=20, ip_scale=0.3)         # any GenerationSettings field overrides
+    pipe("a red circle", seed=3, settings=GenerationSettings(steps=20))   # the same, as one object
 
 Plug-in: wrap a pipeline you already built (e.g. the SDXL-DPO UNet swapped in,
 offloading enabled). The IP-Adapter of the profile is loaded into it when it
@@ -71,6 +73,7 @@ true CFG from the first step; ``true_cfg_scale`` defaults to 3.5 for FLUX here.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import time
@@ -84,8 +87,7 @@ import torch
 from img.aligner import CONFIG_NAME, ImplicitAligner, load_official_checkpoint
 from img.errors import UserError
 from img.features import GuidanceEncoder, IPTokenEncoder
-from img.logs import quiet_logger
-from img.models.loading import load_flux_pipeline, load_sdxl_pipeline, locate
+from img.models.loading import ip_projection_from_state, load_flux_pipeline, load_ip_adapter_weights, load_sdxl_pipeline
 from img.models.profiles import Profile, get_profile
 from img.questions import load_questions, question_for
 
@@ -134,8 +136,8 @@ def load_aligner(profile: Profile, source: AlignerSource = None, seed: int = 0) 
     if source is None:
         if not profile.tiny:
             raise UserError(
-                f"profile {profile.name!r} needs a trained aligner: pass --aligner PATH (a folder from "
-                f"`img jobs train` (<run-dir>/aligner), or the released aligner_{profile.family}.pth or its folder)."
+                f"profile {profile.name!r} needs a trained aligner: pass `aligner`, a folder from "
+                f"`img jobs train` (<run-dir>/aligner), or the released aligner_{profile.family}.pth or its folder."
             )
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -143,7 +145,7 @@ def load_aligner(profile: Profile, source: AlignerSource = None, seed: int = 0) 
         return model.float().eval(), "fresh"
     path = Path(source).expanduser()
     if not path.exists():
-        raise UserError(f"--aligner {str(path)!r} does not exist. Pass an aligner checkpoint file or folder.")
+        raise UserError(f"`aligner` {str(path)!r} does not exist. Pass an aligner checkpoint file or folder.")
     if path.is_dir():
 
         if (path / CONFIG_NAME).is_file():
@@ -153,7 +155,7 @@ def load_aligner(profile: Profile, source: AlignerSource = None, seed: int = 0) 
             released = path / f"aligner_{profile.family}.pth"
             if not released.is_file():
                 raise UserError(
-                    f"--aligner folder {str(path)!r} has neither {CONFIG_NAME} (a save_pretrained folder) nor "
+                    f"`aligner` folder {str(path)!r} has neither {CONFIG_NAME} (a save_pretrained folder) nor "
                     f"{released.name} (the released checkpoint for {profile.family}). Point at one of those."
                 )
             model = load_official_checkpoint(released, profile.aligner_config())
@@ -165,18 +167,17 @@ def load_aligner(profile: Profile, source: AlignerSource = None, seed: int = 0) 
 RELEASED_RESAMPLER = "resampler.pth"  # the authors' standalone IP-Adapter Plus resampler (SDXL)
 
 
-class _NoUNet:
-    """Stand-in ``self`` for diffusers' key converter (read only when low_cpu_mem_usage=True)."""
-
-    device = "cpu"
-    dtype = None
+def released_resampler(aligner: AlignerSource, profile: Profile) -> Optional[Path]:
+    """The released ``resampler.pth`` next to ``aligner_sdxl.pth``, when ``aligner`` is such a folder (SDXL)."""
+    if not isinstance(aligner, (str, Path)) or profile.family != "sdxl":
+        return None
+    found = Path(aligner).expanduser() / RELEASED_RESAMPLER
+    return found if found.is_file() else None
 
 
 def load_resampler(path: str | Path, device: Any = "cpu", dtype: Any = torch.float32) -> torch.nn.Module:
     """The released ``resampler.pth`` (original IP-Adapter ``Resampler`` keys, optional ``module.`` prefix) as the
     diffusers ``IPAdapterPlusImageProjection`` that ``IPTokenEncoder.projection`` is, via diffusers' converter."""
-    from diffusers.loaders.unet import UNet2DConditionLoadersMixin
-
     p = Path(path)
     try:
         sd = torch.load(str(p), map_location="cpu", weights_only=True)
@@ -186,61 +187,62 @@ def load_resampler(path: str | Path, device: Any = "cpu", dtype: Any = torch.flo
         ) from None
     sd = {(k[len("module."):] if k.startswith("module.") else k): v for k, v in sd.items()}
     try:
-        proj = UNet2DConditionLoadersMixin._convert_ip_adapter_image_proj_to_diffusers(_NoUNet(), sd,
-                                                                                        low_cpu_mem_usage=False)
+        proj = ip_projection_from_state(sd, "plus")
     except Exception as e:
         raise UserError(f"{str(p)!r} is not an IP-Adapter Plus resampler ({type(e).__name__}: {e}).") from None
     return proj.to(device=device, dtype=dtype).eval()
 
 
 # ----------------------------------------------------------------------------- results
-@dataclass
+@dataclass(frozen=True)
 class GenerationSettings:
-    """Everything that must match between the initial image and its regenerations."""
+    """Everything that must match between the initial image and its regenerations: the one carrier of
+    generation settings (``img infer``, ``img serve`` and ``IMGPipeline`` all pass one of these).
 
-    steps: int
-    guidance_scale: float  # SDXL: CFG; FLUX: distilled guidance
-    ip_scale: float  # IP-Adapter scale at regeneration
-    passes: int  # aligner passes
+    A field left ``None`` takes the profile's value (SDXL 50 steps, CFG 7.5; FLUX 30 steps, guidance 3.5 and
+    true CFG 3.5; IP scale 0.2; 3 aligner passes; the profile's image size)::
+
+        s = GenerationSettings(steps=20)                   # partial: the rest from the profile
+        s.resolve(get_profile("tiny"))                     # every field filled in, validated
+        s.override(ip_scale=0.3, passes=None)              # None leaves a field as it is
+    """
+
+    steps: Optional[int] = None
+    guidance_scale: Optional[float] = None  # SDXL: CFG; FLUX: distilled guidance
+    ip_scale: Optional[float] = None  # IP-Adapter scale at regeneration
+    passes: Optional[int] = None  # aligner passes
     negative_prompt: str = ""  # "" = none (SDXL then zeroes the negative text embeddings, as the release does)
-    true_cfg_scale: float = 1.0  # FLUX only: true CFG with the negative prompt and black-image tokens
-    height: int = 1024
-    width: int = 1024
+    true_cfg_scale: Optional[float] = None  # FLUX only: true CFG with the negative prompt and black-image tokens
+    height: Optional[int] = None
+    width: Optional[int] = None
+
+    def override(self, **changes: Any) -> "GenerationSettings":
+        """A copy with every non-None value of ``changes`` set (an unknown name is a ``TypeError``)."""
+        return dataclasses.replace(self, **{k: v for k, v in changes.items() if v is not None})
+
+    def resolve(self, profile: Profile) -> "GenerationSettings":
+        """Every ``None`` field from ``profile``, then validated: the settings a generation runs with."""
+        defaults = dict(steps=profile.steps, guidance_scale=profile.guidance_scale, ip_scale=profile.ip_scale,
+                        passes=profile.aligner_passes,
+                        true_cfg_scale=FLUX_TRUE_CFG if profile.family == "flux" else 1.0,
+                        height=profile.dims.image_size, width=profile.dims.image_size)
+        return dataclasses.replace(self, **{k: v for k, v in defaults.items() if getattr(self, k) is None}).validate()
 
     def validate(self) -> "GenerationSettings":
+        """``self``, or ``UserError`` naming the first value out of range."""
         if self.steps < 1:
-            raise UserError(f"--steps must be >= 1, got {self.steps}. The paper uses 50 (SDXL) / 30 (FLUX).")
+            raise UserError(f"`steps` must be >= 1, got {self.steps}. The paper uses 50 (SDXL) / 30 (FLUX).")
         if self.guidance_scale < 0:
-            raise UserError(f"--guidance-scale must be >= 0, got {self.guidance_scale}.")
+            raise UserError(f"`guidance_scale` must be >= 0, got {self.guidance_scale}.")
         if self.ip_scale < 0:
-            raise UserError(f"--ip-scale must be >= 0, got {self.ip_scale}. The paper uses 0.2.")
+            raise UserError(f"`ip_scale` must be >= 0, got {self.ip_scale}. The paper uses 0.2.")
         if self.passes < 0:
-            raise UserError(f"--passes must be >= 0, got {self.passes}. The paper uses 3.")
+            raise UserError(f"`passes` must be >= 0, got {self.passes}. The paper uses 3.")
         if self.true_cfg_scale < 0:
             raise UserError(f"true_cfg_scale must be >= 0, got {self.true_cfg_scale}.")
         if self.height < 8 or self.width < 8:
             raise UserError(f"image size must be at least 8 px, got {self.width}x{self.height}.")
         return self
-
-
-def default_settings(profile: Profile, **overrides: Any) -> GenerationSettings:
-    """The profile's settings (SDXL 50 steps, CFG 7.5; FLUX 30 steps, guidance 3.5; IP 0.2; 3 passes)
-    with any non-None override applied, validated."""
-    s = GenerationSettings(
-        steps=profile.steps,
-        guidance_scale=profile.guidance_scale,
-        ip_scale=profile.ip_scale,
-        passes=profile.aligner_passes,
-        true_cfg_scale=FLUX_TRUE_CFG if profile.family == "flux" else 1.0,
-        height=profile.dims.image_size,
-        width=profile.dims.image_size,
-    )
-    for key, value in overrides.items():
-        if not hasattr(s, key):
-            raise TypeError(f"unknown generation setting {key!r}")
-        if value is not None:
-            setattr(s, key, value)
-    return s.validate()
 
 
 @dataclass
@@ -373,9 +375,7 @@ class IMGPipeline:
         ip = IPTokenEncoder(prof, device, dtype)
         guidance = GuidanceEncoder(prof, mllm_device if mllm_device is not None else device, dtype)
         pipe = cls(base_pipe, ip, guidance, model, prof, aligner_id=aid, device=device, questions=questions)
-        if resampler is None and isinstance(aligner, (str, Path)) and prof.family == "sdxl":
-            found = Path(aligner).expanduser() / RELEASED_RESAMPLER
-            resampler = found if found.is_file() else None
+        resampler = resampler if resampler is not None else released_resampler(aligner, prof)
         if resampler is not None:
             pipe.use_released_resampler(resampler)
         return pipe
@@ -400,15 +400,8 @@ class IMGPipeline:
         hid = getattr(den, "encoder_hid_proj", None)
         if not isinstance(hid, MultiIPAdapterImageProjection):
             self._base_procs = dict(den.attn_processors)  # the exact processors of the base model
-            w = locate(self.profile, "ip_weights").path
-            log.info("loading IP-Adapter %s into the %s", w, type(den).__name__)
-            with quiet_logger("diffusers"):
-                if self.profile.family == "flux":
-                    self.pipe.load_ip_adapter(str(w.parent), weight_name=w.name,
-                                              image_encoder_pretrained_model_name_or_path=None, local_files_only=True)
-                else:
-                    self.pipe.load_ip_adapter(str(w.parent), subfolder="", weight_name=w.name,
-                                              image_encoder_folder=None, local_files_only=True)
+            log.info("loading the IP-Adapter of profile %s into the %s", self.profile.name, type(den).__name__)
+            load_ip_adapter_weights(self.pipe, self.profile)
             hid = den.encoder_hid_proj
         layers = hid.image_projection_layers
         if len(layers) != 1:
@@ -495,14 +488,14 @@ class IMGPipeline:
             den.set_attn_processor(procs)
 
     # ------------------------------------------------------------------ stages
-    def settings(self, **overrides: Any) -> GenerationSettings:
-        """The profile's defaults with overrides (``steps``, ``guidance_scale``, ``ip_scale``, ``passes``, ...).
-
-        ``passes`` defaults to the aligner's own ``config.passes`` (recorded in its config.json by training;
-        the profile's 3 for released checkpoints)."""
-        if overrides.get("passes") is None:
-            overrides = {**overrides, "passes": self.aligner.config.passes}
-        return default_settings(self.profile, **overrides)
+    def settings(self, settings: Optional[GenerationSettings] = None, **overrides: Any) -> GenerationSettings:
+        """``settings`` (default: all the profile's) with any non-None ``GenerationSettings`` field of
+        ``overrides`` applied, resolved against the profile and validated. ``passes`` left unset is the
+        aligner's own ``config.passes`` (recorded in its config.json by training; 3 for released checkpoints)."""
+        s = (settings or GenerationSettings()).override(**overrides)
+        if s.passes is None:
+            s = s.override(passes=self.aligner.config.passes)
+        return s.resolve(self.profile)
 
     def unconditional_tokens(self) -> torch.Tensor:
         """(1, N, D) negative image tokens (cached)."""
@@ -537,7 +530,7 @@ class IMGPipeline:
     def generate_base(self, prompt: str, seed: int, settings: Optional[GenerationSettings] = None,
                       on_step: Optional[StepCallback] = None) -> Any:
         """The base model's image for ``prompt`` and ``seed`` (IP-Adapter off)."""
-        s = settings or self.settings()
+        s = self.settings(settings)
         with self._ip_adapter_off():
             return self._call_pipe(prompt, seed, s, "base", on_step)
 
@@ -564,7 +557,7 @@ class IMGPipeline:
     def regenerate(self, prompt: str, tokens: torch.Tensor, seed: int, settings: Optional[GenerationSettings] = None,
                    on_step: Optional[StepCallback] = None) -> Any:
         """The image for ``prompt`` and ``seed`` conditioned on post-projection ``tokens`` (1, N, D)."""
-        s = settings or self.settings()
+        s = self.settings(settings)
         d = self.profile.dims
         if tokens.ndim != 3 or tuple(tokens.shape[1:]) != (d.ip_tokens, d.ip_dim):
             raise ValueError(f"tokens must be (B, {d.ip_tokens}, {d.ip_dim}), got {tuple(tokens.shape)}")
@@ -586,23 +579,20 @@ class IMGPipeline:
         seed: int = 0,
         rounds: int = 1,
         *,
-        steps: Optional[int] = None,
-        guidance_scale: Optional[float] = None,
-        ip_scale: Optional[float] = None,
-        passes: Optional[int] = None,
-        negative_prompt: Optional[str] = None,
-        true_cfg_scale: Optional[float] = None,
-        height: Optional[int] = None,
-        width: Optional[int] = None,
+        settings: Optional[GenerationSettings] = None,
         on_step: Optional[StepCallback] = None,
+        **overrides: Any,
     ) -> IMGResult:
-        """Initial image, then ``rounds`` x (analysis of the latest image -> alignment -> regeneration)."""
+        """Initial image, then ``rounds`` x (analysis of the latest image -> alignment -> regeneration).
+
+        ``settings`` and ``overrides`` (``GenerationSettings`` fields: ``steps``, ``ip_scale``, ...) as in
+        ``IMGPipeline.settings``; the profile fills in the rest.
+        """
         if not isinstance(prompt, str) or not prompt.strip():
             raise UserError(f"prompt {prompt!r} is empty. Pass a non-empty text prompt.")
         if rounds < 0:
-            raise UserError(f"--rounds must be >= 0, got {rounds}. 1 is the paper's setting.")
-        s = self.settings(steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale, passes=passes,
-                          negative_prompt=negative_prompt, true_cfg_scale=true_cfg_scale, height=height, width=width)
+            raise UserError(f"`rounds` must be >= 0, got {rounds}. 1 is the paper's setting.")
+        s = self.settings(settings, **overrides)
         t0 = time.perf_counter()
         image = self.generate_base(prompt, seed, s, on_step)
         result = IMGResult(prompt, seed, s, image, time.perf_counter() - t0)

@@ -19,6 +19,13 @@ are on disk. Python::
     from img.inference.infer import run_infer
     summary = run_infer(["a red circle"], "tiny", "out", seed=3, rounds=2, lake="lake")
     summary = run_infer(["a red circle"], "tiny", "out", questions="edit_instructions.json")
+    summary = run_infer(["a red circle"], "tiny", "out", settings=GenerationSettings(steps=20, passes=1))
+
+``run_infer`` is three steps, usable one by one::
+
+    plan = validate(["a red circle"], "tiny", "out", seed=3)   # every check; UserError before any write
+    pipe = load(plan)                                          # the models
+    run_id, seconds = run(plan, pipe)                          # PNGs (+ rows with lake=...)
 """
 from __future__ import annotations
 
@@ -36,13 +43,14 @@ from typing import Any, Optional
 
 from img.errors import UserError
 from img.finetune.adapter import with_mllm_adapter
-from img.inference.generation import RELEASED_RESAMPLER, IMGPipeline, default_settings, load_aligner
+from img.inference.generation import GenerationSettings, IMGPipeline, load_aligner, released_resampler
 from img.lake.lock import writer_lock
 from img.lake.tables import append_rows, open_table, table_uri
 from img.logs import quiet_loading, quiet_logger
 from img.models.loading import locate
-from img.models.profiles import get_profile
+from img.models.profiles import Profile, get_profile
 from img.paths import check_lake_folder, check_writable_folder
+from img.progress import progress_bars
 from img.questions import resolve_questions
 from schemas import generations
 from schemas.meta import read_provenance, with_provenance
@@ -64,31 +72,31 @@ class InferConfig:
 def read_prompts(prompt: Optional[str] = None, prompts_file: Optional[str | Path] = None) -> list[str]:
     """The prompts of ``--prompt`` or ``--prompts`` (exactly one of them); ``UserError`` if none is usable."""
     if (prompt is None) == (prompts_file is None):
-        raise UserError("pass exactly one of --prompt TEXT or --prompts FILE.")
+        raise UserError("pass exactly one of `prompt` (a text) or `prompts_file` (a file of prompts).")
     if prompt is not None:
         if not prompt.strip():
-            raise UserError("--prompt is empty. Pass a non-empty text prompt, e.g. --prompt \"a red circle\".")
+            raise UserError("`prompt` is empty. Pass a non-empty text prompt, e.g. \"a red circle\".")
         return [prompt.strip()]
     path = Path(prompts_file).expanduser()  # type: ignore[arg-type]
     if not path.is_file():
-        raise UserError(f"--prompts {str(path)!r} is not a file. Pass a text file with one prompt per line.")
+        raise UserError(f"`prompts_file` {str(path)!r} is not a file. Pass a text file with one prompt per line.")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"--prompts {str(path)!r} cannot be read as UTF-8 text ({e}).") from None
+        raise UserError(f"`prompts_file` {str(path)!r} cannot be read as UTF-8 text ({e}).") from None
     if path.suffix.lower() == ".json":
         try:
             data = json.loads(text)
         except json.JSONDecodeError as e:
-            raise UserError(f"--prompts {str(path)!r} is not valid JSON ({e}). Use a JSON list of strings.") from None
+            raise UserError(f"`prompts_file` {str(path)!r} is not valid JSON ({e}). Use a JSON list of strings.") from None
         if not isinstance(data, list) or not all(isinstance(x, str) for x in data):
-            raise UserError(f"--prompts {str(path)!r} must hold a JSON list of strings.")
+            raise UserError(f"`prompts_file` {str(path)!r} must hold a JSON list of strings.")
         lines = data
     else:
         lines = text.splitlines()
     prompts = [p.strip() for p in lines if p.strip()]
     if not prompts:
-        raise UserError(f"--prompts {str(path)!r} has no non-empty prompt. Put one prompt per line.")
+        raise UserError(f"`prompts_file` {str(path)!r} has no non-empty prompt. Put one prompt per line.")
     return prompts
 
 
@@ -107,8 +115,8 @@ def check_out_dir(out: Path) -> list[Path]:
     """Create ``out`` if needed once a write probe proved it writable; returns the folders created (for clean-up)."""
     out = Path(out).expanduser()
     if out.exists() and not out.is_dir():
-        raise UserError(f"--out {str(out)!r} exists and is not a folder. Pass a folder path.")
-    check_writable_folder(out, "--out")
+        raise UserError(f"`out` {str(out)!r} exists and is not a folder. Pass a folder path.")
+    check_writable_folder(out, "`out`")
     created: list[Path] = []
     p = out.absolute()
     while not p.exists():
@@ -136,7 +144,7 @@ def check_lake(lake: str) -> None:
     try:
         ds = open_table(lake, "generations")
     except Exception as e:  # a broken table
-        raise UserError(f"{table_uri(lake, 'generations')} cannot be opened ({e}). Use another --lake.") from None
+        raise UserError(f"{table_uri(lake, 'generations')} cannot be opened ({e}). Use another `lake`.") from None
     if ds is None:
         return
     have = read_provenance(ds.schema)["schema_version"]
@@ -145,7 +153,7 @@ def check_lake(lake: str) -> None:
     if have != generations.VERSION or not have_schema.equals(want_schema):
         raise UserError(
             f"{table_uri(lake, 'generations')} has generations schema v{have}, this img writes "
-            f"v{generations.VERSION}. Use another --lake, or move the old table away."
+            f"v{generations.VERSION}. Use another `lake`, or move the old table away."
         )
 
 
@@ -210,47 +218,34 @@ class InferSummary:
 
 # ----------------------------------------------------------------------------- the job
 class _Progress:
-    """A rich progress bar over prompts and, below it, the diffusion steps of the current image."""
+    """Progress bars (``img.progress``) over prompts and, below it, the diffusion steps of the current image."""
 
     def __init__(self, n_prompts: int, steps: int, rounds: int, enabled: bool) -> None:
-        self.enabled = enabled
         self.per_prompt = steps * (1 + rounds)
-        if not enabled:
-            return
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
-        self.bar = Progress(TextColumn("{task.description:<28}"), BarColumn(), MofNCompleteColumn(),
-                            TimeElapsedColumn(), console=Console(stderr=True), transient=False)
+        self.bar = progress_bars(enabled, width=28)
         self.prompts = self.bar.add_task("prompts", total=n_prompts)
         self.steps = self.bar.add_task("diffusion steps", total=self.per_prompt)
         self.round = 0
 
     def __enter__(self) -> "_Progress":
-        if self.enabled:
-            self.bar.start()
+        self.bar.__enter__()
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.enabled:
-            self.bar.stop()
+        self.bar.__exit__(*exc)
 
     def start_prompt(self, idx: int, prompt: str) -> None:
-        if self.enabled:
-            self.round = 0
-            self.bar.reset(self.steps, total=self.per_prompt, description="base image")
+        self.round = 0
+        self.bar.reset(self.steps, total=self.per_prompt, description="base image")
 
     def on_step(self, stage: str, step: int, total: int) -> None:
-        if not self.enabled:
-            return
         if stage == "regen" and step == 1:
             self.round += 1
         desc = "base image" if stage == "base" else f"regeneration, round {self.round}"
         self.bar.update(self.steps, advance=1, description=desc)
 
     def end_prompt(self) -> None:
-        if self.enabled:
-            self.bar.advance(self.prompts)
+        self.bar.advance(self.prompts)
 
 
 def _rows(result: Any, idx: int, paths: list[Path], profile: Any, aligner_id: str, run_id: str,
@@ -277,7 +272,7 @@ def resolve_device(device: str) -> str:
     try:
         torch.device(device)
     except RuntimeError:
-        raise UserError(f"--device {device!r} is not a torch device. Use auto, cpu, cuda or cuda:N.") from None
+        raise UserError(f"`device` {device!r} is not a torch device. Use auto, cpu, cuda or cuda:N.") from None
     return device
 
 
@@ -295,6 +290,14 @@ def _set_threads(profile: Any, device: str) -> Optional[int]:
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     return previous
+
+
+def _restore_threads(previous: Optional[int]) -> None:
+    """Undo ``_set_threads``."""
+    if previous is not None:
+        import torch
+
+        torch.set_num_threads(previous)
 
 
 def check_models(profile: Any, aligner: Optional[str | Path]) -> tuple[Any, str]:
@@ -322,12 +325,8 @@ def load_pipeline(profile: Any, aligner: Optional[str | Path], aligner_model: An
     """
     quiet_loading()
     with quiet_logger("transformers"):
-        resampler = None  # the released resampler.pth next to aligner_sdxl.pth
-        if aligner is not None and profile.family == "sdxl" and Path(aligner).expanduser().is_dir():
-            found = Path(aligner).expanduser() / RELEASED_RESAMPLER
-            resampler = found if found.is_file() else None
         return IMGPipeline.from_profile(profile, aligner=aligner_model, device=device, aligner_id=aligner_id,
-                                        resampler=resampler, questions=questions)
+                                        resampler=released_resampler(aligner, profile), questions=questions)
 
 
 def save_generation(result: Any, prompt_idx: int, out_dir: Path, *, profile: Any, aligner_id: str, run_id: str,
@@ -358,6 +357,87 @@ def save_generation(result: Any, prompt_idx: int, out_dir: Path, *, profile: Any
     return paths
 
 
+# ----------------------------------------------------------------------------- validate / load / run
+@dataclass
+class InferPlan:
+    """What ``img infer`` will do, checked by ``validate`` before anything is written."""
+
+    prompts: list[str]
+    profile: Profile
+    settings: GenerationSettings  # resolved against the profile
+    seed: int
+    rounds: int
+    device: str
+    aligner: Optional[str | Path]  # the user's source: an SDXL folder may hold the released resampler.pth
+    aligner_model: Any  # the loaded ImplicitAligner
+    aligner_id: str
+    questions: Optional[tuple[str, ...]]  # None = our own pool
+    out_dir: Path
+    created: list[Path]  # folders made for out_dir, removed again if nothing gets written
+    lake: Optional[str]
+
+
+def validate(prompts: list[str], profile: str, out: str | Path, *, aligner: Optional[str | Path] = None,
+             seed: int = 0, rounds: int = 1, lake: Optional[str] = None,
+             settings: Optional[GenerationSettings] = None, device: str = "cpu",
+             questions: Optional[str | Path] = None, mllm_adapter: Optional[str | Path] = None) -> InferPlan:
+    """Everything a user can get wrong, cheapest first; ``UserError`` before anything is written.
+
+    Loads the aligner (its dims are checked) and creates ``out`` once a write probe passed. ``mllm_adapter``:
+    a fine-tuned MLLM adapter (``img jobs finetune-mllm``) used in place of the profile's MLLM.
+    """
+    if not prompts or any(not p.strip() for p in prompts):
+        raise UserError("a prompt is empty. Pass non-empty prompts (`prompt` or `prompts_file`).")
+    if rounds < 0:
+        raise UserError(f"`rounds` must be >= 0, got {rounds}. 1 is the paper's setting.")
+    prof = with_mllm_adapter(get_profile(profile), mllm_adapter)
+    pool = resolve_questions(questions)
+    dev = resolve_device(device)
+    aligner_model, aid = check_models(prof, aligner)
+    wanted = settings or GenerationSettings()
+    if wanted.passes is None:  # the aligner's own pass count (its config.json), unless --passes overrides it
+        wanted = wanted.override(passes=aligner_model.config.passes)
+    resolved = wanted.resolve(prof)
+    if lake is not None:
+        check_lake(str(lake))
+    out_dir = Path(out).expanduser()
+    created = check_out_dir(out_dir)
+    return InferPlan(list(prompts), prof, resolved, seed, rounds, dev, aligner, aligner_model, aid, pool, out_dir,
+                     created, str(lake) if lake is not None else None)
+
+
+def load(plan: InferPlan) -> IMGPipeline:
+    """The plan's ``IMGPipeline``; ``plan.aligner_id`` becomes the pipeline's (a released resampler adds to it)."""
+    pipe = load_pipeline(plan.profile, plan.aligner, plan.aligner_model, plan.aligner_id, plan.device,
+                         questions=plan.questions)
+    plan.aligner_id = pipe.aligner_id
+    return pipe
+
+
+def run(plan: InferPlan, pipe: IMGPipeline, *, progress: bool = True, break_lock: bool = False,
+        written: Optional[list[str]] = None) -> tuple[str, dict[str, float]]:
+    """Each prompt in turn: generate, write its PNGs, append its rows. Returns (run id, seconds per stage).
+
+    ``written`` collects every file as it lands; ``break_lock`` applies to the first write only.
+    """
+    run_id = uuid.uuid4().hex[:12]
+    model_ids = json.dumps(plan.profile.model_ids(), sort_keys=True)
+    stages = {k: 0.0 for k in STAGES}
+    with _Progress(len(plan.prompts), plan.settings.steps, plan.rounds, progress) as bar:
+        for idx, prompt in enumerate(plan.prompts):
+            bar.start_prompt(idx, prompt)
+            result = pipe(prompt, seed=plan.seed, rounds=plan.rounds, settings=plan.settings, on_step=bar.on_step)
+            for k, v in result.timings().items():
+                if k in stages:
+                    stages[k] += v
+            save_generation(result, idx, plan.out_dir, profile=plan.profile, aligner_id=plan.aligner_id,
+                            run_id=run_id, model_ids=model_ids, lake=plan.lake, written=written,
+                            break_lock=break_lock)
+            break_lock = False
+            bar.end_prompt()
+    return run_id, stages
+
+
 def run_infer(
     prompts: list[str],
     profile: str,
@@ -367,81 +447,39 @@ def run_infer(
     seed: int = 0,
     rounds: int = 1,
     lake: Optional[str] = None,
-    steps: Optional[int] = None,
-    guidance_scale: Optional[float] = None,
-    ip_scale: Optional[float] = None,
-    passes: Optional[int] = None,
-    negative_prompt: str = "",
+    settings: Optional[GenerationSettings] = None,
     device: str = "cpu",
     progress: bool = True,
     questions: Optional[str | Path] = None,
     break_lock: bool = False,
     mllm_adapter: Optional[str | Path] = None,
 ) -> InferSummary:
-    """Validate everything, load the models, then for each prompt: generate, write PNGs, append rows.
+    """``validate``, ``load``, ``run``: for each prompt the base image and ``rounds`` regenerations, as PNGs and
+    ``generations`` rows.
 
+    ``settings``: the generation settings (None fields, or None: the profile's).
     ``questions``: a JSON file of question templates (``img.questions.load_questions``); None = our pool.
     Each append to ``generations`` holds the lake's writer lock (``break_lock`` applies to the first).
     """
     t_start = time.perf_counter()
-    # 1. everything a user can get wrong, before anything is created
-    if not prompts or any(not p.strip() for p in prompts):
-        raise UserError("a prompt is empty. Pass non-empty prompts (--prompt TEXT or --prompts FILE).")
-    if rounds < 0:
-        raise UserError(f"--rounds must be >= 0, got {rounds}. 1 is the paper's setting.")
-
-    prof = with_mllm_adapter(get_profile(profile), mllm_adapter)  # a fine-tuned MLLM (img jobs finetune-mllm)
-    pool = resolve_questions(questions)
-    settings = default_settings(prof, steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale, passes=passes,
-                                negative_prompt=negative_prompt)
-    dev = resolve_device(device)
-    aligner_model, aid = check_models(prof, aligner)
-    if lake is not None:
-        check_lake(str(lake))
-    out_dir = Path(out).expanduser()
-    created = check_out_dir(out_dir)
-
+    plan = validate(prompts, profile, out, aligner=aligner, seed=seed, rounds=rounds, lake=lake, settings=settings,
+                    device=device, questions=questions, mllm_adapter=mllm_adapter)
     written: list[str] = []
-    threads = _set_threads(prof, dev)
+    threads = _set_threads(plan.profile, plan.device)
     try:
-        # 2. models
         t_load = time.perf_counter()
-        pipe = load_pipeline(prof, aligner, aligner_model, aid, dev, questions=pool)
-        aid = pipe.aligner_id
-        if passes is None:  # the aligner's own pass count (its config.json), unless --passes overrides it
-            settings = pipe.settings(steps=steps, guidance_scale=guidance_scale, ip_scale=ip_scale,
-                                     negative_prompt=negative_prompt)
+        pipe = load(plan)
         load_s = time.perf_counter() - t_load
-        log.info("loaded %s on %s in %.1fs (aligner %s)", prof.name, dev, load_s, aid)
-
-        # 3. generate, one prompt at a time
-        run_id = uuid.uuid4().hex[:12]
-        model_ids = json.dumps(prof.model_ids(), sort_keys=True)
-        stages = {k: 0.0 for k in STAGES}
-        with _Progress(len(prompts), settings.steps, rounds, progress) as bar:
-            for idx, prompt in enumerate(prompts):
-                bar.start_prompt(idx, prompt)
-                result = pipe(prompt, seed=seed, rounds=rounds, steps=settings.steps,
-                              guidance_scale=settings.guidance_scale, ip_scale=settings.ip_scale,
-                              passes=settings.passes, negative_prompt=settings.negative_prompt, on_step=bar.on_step)
-                for k, v in result.timings().items():
-                    if k in stages:
-                        stages[k] += v
-                save_generation(result, idx, out_dir, profile=prof, aligner_id=aid, run_id=run_id,
-                                model_ids=model_ids, lake=lake, written=written, break_lock=break_lock)
-                break_lock = False  # --break-lock applies to the first write only
-                bar.end_prompt()
+        log.info("loaded %s on %s in %.1fs (aligner %s)", plan.profile.name, plan.device, load_s, plan.aligner_id)
+        run_id, stages = run(plan, pipe, progress=progress, break_lock=break_lock, written=written)
     except BaseException:
         if not written:
-            remove_empty(created)
+            remove_empty(plan.created)
         raise
     finally:
-        if threads is not None:
-            import torch
-
-            torch.set_num_threads(threads)
+        _restore_threads(threads)
     return InferSummary(
-        profile=prof.name, aligner_id=aid, prompts=len(prompts), rounds=rounds, images=len(written),
-        out=str(out_dir), lake=str(lake) if lake is not None else None, run_id=run_id,
+        profile=plan.profile.name, aligner_id=plan.aligner_id, prompts=len(plan.prompts), rounds=rounds,
+        images=len(written), out=str(plan.out_dir), lake=plan.lake, run_id=run_id,
         wall_s=time.perf_counter() - t_start, load_s=load_s, stages=stages, files=written,
     )

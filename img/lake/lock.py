@@ -128,7 +128,7 @@ class FileLock:
             return os.open(self.path, os.O_RDWR | os.O_CREAT, 0o664)
         except OSError as e:
             raise UserError(f"cannot create the lake's writer lock {self.path!r} ({e.strerror}). "
-                            "Pass a --lake folder you can write to.") from None
+                            "Pass a `lake` folder you can write to.") from None
 
     def _read_holder(self, fd: int) -> dict | None:
         try:
@@ -157,7 +157,7 @@ class FileLock:
                 holder = _holder_text(info)
                 if break_lock:
                     raise LakeLocked(
-                        f"lake {self.lake} is locked by {holder}. --break-lock does not apply to a local lake: its "
+                        f"lake {self.lake} is locked by {holder}. `break_lock` does not apply to a local lake: its "
                         "lock is released as soon as the holder process exits. Wait for it, or stop that process.")
                 if deadline is not None and time.monotonic() >= deadline:
                     raise LakeLocked(f"lake {self.lake} is locked by {holder}; it was not released within "
@@ -302,7 +302,7 @@ class LeaseLock:
                 break
             if deadline is not None and time.monotonic() >= deadline:
                 raise LakeLocked(f"lake {self.lake} is locked by {_holder_text(rec)}; it was not released within "
-                                 f"{timeout:g}s. Wait for that job to finish, or pass --break-lock if it is stuck.")
+                                 f"{timeout:g}s. Wait for that job to finish, or pass `break_lock` if it is stuck.")
             if not announced:
                 on_wait(f"lake {self.lake} is locked by {_holder_text(rec)}; waiting for it to finish "
                         f"(lease ttl {float(rec.get('ttl', self.ttl)):g}s)")

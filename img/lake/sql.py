@@ -175,14 +175,14 @@ def _source_dataset(source: str):
 
     fix = "Pass the folder that `img data sample --out` wrote."
     if not os.path.exists(source):
-        raise UserError(f"--source {source!r} does not exist. {fix}")
+        raise UserError(f"`source` {source!r} does not exist. {fix}")
     try:
         src = pads.dataset(source, format="parquet")
     except (OSError, pa.ArrowInvalid) as e:
-        raise UserError(f"--source {source!r} is not a folder of parquet files ({str(e).splitlines()[0]}). "
+        raise UserError(f"`source` {source!r} is not a folder of parquet files ({str(e).splitlines()[0]}). "
                         f"{fix}") from None
     if not src.files:
-        raise UserError(f"--source {source!r} holds no parquet files. {fix}")
+        raise UserError(f"`source` {source!r} holds no parquet files. {fix}")
     return src
 
 
@@ -240,13 +240,13 @@ def run_query(lake: str, query: str, as_json: bool = False, source: str | None =
         raise UserError("the SQL query is empty. Pass a query, e.g. img sql \"select * from img_tables\".")
     statements = check_statements(query)  # refused whatever the lake, before anything is opened
     if not lake_mod.is_local(lake):
-        raise UserError(f"--lake {lake!r}: img sql reads local lakes only. Copy the tables or use a local path.")
+        raise UserError(f"`lake` {lake!r}: img sql reads local lakes only. Copy the tables or use a local path.")
     if os.path.exists(lake) and not os.path.isdir(lake):
-        raise UserError(f"--lake {lake!r} is a file, not a lake folder. Pass the folder given to `img jobs embed --lake`.")
+        raise UserError(f"`lake` {lake!r} is a file, not a lake folder. Pass the folder given to `img jobs embed --lake`.")
     if not os.path.isdir(lake):
-        raise UserError(f"--lake {lake!r} does not exist. Pass the folder given to `img jobs embed --lake`.")
+        raise UserError(f"`lake` {lake!r} does not exist. Pass the folder given to `img jobs embed --lake`.")
     if not _MEMORY.match(memory_limit):
-        raise UserError(f"--memory-limit {memory_limit!r} is not a memory size. Pass e.g. --memory-limit 2GB.")
+        raise UserError(f"`memory_limit` {memory_limit!r} is not a memory size. Pass e.g. 2GB.")
     con = connect(lake, query, source, memory_limit)
     try:
         result = None

@@ -81,7 +81,7 @@ def ensure_table(lake: str, name: str, schema: pa.Schema, *, new_table: bool = F
             raise UserError(
                 f"table {table_uri(lake, name)} was made with config fingerprint {have['fingerprint']!r} "
                 f"(schema v{have['schema_version']}), but this job's fingerprint is {want['fingerprint']!r} "
-                f"(schema v{want['schema_version']}){models}. Use the same config, another --lake, or pass --new-table "
+                f"(schema v{want['schema_version']}){models}. Use the same config, another `lake`, or pass `new_table` "
                 f"to start a new version of the table."
             )
         log.warning("replacing %s (fingerprint %s -> %s)", name, have["fingerprint"], want["fingerprint"])

@@ -38,7 +38,7 @@ def parse_age(text: str) -> timedelta:
     """``'90s'``, ``'30m'``, ``'1h'``, ``'7d'`` or plain seconds (``'0'``) -> timedelta."""
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*", str(text))
     if not m:
-        raise UserError(f"--older-than {text!r} is not an age. Use a number with a unit: 90s, 30m, 1h, 7d (or 0).")
+        raise UserError(f"`older_than` {text!r} is not an age. Use a number with a unit: 90s, 30m, 1h, 7d (or 0).")
     return timedelta(seconds=float(m.group(1)) * _UNITS[m.group(2) or "s"])
 
 
@@ -112,13 +112,13 @@ def vacuum(lake: str, older_than: timedelta = timedelta(hours=1), *, dry_run: bo
            break_lock: bool = False, storage_options: dict[str, str] | None = None) -> VacuumReport:
     """Delete unreferenced files older than ``older_than`` from every table of ``lake``, under its writer lock."""
     if older_than < timedelta(0):
-        raise UserError(f"--older-than must be >= 0, got {older_than}.")
+        raise UserError(f"`older_than` must be >= 0, got {older_than}.")
     if lake_mod.is_local(lake):
         import os
 
         path = lake.removeprefix("file://")
         if not os.path.isdir(path):
-            raise UserError(f"--lake {lake!r} is not a lake folder. Pass the folder given to `img jobs embed --lake`.")
+            raise UserError(f"`lake` {lake!r} is not a lake folder. Pass the folder given to `img jobs embed --lake`.")
     report = VacuumReport(lake=str(lake), older_than_s=older_than.total_seconds(), dry_run=dry_run)
     with writer_lock(lake, job="vacuum", break_lock=break_lock, storage_options=storage_options):
         cutoff = datetime.now(timezone.utc) - older_than

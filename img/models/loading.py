@@ -176,20 +176,40 @@ class _NoModel:
     dtype = None
 
 
-def load_ip_projection(profile: Profile, device: Any = "cpu", dtype: Any = None):
-    """The IP-Adapter image projection (Plus resampler, or XLabs linear) from the profile's weights file.
+def ip_projection_from_state(state: dict[str, Any], ip_kind: str = "plus"):
+    """An IP-Adapter image projection module from its original keys, through diffusers' own conversion.
 
-    Uses diffusers' own key conversion (the code ``load_ip_adapter`` runs), without a UNet, so the module
-    equals ``pipe.unet.encoder_hid_proj.image_projection_layers[0]`` after ``load_ip_adapter``.
+    ``ip_kind`` "plus" (h94 IP-Adapter Plus ``Resampler`` keys -> ``IPAdapterPlusImageProjection``) or "xlabs"
+    (XLabs FLUX linear projection -> ``ImageProjection``); the code ``load_ip_adapter`` runs, without a UNet.
     """
-    loc = locate(profile, "ip_weights")
-    state = read_ip_adapter_file(loc.path)["image_proj"]
-    if profile.ip_kind == "xlabs":
+    if ip_kind == "xlabs":
         from diffusers.loaders.transformer_flux import FluxTransformer2DLoadersMixin as Mixin
     else:
         from diffusers.loaders.unet import UNet2DConditionLoadersMixin as Mixin
-    proj = Mixin._convert_ip_adapter_image_proj_to_diffusers(_NoModel(), state, low_cpu_mem_usage=False)
+    return Mixin._convert_ip_adapter_image_proj_to_diffusers(_NoModel(), state, low_cpu_mem_usage=False)
+
+
+def load_ip_projection(profile: Profile, device: Any = "cpu", dtype: Any = None):
+    """The IP-Adapter image projection (Plus resampler, or XLabs linear) from the profile's weights file.
+
+    It equals ``pipe.unet.encoder_hid_proj.image_projection_layers[0]`` after ``load_ip_adapter``.
+    """
+    state = read_ip_adapter_file(locate(profile, "ip_weights").path)["image_proj"]
+    proj = ip_projection_from_state(state, profile.ip_kind)
     return proj.to(device=device, dtype=compute_dtype(profile, device, dtype)).eval()
+
+
+def load_ip_adapter_weights(pipe: Any, profile: Profile) -> None:
+    """The profile's IP-Adapter file into ``pipe`` through diffusers' ``load_ip_adapter`` (no image encoder:
+    ours is loaded separately), offline; SDXL (h94 layout) or FLUX (XLabs)."""
+    w = locate(profile, "ip_weights").path
+    with quiet_logger("diffusers"):  # e.g. a spurious "kept in float32: []" warning
+        if profile.family == "flux":
+            pipe.load_ip_adapter(str(w.parent), weight_name=w.name, image_encoder_pretrained_model_name_or_path=None,
+                                 local_files_only=True)
+        else:
+            pipe.load_ip_adapter(str(w.parent), subfolder="", weight_name=w.name, image_encoder_folder=None,
+                                 local_files_only=True)
 
 
 # ---------------------------------------------------------------- MLLM
@@ -272,10 +292,7 @@ def load_sdxl_pipeline(profile: Profile, device: Any = "cpu", dtype: Any = None,
         locate(profile, "base").path, dtype=dt, local_files_only=True, **kwargs
     )
     if ip_adapter:
-        w = locate(profile, "ip_weights").path
-        with quiet_logger("diffusers.models.modeling_utils"):  # a spurious "kept in float32: []" warning
-            pipe.load_ip_adapter(str(w.parent), subfolder="", weight_name=w.name, image_encoder_folder=None,
-                                 local_files_only=True)
+        load_ip_adapter_weights(pipe, profile)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
@@ -294,8 +311,6 @@ def load_flux_pipeline(profile: Profile, device: Any = "cpu", dtype: Any = None,
         kwargs.update(image_encoder=encoder, feature_extractor=processor)
     pipe = FluxPipeline.from_pretrained(locate(profile, "base").path, dtype=dt, local_files_only=True, **kwargs)
     if ip_adapter:
-        w = locate(profile, "ip_weights").path
-        pipe.load_ip_adapter(str(w.parent), weight_name=w.name, image_encoder_pretrained_model_name_or_path=None,
-                             local_files_only=True)
+        load_ip_adapter_weights(pipe, profile)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)

@@ -58,7 +58,6 @@ profile. Example ``jobs/profiles/sdxl.toml``::
 from __future__ import annotations
 
 import dataclasses
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,7 +71,6 @@ from img.models.tiny import FLAVOURS, IP_ENCODER_SUBFOLDER, IP_WEIGHT_NAME, IP_W
 if TYPE_CHECKING:  # pragma: no cover
     from img.aligner import AlignerConfig
 
-log = logging.getLogger(__name__)
 
 Family = Literal["sdxl", "flux"]
 MLLMKind = Literal["llava", "qwen2_5_vl"]

@@ -60,7 +60,7 @@ def weights_only_load(path: str | Path, map_location: Any = None) -> Any:
         raise UserError(
             f"checkpoint file {str(path)!r} holds {', '.join(names)}, which img does not unpickle "
             f"(only tensors and {', '.join(sorted(allowed))}). It was not written by `img jobs train` with "
-            f"this DeepSpeed version; start a new --run-dir instead of --resume. ({str(e).splitlines()[0]})"
+            f"this DeepSpeed version; start a new `run_dir` instead of `resume`. ({str(e).splitlines()[0]})"
         ) from e
 
 

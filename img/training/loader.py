@@ -5,13 +5,15 @@
         batch.loser, batch.winner    # (B, N, D) torch tensors in the lake dtype (fp16/bf16)
         batch.guidance, batch.mask   # (B, L_max, E) padded per batch, (B, L_max) bool True = valid
         batch.to("cuda", torch.bfloat16)  # pads each row straight into the device tensor
+        batch.release()              # (or `with batch:`) its read buffers go back to the loader
         state = loader.state_dict()  # {epoch, position, ...}: the next batch to be yielded
     loader.load_state_dict(state)    # continue the data order exactly (``--resume``)
 
-Design (reference-facts.md, "Tooling facts"):
+Design:
 - The MLLM guidance is a Lance *blob* column; it is read with the blob API
-  (``read_blobs`` / ``take_blobs``), which reads as fast as a flat memmap, then
-  ``np.frombuffer``. The small image tokens are FixedSizeList columns read with ``take``.
+  (``take_blobs``, or ``read_blobs``) whole into a buffer, then ``np.frombuffer``
+  (no padding on disk; see docs/architecture.md, "Storage layout"). The small image
+  tokens are FixedSizeList columns read with ``take``.
 - The versions of ``features`` and ``pairs`` are pinned when the loader starts
   (and saved in its state), so an embed job appending to the lake never changes
   the order of a running or resumed training run.
@@ -30,7 +32,9 @@ Design (reference-facts.md, "Tooling facts"):
   and dealt round-robin to ranks: shards are disjoint within an epoch.
 - Each blob is read whole (``take_blobs`` + ``readinto``) into a recycled buffer
   (see ``BufferPool``) and wrapped without a copy; padding happens once, fused
-  with the dtype/device copy in ``Batch.to``.
+  with the dtype/device copy in ``Batch.to``. The batch owns its buffers and gives
+  them back to the pool when released (``batch.release()``, ``with batch:``) or
+  garbage-collected, never earlier.
 - Prefetching uses threads (Lance releases the GIL while reading and is not
   fork-safe): one thread assembles up to ``prefetch`` batches ahead and
   ``num_workers`` threads read the blob rows of a batch in parallel
@@ -41,9 +45,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import sys
 import threading
 import warnings
+import weakref
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -81,11 +85,17 @@ class Batch:
     mask (True = valid). ``batch.to(device, dtype)`` pads each row straight into a new tensor of
     the target dtype on the target device, so padding costs no copy beyond the dtype/device copy
     that training needs anyway.
+
+    The guidance rows are views of buffers the batch owns (from the loader's ``BufferPool``).
+    ``release()`` gives them back for the next reads (``with batch:`` does it on exit); a batch
+    dropped without it gives them back when it is garbage-collected. After ``release()`` only what
+    was already padded (or copied by ``to``) stays usable.
     """
 
     def __init__(self, pair_ids: list[str], winner: torch.Tensor, loser: torch.Tensor,
                  guidance_rows: list[np.ndarray] | None, lengths: torch.Tensor, guidance_dim: int,
-                 storage_dtype: torch.dtype = torch.float16, padded: torch.Tensor | None = None) -> None:
+                 storage_dtype: torch.dtype = torch.float16, padded: torch.Tensor | None = None,
+                 buffers: list[bytearray] | None = None, pool: "BufferPool | None" = None) -> None:
         self.pair_ids = pair_ids
         self.winner = winner  # (B, N, D)
         self.loser = loser  # (B, N, D)
@@ -94,6 +104,21 @@ class Batch:
         self.guidance_dim = guidance_dim
         self.storage_dtype = storage_dtype  # float16 or bfloat16
         self._padded = padded
+        self._released = False
+        # the callback holds the buffers, not the batch: it runs once, on release() or when the batch is collected
+        self._give_back = weakref.finalize(self, pool.give_back, buffers) if pool is not None and buffers else None
+
+    def release(self) -> None:
+        """Give the read buffers back to the loader; the guidance rows are gone afterwards (idempotent)."""
+        self._released, self.guidance_rows = True, None
+        if self._give_back is not None:
+            self._give_back()
+
+    def __enter__(self) -> "Batch":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
 
     def __len__(self) -> int:
         return len(self.pair_ids)
@@ -103,6 +128,9 @@ class Batch:
         return int(self.lengths.max()) if len(self.lengths) else 0
 
     def _pad_into(self, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
+        if self._released:
+            raise RuntimeError("this batch was released: its guidance rows went back to the loader; "
+                               "pad (batch.guidance) or copy (batch.to) before release()")
         out = torch.zeros(len(self), self.max_len, self.guidance_dim, dtype=dtype, device=device)
         with warnings.catch_warnings():
             # the rows wrap the immutable bytes Lance returned (no copy); they are only read here
@@ -137,7 +165,7 @@ def lake_dims(ds: Any, uri: str = "features") -> LakeDims:
     if missing:
         raise UserError(
             f"{uri} has no {missing} in its schema metadata (img.extra). It was not written by `img jobs embed`; "
-            "re-run the embed job into a fresh --lake."
+            "re-run the embed job into a fresh `lake`."
         )
     dtype = str(extra.get("dtype", "float16"))
     if dtype not in ("float16", "bfloat16"):
@@ -183,7 +211,7 @@ def open_features(lake: str, version: int | None = None):
     if ds is None:
         raise UserError(
             f"no features table at {lake_mod.table_uri(lake, 'features')}. "
-            f"Run `img jobs embed --lake {lake} ...` first, or pass the --lake that holds it."
+            f"Run `img jobs embed --lake {lake} ...` first, or pass the `lake` that holds it."
         )
     if version is not None and version != ds.version:
         ds = lance.dataset(lake_mod.table_uri(lake, "features"), version=version)
@@ -193,40 +221,45 @@ def open_features(lake: str, version: int | None = None):
 class BufferPool:
     """Reusable bytearrays for blob reads (``BlobFile.readinto`` needs a bytearray).
 
-    A fresh bytearray costs a zero-fill as large as the read itself; recycling them
-    removes that. A buffer is handed out again only when nothing else references
-    it: an array made with ``np.frombuffer`` keeps its buffer alive, so a batch
-    still in use (or kept by the caller) never has its memory overwritten.
+    A fresh bytearray costs a zero-fill as large as the read itself; recycling them removes that.
+    Ownership is explicit: ``get`` hands a buffer out and the pool forgets it until ``give_back``
+    returns it, so a buffer still in use (a batch being trained on, or kept by the caller) is never
+    handed out twice. At most ``max_free`` idle buffers are kept.
+
+        pool = BufferPool(max_free=4)
+        buf = pool.get(1 << 20)   # at least 1 MiB, yours until you give it back
+        pool.give_back([buf])     # the next get() of a similar size reuses it
     """
 
     def __init__(self, max_free: int = 64) -> None:
-        self._bufs: list[bytearray] = []
-        self._lock = threading.Lock()
+        self._free: list[bytearray] = []
+        self._lock = threading.RLock()  # RLock: a batch collected while get() holds it gives back safely
         self.max_free = max_free
-        self.allocated = 0
-        probe = [bytearray(1)]
-        for b in probe:  # the count an unreferenced buffer shows inside the same loop shape as get()
-            self._free_refs = sys.getrefcount(b)
+        self.allocated = 0  # buffers created so far
+        self.out = 0  # buffers handed out and not given back
 
     def get(self, size: int) -> bytearray:
-        """A buffer of at least ``size`` bytes (at most about twice that) that nothing else uses."""
+        """An idle buffer of at least ``size`` bytes (at most about twice that), or a new one."""
         with self._lock:
-            idle, i = [], 0
-            for b in self._bufs:
-                if sys.getrefcount(b) == self._free_refs:
-                    if size <= len(b) <= 2 * size + (1 << 20):
-                        return b
-                    idle.append(i)
-                i += 1
-            if len(idle) >= self.max_free:  # bound memory: drop an idle buffer that does not fit
-                del self._bufs[idle[0]]
-            buf = bytearray(max(size, 1))
-            self._bufs.append(buf)
+            self.out += 1
+            for i, b in enumerate(self._free):
+                if size <= len(b) <= 2 * size + (1 << 20):
+                    return self._free.pop(i)
+            if len(self._free) >= self.max_free:  # bound memory: drop the oldest idle buffer (none fits)
+                del self._free[0]
             self.allocated += 1
-            return buf
+        return bytearray(max(size, 1))
+
+    def give_back(self, buffers: list[bytearray]) -> None:
+        """Return buffers from ``get``; the caller must not touch them (or views of them) afterwards."""
+        with self._lock:
+            self.out -= len(buffers)
+            self._free.extend(buffers)
+            del self._free[: max(0, len(self._free) - self.max_free)]  # keep the newest max_free
 
     def __len__(self) -> int:
-        return len(self._bufs)
+        """Idle buffers held for reuse."""
+        return len(self._free)
 
 
 class TrainLoader:
@@ -377,36 +410,45 @@ class TrainLoader:
             return Batch(pids, tok["winner_tokens"], tok["loser_tokens"], [], torch.zeros(len(idx), dtype=torch.int64),
                          e, self._torch_dtype)
         lens = tbl.column(f"{self.guidance_column}_len").to_numpy().astype(np.int64)
-        rows = []
-        for j, (raw, ln) in enumerate(zip(self._read_blobs(self.guidance_column, idx, io), lens)):
+        read = self._read_blobs(self.guidance_column, idx, io)
+        buffers = [buf for _, buf in read if buf is not None]
+        batch = Batch(pids, tok["winner_tokens"], tok["loser_tokens"], [], torch.from_numpy(lens), e,
+                      self._torch_dtype, buffers=buffers, pool=self._buffers)  # owns the buffers from here on
+        for j, ((raw, _), ln) in enumerate(zip(read, lens)):
             if raw.nbytes != int(ln) * e * 2:
+                batch.release()
                 raise UserError(
                     f"pair {pids[j]!r}: {self.guidance_column} blob has {raw.nbytes} bytes, expected "
                     f"{self.guidance_column}_len {ln} x {e} x 2. The lake is corrupt; re-embed this pair."
                 )
-            rows.append(raw.reshape(int(ln), e))
-        return Batch(pids, tok["winner_tokens"], tok["loser_tokens"], rows, torch.from_numpy(lens), e,
-                     self._torch_dtype)
+            batch.guidance_rows.append(raw.reshape(int(ln), e))
+        return batch
 
-    def _read_one(self, f: Any) -> np.ndarray:
+    def _read_one(self, f: Any) -> tuple[np.ndarray, bytearray | None]:
+        """One blob as a uint16 array over a pool buffer, and that buffer (None for an empty blob)."""
         size = f.size() if f is not None else 0
         if size == 0:
-            return np.zeros(0, np.uint16)
+            return np.zeros(0, np.uint16), None
         buf = self._buffers.get(size)
-        # BlobFile.readinto(bytearray) is one read_into of the Lance handle; calling that directly
-        # skips the wrapper's refill path, which zero-fills a temporary for the buffer's slack.
-        inner = getattr(f, "inner", None)
-        n = inner.read_into(buf) if hasattr(inner, "read_into") else f.readinto(buf)
-        if n != size:
-            raise OSError(f"short read of a guidance blob: {n} of {size} bytes")
-        return np.frombuffer(buf, dtype=np.uint16, count=size // 2)
+        try:
+            # BlobFile.readinto(bytearray) is one read_into of the Lance handle; calling that directly
+            # skips the wrapper's refill path, which zero-fills a temporary for the buffer's slack.
+            inner = getattr(f, "inner", None)
+            n = inner.read_into(buf) if hasattr(inner, "read_into") else f.readinto(buf)
+            if n != size:
+                raise OSError(f"short read of a guidance blob: {n} of {size} bytes")
+        except BaseException:
+            self._buffers.give_back([buf])
+            raise
+        return np.frombuffer(buf, dtype=np.uint16, count=size // 2), buf
 
-    def _read_blobs(self, column: str, idx: list[int], io: ThreadPoolExecutor | None = None) -> list[np.ndarray]:
-        """Each row's blob as a uint16 array, read whole into a recycled buffer; rows in parallel on ``io``."""
+    def _read_blobs(self, column: str, idx: list[int],
+                    io: ThreadPoolExecutor | None = None) -> list[tuple[np.ndarray, bytearray | None]]:
+        """Each row's blob as a uint16 array (with its pool buffer, if any), read whole; rows in parallel on ``io``."""
         if self.blob_api == "take_blobs":
             handles = self.ds.take_blobs(column, indices=idx, buffer_size=0)
             return list(io.map(self._read_one, handles)) if io is not None else [self._read_one(f) for f in handles]
-        return [np.frombuffer(b or b"", dtype=np.uint16) for _, b in
+        return [(np.frombuffer(b or b"", dtype=np.uint16), None) for _, b in
                 self.ds.read_blobs(column, indices=idx, preserve_order=True)]
 
     # ------------------------------------------------------------------ iteration

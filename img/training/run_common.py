@@ -20,8 +20,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import socket
-import sys
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -34,14 +32,10 @@ from img.config import resolve_project_path
 from img.errors import UserError
 from img.lake import tables as lake_mod
 from img.lake.lock import writer_lock
+from img.net import free_port
+from img.progress import progress_bars
 from img.training import run_folder
 from schemas import metrics as metrics_schema
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def dist_env() -> tuple[int, int, int]:
@@ -49,7 +43,7 @@ def dist_env() -> tuple[int, int, int]:
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
         os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"})
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(_free_port()))
+        os.environ.setdefault("MASTER_PORT", str(free_port()))
     os.environ.setdefault("LOCAL_RANK", os.environ["RANK"])
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", "29500")
@@ -248,16 +242,7 @@ def commit_checkpoint(run_dir: Path, tag: str, keep: int, rank: int) -> None:
 
 @contextlib.contextmanager
 def progress_bar(rank: int, label: str, total: int, completed: int) -> Iterator[Callable[[int], None]]:
-    """A transient rich bar on rank 0 when stderr is a terminal; yields ``advance(step)`` (a no-op otherwise)."""
-    if rank != 0 or not sys.stderr.isatty():
-        yield lambda step: None
-        return
-    from rich.progress import Progress
-
-    bar = Progress(transient=True)
-    task = bar.add_task(label, total=total, completed=completed)
-    bar.start()
-    try:
-        yield lambda step: bar.update(task, completed=step)
-    finally:
-        bar.stop()
+    """A transient bar (``img.progress``) on rank 0 on a terminal; yields ``advance(step)`` (a no-op otherwise)."""
+    with progress_bars(rank == 0, transient=True) as bars:
+        task = bars.add_task(label, total=total, completed=completed)
+        yield lambda step: bars.update(task, completed=step)

@@ -174,4 +174,4 @@ def install_folder(final: str | Path, write: Callable[[Path], object]) -> Path:
 # ----------------------------------------------------------------------------- checks
 def check_run_dir(run_dir: str | Path) -> None:
     """``--run-dir`` must be a folder we can write (checked before DeepSpeed starts); nothing is left behind."""
-    check_writable_folder(run_dir, "--run-dir")
+    check_writable_folder(run_dir, "`run_dir`")

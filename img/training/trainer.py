@@ -46,11 +46,11 @@ import json
 import logging
 import sys
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import tomllib
 import torch
 
 from img.aligner import AlignerConfig, ImplicitAligner
@@ -63,7 +63,6 @@ from img.training import run_folder
 from img.training.loader import LakeDims, TrainLoader
 from img.training.run_common import (  # noqa: F401
     MetricsWriter,
-    _free_port,
     _load_rng,
     _rss_gb,
     _save_rng,
@@ -102,7 +101,6 @@ class TrainConfig:
     lr: float = 1e-4
     weight_decay: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    schedule: Literal["constant"] = "constant"
     batch_size: int = 8  # per rank
     global_batch: int = 64  # batch_size x ranks must equal it (0 = whatever the launch gives); paper: 8 GPUs x 8
     # objective (paper: lambda = 1, reference copied after k = 10 consecutive wins, d = squared L2 norm)
