@@ -30,6 +30,14 @@ log = logging.getLogger(__name__)
 LLAVA_PROMPT = "USER: <image>\n{question} ASSISTANT:"  # LLaVA-1.5 format, used when a processor has no chat template
 
 
+def chat_prompt(processor: Any, question: str) -> str:
+    """The MLLM's input text for one image and ``question``: the processor's chat template, else LLaVA-1.5's."""
+    if getattr(processor, "chat_template", None):
+        messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        return processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    return LLAVA_PROMPT.format(question=question)
+
+
 def _profile(profile: Profile | str) -> Profile:
     return get_profile(profile) if isinstance(profile, str) else profile
 
@@ -116,12 +124,9 @@ class GuidanceEncoder:
 
     def prompt(self, question: str) -> str:
         """The text the MLLM reads, with its image placeholder (chat template of the processor)."""
-        if getattr(self.processor, "chat_template", None):
-            messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
-            return self.processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        if self.profile.mllm_kind != "llava":
+        if not getattr(self.processor, "chat_template", None) and self.profile.mllm_kind != "llava":
             raise RuntimeError(f"the {self.profile.mllm_kind} processor at {self.profile.mllm.id} has no chat template")
-        return LLAVA_PROMPT.format(question=question)
+        return chat_prompt(self.processor, question)
 
     def inputs(self, images: Sequence[Any], questions: Sequence[str]) -> dict[str, torch.Tensor]:
         """Processor output (ids with expanded image tokens, mask, pixels) for a batch."""

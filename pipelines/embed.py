@@ -362,7 +362,12 @@ def embed_fingerprint(profile, cfg: EmbedConfig) -> str:
     base = fingerprint(cfg, exclude=EmbedConfig.RUN_KNOBS)
     import hashlib
 
-    blob = json.dumps({"cfg": base, "profile": profile.name, "models": profile.model_ids(),
+    models = profile.model_ids()
+    if profile.tiny:  # tiny models are built in code: their build (version + recipe hash) is their identity
+        from img.tiny_models import tiny_dir
+
+        models = {**models, "tiny_build": tiny_dir(profile.tiny).name}
+    blob = json.dumps({"cfg": base, "profile": profile.name, "models": models,
                        "dtype": profile.tensor_dtype}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
