@@ -38,6 +38,7 @@ from img.finetune.adapter import with_mllm_adapter
 from img.lake import tables as lake_mod
 from img.lake.lock import writer_lock
 from img.models.profiles import get_profile
+from img.models.tiny import tiny_dir
 from img.paths import check_lake_folder
 from img.questions import question_for, questions_id, resolve_questions
 from pipelines.common import JobProgress, check_cluster_fits, init_ray
@@ -437,7 +438,10 @@ def embed_fingerprint(profile, cfg: EmbedConfig, questions: Sequence[str] | None
     import hashlib
 
     base = fingerprint(cfg, exclude=EmbedConfig.RUN_KNOBS + EmbedConfig.CONTENT_KEYS)
-    blob = json.dumps({"cfg": base, "profile": profile.name, "models": profile.model_ids(),
+    models = profile.model_ids()
+    if profile.tiny:  # tiny models are built in code: their build (version + recipe hash) is their identity
+        models = {**models, "tiny_build": tiny_dir(profile.tiny).name}
+    blob = json.dumps({"cfg": base, "profile": profile.name, "models": models,
                        "dtype": profile.tensor_dtype, "mllm_template": profile.mllm_template,
                        "mllm_image": profile.mllm_image, "questions": questions_id(questions)}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]

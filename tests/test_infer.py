@@ -103,6 +103,30 @@ def test_cli_writes_images_and_rows_deterministically(tmp_path, monkeypatch, cap
         assert mine[1]["question"].endswith(f"{PROMPT}?") and mine[1]["ip_scale"] == pytest.approx(0.2)
 
 
+def test_infer_uses_the_aligners_own_pass_count_unless_passes_is_given(tmp_path, monkeypatch, capsys):
+    import dataclasses
+
+    import lance
+
+    from img.aligner import ImplicitAligner
+    from img.models.profiles import get_profile
+
+    trained = perturbed_aligner(get_profile("tiny"))
+    one = ImplicitAligner(dataclasses.replace(trained.config, passes=1))
+    one.load_state_dict(trained.state_dict())
+    one.save_pretrained(tmp_path / "aligner")
+    assert '"passes": 1' in (tmp_path / "aligner" / "config.json").read_text()
+    lake = tmp_path / "lake"
+    for extra, out in (([], "a"), (["--passes", "2"], "b")):
+        code, stdout, _ = run_main(["infer", "--profile", "tiny", "--prompt", PROMPT, "--steps", str(STEPS),
+                                    "--aligner", str(tmp_path / "aligner"), "--lake", str(lake),
+                                    "--out", str(tmp_path / out), *extra], monkeypatch, capsys)
+        assert code == 0, stdout
+    rows = lance.dataset(str(lake / "generations.lance")).to_table().to_pylist()
+    passes = {Path(r["path"]).parent.name: r["passes"] for r in rows if r["round"] == 1}
+    assert passes == {"a": 1, "b": 2}
+
+
 @pytest.mark.slow
 def test_empty_prompt_fails_cleanly_as_a_process(tmp_path, repo_root):
     out, lake = tmp_path / "D", tmp_path / "L"

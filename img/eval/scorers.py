@@ -47,7 +47,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from img.errors import UserError
-from img.models.loading import clip_image_processor, find_local, quiet_loading
+from img.logs import quiet_loading
+from img.models.loading import find_local
+from img.models.processors import clip_image_processor
 from img.models.tiny import atomic_build, build_clip_tokenizer, cache_dir, vocabulary_words
 
 ENV_PICKSCORE, HUB_PICKSCORE = "IMG_PICKSCORE", "yuvalkirstain/PickScore_v1"

@@ -20,6 +20,14 @@ build at once both end up with one complete copy.
 
 Flavours: ``tiny`` (trivial compute; tests and the demo) and ``bench`` (same
 classes, wider, so ``img bench embed`` measures real work).
+
+The ``tiny`` flavour's image encoders are not left random: the CLIP vision tower
+and the IP-Adapter resampler are pre-trained on the shapes world
+(``img.models.tiny_pretrain``, about a minute of one core, once per cache key) so that
+their tokens respond to colour, shape, count and relation, and the same trained
+tower is LLaVA's vision tower (the projector and the language model stay random).
+``BUILD.json`` records the build and pre-training times and the held-out accuracy
+of the pre-training.
 """
 from __future__ import annotations
 
@@ -30,6 +38,7 @@ import logging
 import os
 import re
 import shutil
+import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,11 +50,13 @@ from img.errors import UserError
 from img.finetune.edits import INSTRUCTION_WORDS
 from img.logs import quiet_loading
 from img.models.processors import clip_image_processor
+from img.models.tiny_pretrain import MllmPretrainSpec, PretrainSpec, pretrain_encoders, pretrain_mllm
 from img.questions import QUESTIONS
 
 log = logging.getLogger(__name__)
 
-TINY_VERSION = 2  # the cache key also hashes this file's source, so any recipe change rebuilds
+TINY_VERSION = 3  # the cache key also hashes the source of the files the recipe uses, so any change rebuilds
+_RECIPE_FILES = ("models/tiny.py", "models/tiny_pretrain.py", "data/shapes_world.py", "questions.py")  # under img/
 
 IP_WEIGHT_NAME = "ip-adapter-plus_sdxl_vit-h.safetensors"  # h94's file name, so the loading code is the real one
 IP_WEIGHT_SUBFOLDER = "sdxl_models"
@@ -117,7 +128,7 @@ class TinySpec:
     seed: int = 0
     # IP-Adapter image encoder, CLIPVisionModelWithProjection. Real: ViT-H/14, 1280 wide, 32 layers, 224 px.
     ip_image_size: int = 64
-    ip_patch: int = 4  # 64 px / 4 = 16x16 patches + CLS = 257 tokens, as ViT-H/14 at 224 px
+    ip_patch: int = 8  # 64 px / 8 = 8x8 patches + CLS = 65 tokens (ViT-H/14 at 224 px: 257); 16x cheaper attention
     ip_hidden: int = 32
     ip_layers: int = 3  # hidden_states[-2] (the IP-Adapter Plus input) is then a real mid layer
     ip_heads: int = 4
@@ -139,7 +150,11 @@ class TinySpec:
     mllm_image_size: int = 64
     mllm_patch: int = 8  # (64 / 8)^2 = 64 image tokens in the sequence (real: 576)
     mllm_vision_hidden: int = 32
-    mllm_vision_layers: int = 2
+    mllm_vision_layers: int = 3
+    # Pre-training of the IP encoder + resampler on the shapes world (img.models.tiny_pretrain); the trained tower is
+    # also LLaVA's vision tower when the two towers have the same sizes.
+    pretrain: bool = True
+    pretrain_steps: int = 600
 
     @property
     def ip_dim(self) -> int:
@@ -154,13 +169,20 @@ class TinySpec:
     def mllm_image_tokens(self) -> int:
         return (self.mllm_image_size // self.mllm_patch) ** 2
 
+    @property
+    def shared_vision(self) -> bool:
+        """LLaVA's vision tower is the pre-trained IP encoder's (same sizes)."""
+        return self.pretrain and (self.ip_image_size, self.ip_patch, self.ip_hidden, self.ip_layers, self.ip_heads) == (
+            self.mllm_image_size, self.mllm_patch, self.mllm_vision_hidden, self.mllm_vision_layers, 4)
+
     def fingerprint(self) -> str:
         blob = json.dumps(
             {
                 "spec": dataclasses.asdict(self),
                 "version": TINY_VERSION,
                 "words": llava_vocabulary_words(),
-                "recipe": hashlib.sha256(Path(__file__).read_bytes()).hexdigest(),
+                "recipe": hashlib.sha256(b"".join((Path(__file__).parents[1] / f).read_bytes()
+                                                  for f in _RECIPE_FILES)).hexdigest(),
             },
             sort_keys=True,
         )
@@ -189,6 +211,7 @@ FLAVOURS: dict[str, TinySpec] = {
         mllm_patch=14,
         mllm_vision_hidden=256,
         mllm_vision_layers=4,
+        pretrain=False,  # throughput only: random weights do the same work
     ),
 }
 
@@ -450,8 +473,10 @@ def resampler_to_original(state: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _build_ip_adapter(spec: TinySpec, out: Path, unet: Any) -> None:
-    """Tiny ``h94/IP-Adapter`` layout: image encoder + Plus weights in the original safetensors format."""
+def _build_ip_adapter(spec: TinySpec, out: Path, unet: Any) -> tuple[Any, dict[str, Any] | None]:
+    """Tiny ``h94/IP-Adapter`` layout: image encoder + Plus weights in the original safetensors format.
+
+    Returns the image encoder and the pre-training report (None without pre-training)."""
     from diffusers.models.embeddings import IPAdapterPlusImageProjection
     from safetensors.torch import save_file
     from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
@@ -470,8 +495,6 @@ def _build_ip_adapter(spec: TinySpec, out: Path, unet: Any) -> None:
             layer_norm_eps=1e-5,
         )
     )
-    encoder.save_pretrained(out / IP_ENCODER_SUBFOLDER, safe_serialization=True)
-
     _seed(spec, 6)
     resampler = IPAdapterPlusImageProjection(
         embed_dims=spec.ip_hidden,
@@ -482,6 +505,14 @@ def _build_ip_adapter(spec: TinySpec, out: Path, unet: Any) -> None:
         heads=spec.resampler_heads,
         num_queries=spec.ip_tokens,
     )
+    report = None
+    if spec.pretrain:
+
+        report = pretrain_encoders(encoder, resampler, PretrainSpec(seed=spec.seed, steps=spec.pretrain_steps),
+                                   ip_tokens=spec.ip_tokens, ip_dim=spec.ip_dim)
+        log.info("pre-trained the tiny IP encoder + resampler in %.0f s; held-out accuracy (tokens): %s",
+                 report["seconds"], report["heldout_accuracy"]["tokens"])
+    encoder.save_pretrained(out / IP_ENCODER_SUBFOLDER, safe_serialization=True)
     tensors = {f"image_proj.{k}": v for k, v in resampler_to_original(resampler.state_dict()).items()}
     # ip_adapter layers, numbered like the original: the index of each processor in unet.attn_processors;
     # only cross-attention (attn2) processors carry to_k_ip / to_v_ip, initialised from to_k / to_v as in
@@ -495,9 +526,12 @@ def _build_ip_adapter(spec: TinySpec, out: Path, unet: Any) -> None:
     path = out / IP_WEIGHT_SUBFOLDER / IP_WEIGHT_NAME
     path.parent.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+    return encoder, report
 
 
-def _build_llava(spec: TinySpec, out: Path) -> None:
+def _build_llava(spec: TinySpec, out: Path, ip_encoder: Any = None) -> dict[str, Any] | None:
+    """Tiny ``llava-hf`` layout. With ``spec.shared_vision`` its vision tower is ``ip_encoder``'s (pre-trained) and
+    the projector + language model are instruction-tuned (``img.models.tiny_pretrain.pretrain_mllm``); returns that report."""
     from transformers import (
         CLIPVisionConfig,
         LlamaConfig,
@@ -516,7 +550,7 @@ def _build_llava(spec: TinySpec, out: Path) -> None:
         image_size=spec.mllm_image_size,
         patch_size=spec.mllm_patch,
         projection_dim=spec.mllm_vision_hidden,
-        hidden_act="quick_gelu",
+        hidden_act="gelu" if spec.shared_vision else "quick_gelu",
         layer_norm_eps=1e-5,
     )
     text = LlamaConfig(
@@ -543,7 +577,6 @@ def _build_llava(spec: TinySpec, out: Path) -> None:
     )
     _seed(spec, 7)
     model = LlavaForConditionalGeneration(config)
-    model.save_pretrained(out, safe_serialization=True)
     processor = LlavaProcessor(
         image_processor=clip_image_processor(spec.mllm_image_size),
         tokenizer=tokenizer,
@@ -552,7 +585,19 @@ def _build_llava(spec: TinySpec, out: Path) -> None:
         chat_template=LLAVA_CHAT_TEMPLATE,
         num_additional_image_tokens=1,  # the CLS token the "default" strategy drops
     )
+    report = None
+    if spec.shared_vision and ip_encoder is not None:
+        tower = model.model.vision_tower  # a CLIPVisionModel: in transformers 5 its modules sit at the top level
+        tower = getattr(tower, "vision_model", tower)
+        tower.load_state_dict(ip_encoder.vision_model.state_dict())
+
+        report = pretrain_mllm(model, processor, MllmPretrainSpec(seed=spec.seed),
+                               prompt=lambda q: TEMPLATES["llava_v0"].format(question=q))  # the tiny profile's template
+        log.info("instruction-tuned the tiny LLaVA in %.0f s; held-out accuracy: %s", report["seconds"],
+                 report["heldout_accuracy"])
+    model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
+    return report
 
 
 def build_tiny(spec: TinySpec, out: str | Path) -> Path:
@@ -563,13 +608,21 @@ def build_tiny(spec: TinySpec, out: str | Path) -> Path:
 
 
     quiet_loading()
+    t0 = time.perf_counter()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     with torch.random.fork_rng(devices=[]):
         unet = _build_sdxl(spec, out / "sdxl")
-        _build_ip_adapter(spec, out / "ip_adapter", unet)
-        _build_llava(spec, out / "llava")
+        encoder, report = _build_ip_adapter(spec, out / "ip_adapter", unet)
+        mllm_report = _build_llava(spec, out / "llava", encoder)
+    seconds = round(time.perf_counter() - t0, 1)
+    trained = (report["seconds"] if report else 0) + (mllm_report["seconds"] if mllm_report else 0)
+    log.info("built tiny models %r in %.0f s%s", spec.flavour, seconds,
+             f" ({trained:.0f} s of it pre-training)" if trained else "")
     info = {
+        "build_seconds": seconds,
+        "pretrain": report,
+        "pretrain_mllm": mllm_report,
         "flavour": spec.flavour,
         "version": TINY_VERSION,
         "fingerprint": spec.fingerprint(),
