@@ -50,7 +50,6 @@ from img.errors import UserError
 from img.finetune.edits import INSTRUCTION_WORDS
 from img.logs import quiet_loading
 from img.models.processors import clip_image_processor
-from img.models.tiny_pretrain import MllmPretrainSpec, PretrainSpec, pretrain_encoders, pretrain_mllm
 from img.questions import QUESTIONS
 
 log = logging.getLogger(__name__)
@@ -507,6 +506,7 @@ def _build_ip_adapter(spec: TinySpec, out: Path, unet: Any) -> tuple[Any, dict[s
     )
     report = None
     if spec.pretrain:
+        from img.models.tiny_pretrain import PretrainSpec, pretrain_encoders  # heavy: torch (builds only)
 
         report = pretrain_encoders(encoder, resampler, PretrainSpec(seed=spec.seed, steps=spec.pretrain_steps),
                                    ip_tokens=spec.ip_tokens, ip_dim=spec.ip_dim)
@@ -590,6 +590,7 @@ def _build_llava(spec: TinySpec, out: Path, ip_encoder: Any = None) -> dict[str,
         tower = model.model.vision_tower  # a CLIPVisionModel: in transformers 5 its modules sit at the top level
         tower = getattr(tower, "vision_model", tower)
         tower.load_state_dict(ip_encoder.vision_model.state_dict())
+        from img.models.tiny_pretrain import MllmPretrainSpec, pretrain_mllm  # heavy: torch (builds only)
 
         report = pretrain_mllm(model, processor, MllmPretrainSpec(seed=spec.seed),
                                prompt=lambda q: TEMPLATES["llava_v0"].format(question=q))  # the tiny profile's template
