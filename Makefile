@@ -27,7 +27,7 @@ demo: $(STAMP)
 ablation: $(STAMP)
 	PATH="$(CURDIR)/$(BIN):$$PATH" bash jobs/ablation.sh
 
-# CI: every test (the `slow` ones included), about 6-8 minutes on 2 cores.
+# CI: every test, the `slow` ones included (the embed, eval and SIGKILL jobs take most of the time).
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q tests
 

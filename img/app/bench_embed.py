@@ -24,7 +24,8 @@ import numpy as np
 from img.config import load_config, project_file
 from img.data.sample import FORMATS, write_sample
 from img.errors import UserError
-from pipelines.embed import Decode, Guidance, IPTokens, _init_ray, read_units, run_embed
+from pipelines.common import init_ray
+from pipelines.embed import Decode, Guidance, IPTokens, read_units, run_embed
 from pipelines.embed_config import EmbedConfig
 from pipelines.source import list_shards, plan_units
 
@@ -80,7 +81,7 @@ def run_bench(pairs: int = 1024, profile_name: str = "bench", seed: int = 0, wor
     torch.set_num_threads(threads_before)
     best = max(bare_runs, key=lambda t: bare_runs[t]["pairs"] / bare_runs[t]["seconds"])
     bare = bare_runs[best]
-    _init_ray()
+    init_ray()
     t0 = time.perf_counter()
     summary = run_embed(data, lake, profile_name, cfg, progress=False)
     job_s = time.perf_counter() - t0
