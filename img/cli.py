@@ -13,6 +13,7 @@ prints it as one line and exits 2, with no traceback.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -51,6 +52,21 @@ def _setup_logging(verbose: bool = False) -> None:
     )
     for noisy in ("httpx", "urllib3", "filelock", "ray", "diffusers", "transformers", "DeepSpeed"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """While a benchmark runs, anything libraries print to stdout (DeepSpeed's accelerator notice, Ray) goes to
+    stderr, at the file-descriptor level, so stdout carries exactly one JSON document."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @app.callback()
@@ -177,18 +193,33 @@ def jobs_train(
 
 @bench_app.command("embed")
 def bench_embed(
-    pairs: int = typer.Option(1024, "--pairs", help="Pairs in the generated sample."),
-    profile: str = typer.Option("bench", "--profile", help="Profile whose models do the work."),
+    pairs: Optional[int] = typer.Option(None, "--pairs", help="Pairs in the generated sample (default 1024; "
+                                        "200 with --row-size real, 6.8 MB each)."),
+    profile: str = typer.Option("bench", "--profile", help="Profile whose models do the work (not with --row-size real)."),
     fmt: str = typer.Option("sample", "--format", help="Sample format, as in `img data sample --format`: "
                             "sample or pickapic (exactly the published columns)."),
+    row_size: str = typer.Option("bench", "--row-size", help="bench: the bench profile's models and rows; real: "
+                                 "stand-in stages write rows of the real size (guidance 650 x 5120) through the "
+                                 "same pipeline."),
+    guidance_dtype: str = typer.Option("fp16", "--guidance-dtype", help="Guidance on disk: fp16 or fp8."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Embed TOML (default jobs/embed.toml; at real row "
+                                          "size with fragment/read/writer settings of jobs/embed_gpu.toml)."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder for the temporary sample and lakes "
+                                           "(default: system temp; removed at the end)."),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON figures."),
 ) -> None:
     """Embed job (Ray + Lance) vs a bare in-process loop over the same models and data."""
     from img.app.bench_embed import run_bench
 
+    if row_size not in ("bench", "real"):
+        raise UserError(f"--row-size must be 'bench' or 'real', got {row_size!r}.")
+    pairs = pairs if pairs is not None else (200 if row_size == "real" else 1024)
     if pairs < 8:
         raise UserError(f"--pairs must be >= 8, got {pairs}. Pass a larger sample size.")
-    result = run_bench(pairs=pairs, profile_name=profile, fmt=fmt)
+    with _stdout_to_stderr():
+        result = run_bench(pairs=pairs, profile_name=profile, fmt=fmt, row_size=row_size,
+                           guidance_dtype=guidance_dtype, config=str(config) if config else None,
+                           workdir=str(workdir) if workdir else None)
     if not as_json:
         typer.echo(f"job {result['job_pairs_per_s']} pairs/s, bare {result['bare_pairs_per_s']} pairs/s, "
                    f"ratio {result['ratio']}, bytes_ratio {result['bytes_ratio']}")
@@ -273,10 +304,35 @@ def bench_loader(
 
     if rows < 8:
         raise UserError(f"--rows must be >= 8 (one batch), got {rows}. Pass a larger row count.")
-    result = run_bench(rows=rows, small=small, workdir=str(workdir) if workdir else None)
+    with _stdout_to_stderr():
+        result = run_bench(rows=rows, small=small, workdir=str(workdir) if workdir else None)
     if not as_json:
         typer.echo(f"loader {result['loader_samples_per_s']} samples/s, raw memmap {result['raw_samples_per_s']} "
                    f"samples/s, ratio {result['ratio']}")
+    import json
+
+    typer.echo(json.dumps(result, indent=2))
+
+
+@bench_app.command("train")
+def bench_train(
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON figures."),
+    steps: int = typer.Option(6, "--steps", help="Timed training steps (after --warmup)."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed steps first (one of them counts the FLOPs)."),
+    batch_size: int = typer.Option(2, "--batch-size", help="Samples per step."),
+    rows: int = typer.Option(16, "--rows", help="Rows of real size (6.8 MB each) in the temporary lake."),
+    guidance_dtype: str = typer.Option("fp16", "--guidance-dtype", help="Guidance in the lake: fp16 or fp8."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder for the temporary lake (default: system temp)."),
+) -> None:
+    """DeepSpeed steps of the SDXL-size aligner (195M parameters) on guidance of 650 x 5120, through the real loader."""
+    from img.app.bench_train import run_bench
+
+    with _stdout_to_stderr():
+        result = run_bench(steps=steps, warmup=warmup, batch_size=batch_size, rows=rows,
+                           guidance_dtype=guidance_dtype, workdir=str(workdir) if workdir else None)
+    if not as_json:
+        typer.echo(f"{result['samples_per_s']} samples/s, peak RSS {result['peak_rss_gb']} GB, "
+                   f"{result['flops_per_sample'] / 1e9:.1f} GFLOP and {result['bytes_per_sample'] / 1e6:.2f} MB per sample")
     import json
 
     typer.echo(json.dumps(result, indent=2))

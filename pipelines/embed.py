@@ -250,7 +250,7 @@ class EmbedSummary:
     startup: dict[str, Any] = field(default_factory=dict)
 
     def render(self) -> str:
-        split = ", ".join(f"{k[2:]} {v:.1f}s" for k, v in self.time_split.items() if v > 0)
+        split = ", ".join(f"{k[2:]} {v:.1f}s" for k, v in self.time_split.items() if v > 0 and k.startswith("t_"))
         damaged = f" ({self.unreadable} unreadable input)" if self.unreadable else ""
         return (f"embed done in {self.seconds:.1f}s: {self.written} pairs written, {self.quarantined} quarantined{damaged}, "
                 f"{self.skipped_done} skipped as already done, {self.skipped_ties} ties dropped; "
@@ -392,8 +392,9 @@ def build_dataset(units: list[dict], lake: str, profile_name: str, cfg: EmbedCon
                             batch_size=pool.batch_size, compute=ray.data.ActorPoolStrategy(size=pool.concurrency),
                             num_gpus=pool.num_gpus or None, num_cpus=pool.num_cpus)
     ds = ds.map_batches(WriteFragments, fn_constructor_args=(lake, schemas, cfg.storage_options),
-                        batch_size=cfg.rows_per_fragment, num_cpus=cfg.decode_cpus,
-                        compute=ray.data.ActorPoolStrategy(size=cfg.writers))
+                        batch_size=cfg.rows_per_fragment, num_cpus=cfg.decode_cpus, batch_format="pyarrow",
+                        # a small job keeps one writer; more start when blocks queue up (rows of 6.6 MB need several)
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.writers, initial_size=1))
     return ds
 
 
@@ -471,23 +472,36 @@ def _embed_locked(lake, shards, profile_name, cfg, schemas, fp, questions, new_t
         summary.startup["ray_init_s"] = round(_init_ray(), 3)
         check_reservations(cfg)
         ds = build_dataset(units, lake, profile_name, cfg, schemas, questions, classes)
+        pending: list[dict] = []  # written fragments not yet committed (commit_seconds > 0 groups them)
+        last_commit = time.perf_counter()
+
+        def commit(bar: _Progress) -> None:
+            lock.check()  # an object-store lease taken over or not renewed: stop before committing
+            for name in ("features", "pairs", "quarantine"):  # pairs is the commit marker
+                lake_mod.commit_fragments(lake, name, [f for r in pending for f in json.loads(r[name])], so)
+            for r in pending:
+                summary.written += int(r["n_good"])
+                summary.quarantined += int(r["n_bad"])
+                summary.unreadable += int(r["n_unreadable"])
+                bar.advance(int(r["n_good"]) + int(r["n_bad"]))
+            pending.clear()
+            if not summary.first_commit_seconds:
+                summary.first_commit_seconds = time.perf_counter() - t_start
+                summary.first_commit_pairs = summary.written
+
         with _Progress(todo, enabled=progress) as bar:
             for row in ds.iter_rows():
                 if row.get("startup"):
                     actors += json.loads(row["startup"])
-                lock.check()  # an object-store lease taken over or not renewed: stop before committing
-                for name in ("features", "pairs", "quarantine"):  # pairs is the commit marker
-                    lake_mod.commit_fragments(lake, name, json.loads(row[name]), so)
-                summary.written += int(row["n_good"])
-                summary.quarantined += int(row["n_bad"])
-                summary.unreadable += int(row["n_unreadable"])
                 tensor_bytes += int(row["tensor_bytes"])
                 for t in TIMERS:
                     timers[t] += float(row[t])
-                bar.advance(int(row["n_good"]) + int(row["n_bad"]))
-                if not summary.first_commit_seconds:
-                    summary.first_commit_seconds = time.perf_counter() - t_start
-                    summary.first_commit_pairs = summary.written
+                pending.append(row)
+                if time.perf_counter() - last_commit >= cfg.commit_seconds:
+                    commit(bar)
+                    last_commit = time.perf_counter()
+            if pending:
+                commit(bar)
     if actors:
         summary.startup["actors"] = [
             {"stage": a["stage"], "pid": a["pid"], "spawn_at": round(a["process_start"] - wall_start, 2),

@@ -35,7 +35,10 @@ class EmbedConfig:
     rows_per_fragment: int = 32  # rows per written + committed fragment: bounds memory and lost work on a kill
     read_rows: int = 32  # rows per read unit (a slice of one row group); results stream out per unit
     decode_cpus: float = 0.25  # CPUs reserved per decode task and per fragment writer
-    writers: int = 1  # fragment writer actors (each writes rows_per_fragment rows per fragment)
+    writers: int = 1  # fragment writer actors at most (each writes rows_per_fragment rows per fragment)
+    # the driver commits the fragments written in this many seconds in one Lance transaction per table (0: each
+    # fragment at once); at hundreds of pairs/s one commit per fragment is more transactions than an object store takes
+    commit_seconds: float = 0.0
     # one actor hosts both the IP and the MLLM model ([ip] batch size, [mllm] concurrency and resources): one
     # process imports torch and loads models instead of two, which is what a small CPU job spends its start-up on
     fuse_models: bool = False
@@ -48,6 +51,6 @@ class EmbedConfig:
     storage_options: dict = field(default_factory=dict)  # passed to Lance for object stores (s3://, gs://, az://)
 
     # keys left out of the fingerprint: they change speed, not content
-    RUN_KNOBS = ("rows_per_fragment", "read_rows", "decode_cpus", "writers", "fuse_models", "limit", "ip", "mllm",
-                 "text", "storage_options")
+    RUN_KNOBS = ("rows_per_fragment", "read_rows", "decode_cpus", "writers", "commit_seconds", "fuse_models", "limit",
+                 "ip", "mllm", "text", "storage_options")
     CONTENT_KEYS = ("questions",)  # fingerprinted by the content they point at, not by their value

@@ -12,7 +12,7 @@ def test_bench_loader_small_prints_figures(tmp_path):
     result = CliRunner().invoke(app, ["bench", "loader", "--small", "--json", "--rows", "48",
                                       "--workdir", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    out = json.loads(result.output)
+    out = json.loads(result.stdout)
     assert out["loader_samples_per_s"] > 0 and out["raw_samples_per_s"] > 0
     assert abs(out["ratio"] - out["loader_samples_per_s"] / out["raw_samples_per_s"]) < 0.01
     assert out["samples_per_pass"] == 48 and out["batch_size"] == 8

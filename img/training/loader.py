@@ -56,7 +56,7 @@ from schemas.meta import read_provenance
 log = logging.getLogger(__name__)
 
 GuidanceSource = Literal["mllm", "text", "none"]
-MAX_MAPPED_FILES = 256  # data files kept memory-mapped at once (each holds a file descriptor)
+MAX_MAPPED_FILES = 4096  # data files kept open at once (a memory map holds a file descriptor); ~3,300 at 851K pairs
 GUIDANCE_COLUMNS = {"mllm": "guidance", "text": "text_guidance"}
 
 
@@ -172,6 +172,16 @@ def _two_byte_to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a.view(np.float16))
+
+
+def _raise_open_files_limit(want: int) -> None:
+    """Raise this process's soft limit on open files towards ``want`` (never above the hard limit)."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
 
 
 def _blobs_inline(ds: Any, column: str) -> bool:
@@ -294,6 +304,8 @@ class TrainLoader:
         self.blob_api = self._choose_blob_path(blob_api)  # the path taken: "mmap", "take_blobs" or "read_blobs"
         self._maps: dict[int, np.ndarray | None] = {}  # fragment id -> its data file, memory-mapped (None: not)
         self._maps_lock = threading.Lock()
+        if self.blob_api == "mmap":
+            _raise_open_files_limit(MAX_MAPPED_FILES + 1024)
 
         if self.blob_api == "mmap":  # read once: each row's fragment, offset in it, length and blob position
             t = self.ds.to_table(columns=["pair_id", f"{col}_len", col], with_row_address=True)

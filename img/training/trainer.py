@@ -218,6 +218,32 @@ def deepspeed_config(cfg: TrainConfig, world_size: int, bf16: bool) -> dict[str,
     return ds
 
 
+def init_distributed(local_rank: int, precision: str) -> tuple[torch.device, bool, torch.dtype]:
+    """Start the process group (nccl on GPU, gloo on CPU); (device, bf16?, compute dtype).
+
+    ``precision``: "auto" (fp32 on CPU, bf16 on GPU), "fp32" or "bf16".
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    on_gpu = get_accelerator().device_name() == "cuda"
+    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
+    device = torch.device(get_accelerator().device_name(local_rank) if on_gpu else "cpu")
+    bf16 = precision == "bf16" or (precision == "auto" and on_gpu)
+    return device, bf16, torch.bfloat16 if bf16 else torch.float32
+
+
+def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: TrainConfig, world_size: int,
+                 bf16: bool):
+    """``deepspeed.initialize`` with :func:`deepspeed_config`; every checkpoint read goes through weights_only=True."""
+    import deepspeed
+
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
+                                           config=deepspeed_config(cfg, world_size, bf16))
+    use_weights_only_loading(engine)  # DeepSpeed's own loader would unpickle with weights_only=False
+    return engine
+
+
 def _rss_gb() -> float:
     try:
         import psutil
@@ -339,26 +365,16 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
                          prefetch=cfg.prefetch, version=version, pairs_version=pairs_version)
     acfg = resolve_aligner_config(profile, loader.dims, cfg.guidance, lake, cfg.aligner)
 
-    import deepspeed
     import torch.distributed as dist
-    from deepspeed.accelerator import get_accelerator
 
-
-    on_gpu = get_accelerator().device_name() == "cuda"
-    deepspeed.init_distributed(dist_backend="nccl" if on_gpu else "gloo")
-    device = torch.device(get_accelerator().device_name(local_rank) if on_gpu else "cpu")
-    bf16 = cfg.precision == "bf16" or (cfg.precision == "auto" and on_gpu)
-    dtype = torch.bfloat16 if bf16 else torch.float32
+    device, bf16, dtype = init_distributed(local_rank, cfg.precision)
 
     torch.manual_seed(cfg.seed)
     model = ImplicitAligner(acfg)
     ref = make_reference(acfg, seed=cfg.seed + 1, init=cfg.reference_init)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
                                   betas=tuple(cfg.betas))
-    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                           config=deepspeed_config(cfg, world, bf16))
-
-    use_weights_only_loading(engine)  # DeepSpeed's own loader would unpickle with weights_only=False
+    engine = build_engine(model, optimizer, cfg, world, bf16)
     ref.to(device=device, dtype=dtype)
     keeper = ReferenceKeeper(cfg.k)
     start = 0
