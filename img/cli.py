@@ -204,22 +204,24 @@ def bench_embed(
     guidance_dtype: str = typer.Option("fp16", "--guidance-dtype", help="Guidance on disk: fp16 or fp8."),
     config: Optional[Path] = typer.Option(None, "--config", help="Embed TOML (default jobs/embed.toml; at real row "
                                           "size with fragment/read/writer settings of jobs/embed_gpu.toml)."),
+    rows_per_fragment: Optional[int] = typer.Option(None, "--rows-per-fragment", help="Override rows_per_fragment "
+                                                    "(and read_rows) of the config."),
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder for the temporary sample and lakes "
                                            "(default: system temp; removed at the end)."),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON figures."),
 ) -> None:
     """Embed job (Ray + Lance) vs a bare in-process loop over the same models and data."""
-    from img.app.bench_embed import run_bench
-
     if row_size not in ("bench", "real"):
         raise UserError(f"--row-size must be 'bench' or 'real', got {row_size!r}.")
     pairs = pairs if pairs is not None else (200 if row_size == "real" else 1024)
     if pairs < 8:
         raise UserError(f"--pairs must be >= 8, got {pairs}. Pass a larger sample size.")
     with _stdout_to_stderr():
+        from img.app.bench_embed import run_bench
+
         result = run_bench(pairs=pairs, profile_name=profile, fmt=fmt, row_size=row_size,
                            guidance_dtype=guidance_dtype, config=str(config) if config else None,
-                           workdir=str(workdir) if workdir else None)
+                           workdir=str(workdir) if workdir else None, rows_per_fragment=rows_per_fragment)
     if not as_json:
         typer.echo(f"job {result['job_pairs_per_s']} pairs/s, bare {result['bare_pairs_per_s']} pairs/s, "
                    f"ratio {result['ratio']}, bytes_ratio {result['bytes_ratio']}")
@@ -300,11 +302,11 @@ def bench_loader(
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder for the temporary table (default: system temp)."),
 ) -> None:
     """Training loader (Lance blobs) vs a raw memmap read of the same bytes, same order, batch 8."""
-    from img.app.bench_loader import run_bench
-
     if rows < 8:
         raise UserError(f"--rows must be >= 8 (one batch), got {rows}. Pass a larger row count.")
     with _stdout_to_stderr():
+        from img.app.bench_loader import run_bench
+
         result = run_bench(rows=rows, small=small, workdir=str(workdir) if workdir else None)
     if not as_json:
         typer.echo(f"loader {result['loader_samples_per_s']} samples/s, raw memmap {result['raw_samples_per_s']} "
@@ -325,9 +327,9 @@ def bench_train(
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder for the temporary lake (default: system temp)."),
 ) -> None:
     """DeepSpeed steps of the SDXL-size aligner (195M parameters) on guidance of 650 x 5120, through the real loader."""
-    from img.app.bench_train import run_bench
-
     with _stdout_to_stderr():
+        from img.app.bench_train import run_bench
+
         result = run_bench(steps=steps, warmup=warmup, batch_size=batch_size, rows=rows,
                            guidance_dtype=guidance_dtype, workdir=str(workdir) if workdir else None)
     if not as_json:

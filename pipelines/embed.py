@@ -509,7 +509,9 @@ def _embed_locked(lake, shards, profile_name, cfg, schemas, fp, questions, new_t
              "imports_s": round(a["imported"] - max(a["process_start"], wall_start), 2),
              "load_s": round(a["ready"] - a["init_start"], 2), "ready_at": round(a["ready"] - wall_start, 2)}
             for a in actors]
-        ready = max(a["ready_at"] for a in summary.startup["actors"])
+        # actors up before the first commit (writers added later by autoscaling do not count)
+        ready = max([a["ready_at"] for a in summary.startup["actors"] if a["ready_at"] <= summary.first_commit_seconds]
+                    or [0.0])
         summary.startup["first_commit_at"] = round(summary.first_commit_seconds, 2)
         summary.startup["first_batch_s"] = round(summary.first_commit_seconds - ready, 2)
     if summary.unreadable:

@@ -7,9 +7,11 @@
 
 Both sides embed the same generated sample. The job is the full Ray Data +
 Lance pipeline (``run_embed``: Ray start, actors, model loading, writers,
-commits); the bare loop runs the same stages on the same batches in this
-process, once with 1 torch thread and once with all cores, and the faster run
-is the baseline. ``ratio`` = job / bare over the whole run (start-up
+commits); the bare loop runs the same stages on the same batches in one
+plain process (spawned, so its memory is not the driver's), once with 1 torch
+thread and once with all cores before the job, and with the faster setting
+again after it: the baseline is the mean of the two rates, as the load of a
+shared machine drifts. ``ratio`` = job / bare over the whole run (Ray's start
 included), ``ratio_steady`` = after the job's first commit, ``bytes_ratio`` =
 bytes on disk per pair / raw fp16 tensor bytes per pair. ``startup`` splits the
 job's start-up: Ray, imports and model loading per actor process, first batch.
@@ -287,8 +289,28 @@ def _bare_loop(data: str, profile_name: str, cfg: EmbedConfig, real: bool, lake:
     return {"pairs": good, "seconds": seconds, "raw_bytes_per_pair": raw_bytes / max(good, 1)}
 
 
+def _bare_worker(data: str, profile_name: str, cfg: EmbedConfig, real: bool, lake: str, threads: int) -> dict:
+    import torch
+
+    torch.set_num_threads(threads)
+    try:
+        return _bare_loop(data, profile_name, cfg, real, lake)
+    finally:
+        shutil.rmtree(lake, ignore_errors=True)
+
+
+def bare_loop(data: str, profile_name: str, cfg: EmbedConfig, real: bool, lake: str, threads: int) -> dict:
+    """``_bare_loop`` in a fresh process (spawned), so its memory never counts as the job driver's."""
+    import multiprocessing as mp
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(1, mp_context=mp.get_context("spawn")) as ex:
+        return ex.submit(_bare_worker, data, profile_name, cfg, real, lake, threads).result()
+
+
 # ----------------------------------------------------------------------------- the benchmark
-def bench_config(row_size: str, config: str | None, guidance_dtype: str) -> EmbedConfig:
+def bench_config(row_size: str, config: str | None, guidance_dtype: str, rows_per_fragment: int | None = None
+                 ) -> EmbedConfig:
     """The job's settings: ``config`` (default jobs/embed.toml); at real row size the fragment, read-unit
     and writer settings come from jobs/embed_gpu.toml (the real-size defaults) unless ``config`` is given."""
     cfg = load_config(EmbedConfig, config if config else project_file("embed.toml"))
@@ -302,12 +324,13 @@ def bench_config(row_size: str, config: str | None, guidance_dtype: str) -> Embe
         writers = max(1, min(gpu.writers, int(free / cfg.decode_cpus + 1e-9)))
         cfg = replace(cfg, rows_per_fragment=gpu.rows_per_fragment, read_rows=gpu.read_rows, writers=writers,
                       ip=ip, mllm=mllm)
-    return replace(cfg, guidance_dtype=guidance_dtype)
+    cfg = replace(cfg, guidance_dtype=guidance_dtype)
+    return replace(cfg, rows_per_fragment=rows_per_fragment, read_rows=rows_per_fragment) if rows_per_fragment else cfg
 
 
 def run_bench(pairs: int = 1024, profile_name: str = "bench", seed: int = 0, workdir: str | None = None,
               fmt: str = "sample", row_size: str = "bench", guidance_dtype: str = "fp16",
-              config: str | None = None) -> dict[str, Any]:
+              config: str | None = None, rows_per_fragment: int | None = None) -> dict[str, Any]:
     """Generate a sample (``fmt`` as in ``img data sample --format``), run the job and the bare loop on it."""
     if fmt not in FORMATS:
         raise UserError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}. Pass --format pickapic "
@@ -319,7 +342,9 @@ def run_bench(pairs: int = 1024, profile_name: str = "bench", seed: int = 0, wor
     real = row_size == "real"
     if real:
         profile_name = REAL_PROFILE
-    cfg = bench_config(row_size, config, guidance_dtype)
+    if rows_per_fragment is not None and rows_per_fragment < 1:
+        raise UserError(f"--rows-per-fragment must be >= 1, got {rows_per_fragment}.")
+    cfg = bench_config(row_size, config, guidance_dtype, rows_per_fragment)
     root = tempfile.mkdtemp(prefix="img-bench-embed-", dir=workdir)
     try:
         return _run(root, pairs, profile_name, seed, fmt, real, cfg)
@@ -328,22 +353,18 @@ def run_bench(pairs: int = 1024, profile_name: str = "bench", seed: int = 0, wor
 
 
 def _run(root: str, pairs: int, profile_name: str, seed: int, fmt: str, real: bool, cfg: EmbedConfig) -> dict:
-    import torch
+    import psutil
 
     data, lake = os.path.join(root, "data"), os.path.join(root, "lake")
     write_sample(data, pairs=pairs, seed=seed, corrupt=0.0, ties=0.0, fmt=fmt)
     # The bare loop gets its best thread setting (1 thread, or all cores): the ratio is against the faster one.
-    threads_before = torch.get_num_threads()
     bare_runs = {}
     for threads in sorted({1, os.cpu_count() or 1}) if not real else [1]:  # stand-ins do not use torch threads
-        torch.set_num_threads(threads)
-        bare_lake = os.path.join(root, f"bare-{threads}")
-        bare_runs[threads] = _bare_loop(data, profile_name, cfg, real, bare_lake)
-        shutil.rmtree(bare_lake, ignore_errors=True)
-    torch.set_num_threads(threads_before)
+        bare_runs[threads] = bare_loop(data, profile_name, cfg, real, os.path.join(root, f"bare-{threads}"), threads)
     best = max(bare_runs, key=lambda t: bare_runs[t]["pairs"] / bare_runs[t]["seconds"])
     bare = bare_runs[best]
     load_before = os.getloadavg()
+    driver_rss = psutil.Process().memory_info().rss
     t0 = time.perf_counter()
     ray_s = _init_ray()  # inside the timed run: Ray's start-up is part of the job's cost
     with MemorySampler() as mem:
@@ -354,10 +375,7 @@ def _run(root: str, pairs: int, profile_name: str, seed: int, fmt: str, real: bo
     shutil.rmtree(lake, ignore_errors=True)  # GBs at real row size
     # the machine's load drifts (it is shared): the bare loop runs again after the job, and the baseline is the
     # mean of its rates before and after
-    torch.set_num_threads(best)
-    after = _bare_loop(data, profile_name, cfg, real, os.path.join(root, "bare-after"))
-    shutil.rmtree(os.path.join(root, "bare-after"), ignore_errors=True)
-    torch.set_num_threads(threads_before)
+    after = bare_loop(data, profile_name, cfg, real, os.path.join(root, "bare-after"), best)
     job_rate = summary.written / job_s
     bare_rate = (bare["pairs"] / bare["seconds"] + after["pairs"] / after["seconds"]) / 2
     steady = (summary.written - summary.first_commit_pairs) / max(summary.seconds - summary.first_commit_seconds, 1e-9)
@@ -400,7 +418,7 @@ def _run(root: str, pairs: int, profile_name: str, seed: int, fmt: str, real: bo
             # CPU seconds the writer processes spent (Lance's threads included) per MB written: cores per GB/s
             "writer_MB_per_cpu_s": round(disk_mb / max(summary.time_split.get("cpu_write", 0.0), 1e-9), 1),
             "bare_MB_per_s_written": round(bare_rate * summary.bytes_per_pair / 1e6, 1),
-            "memory": mem.report(),
+            "memory": {"driver_rss_at_start_gb": round(driver_rss / 2**30, 3), **mem.report()},
             "object_store": mem.spill_report(),
             "fragments": frags,
         })

@@ -118,7 +118,7 @@ def _run(root: Path, steps: int, warmup: int, batch_size: int, rows: int, guidan
         loss, _ = iupo_loss(pred, ref_pred, batch.winner, batch.loser, lam=cfg.lam, terms=cfg.terms)
         engine.backward(loss)
         engine.step()
-        return float(loss)
+        return float(loss.detach())
 
     from torch.utils.flop_counter import FlopCounterMode
 

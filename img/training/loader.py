@@ -4,14 +4,21 @@
     for batch in loader:             # endless; epochs follow each other
         batch.loser, batch.winner    # (B, N, D) torch tensors in the lake dtype (fp16/bf16)
         batch.guidance, batch.mask   # (B, L_max, E) padded per batch, (B, L_max) bool True = valid
-        batch.to("cuda", torch.bfloat16)  # pads each row straight into the device tensor
+        batch.to("cuda", torch.bfloat16)  # the training dtype on the device
         state = loader.state_dict()  # {epoch, position, ...}: the next batch to be yielded
     loader.load_state_dict(state)    # continue the data order exactly (``--resume``)
 
-Design (reference-facts.md, "Tooling facts"):
-- The MLLM guidance is a Lance *blob* column; it is read with the blob API
-  (``read_blobs`` / ``take_blobs``), which reads as fast as a flat memmap, then
-  ``np.frombuffer``. The small image tokens are FixedSizeList columns read with ``take``.
+Design:
+- The MLLM guidance is a Lance *blob* column. A local lake written by the embed
+  job (Lance format 2.1) keeps each blob inside its fragment's data file, at the
+  ``position`` its blob description gives: the loader memory-maps the data files
+  and copies (fp8: dequantises) each row straight into the padded batch, and
+  reads the token columns with Lance's file reader on the same files (several
+  times cheaper per row than a dataset ``take``). Positions and lengths are read
+  once when the loader starts; the first blob of every mapped file is compared
+  with Lance's own read of it. Other lakes (object stores, format 2.2, which puts
+  each large blob in a file of its own) are read with ``take`` and ``take_blobs``
+  (``blob_api``). Measured in ``img bench loader``.
 - The versions of ``features`` and ``pairs`` are pinned when the loader starts
   (and saved in its state), so an embed job appending to the lake never changes
   the order of a running or resumed training run.
@@ -22,9 +29,10 @@ Design (reference-facts.md, "Tooling facts"):
 - Each epoch is a permutation of the training pairs drawn from (seed, epoch),
   truncated to a multiple of world_size * batch_size so all ranks step together,
   and dealt round-robin to ranks: shards are disjoint within an epoch.
-- Each blob is read whole (``take_blobs`` + ``readinto``) into a recycled buffer
-  (see ``BufferPool``) and wrapped without a copy; padding happens once, fused
-  with the dtype/device copy in ``Batch.to``.
+- The padded (B, L_max, E) guidance is written by the reader threads into a
+  recycled buffer (see ``BufferPool``), in ``pad_dtype`` (default: the lake's
+  16-bit dtype; fp8 lakes are dequantised into it; ``"fp8"`` keeps the e4m3 bytes
+  and scales for ``Batch.to`` to dequantise on the device).
 - Prefetching uses threads (Lance releases the GIL while reading and is not
   fork-safe): one thread assembles up to ``prefetch`` batches ahead and
   ``num_workers`` threads read the blob rows of a batch in parallel
@@ -56,7 +64,7 @@ from schemas.meta import read_provenance
 log = logging.getLogger(__name__)
 
 GuidanceSource = Literal["mllm", "text", "none"]
-MAX_MAPPED_FILES = 4096  # data files kept open at once (a memory map holds a file descriptor); ~3,300 at 851K pairs
+MAX_MAPPED_FILES = 16384  # open files for memory maps and file readers (half each); 851K pairs in 128-row fragments: 6,650
 GUIDANCE_COLUMNS = {"mllm": "guidance", "text": "text_guidance"}
 
 
@@ -174,14 +182,16 @@ def _two_byte_to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
     return torch.from_numpy(a.view(np.float16))
 
 
-def _raise_open_files_limit(want: int) -> None:
-    """Raise this process's soft limit on open files towards ``want`` (never above the hard limit)."""
+def _raise_open_files_limit(want: int) -> int:
+    """Raise this process's soft limit on open files towards ``want`` (never above the hard limit); the limit."""
     import resource
 
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = want if hard == resource.RLIM_INFINITY else min(want, hard)
     if soft != resource.RLIM_INFINITY and soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return want if soft == resource.RLIM_INFINITY else max(int(soft), 1024 + 64)
 
 
 def _blobs_inline(ds: Any, column: str) -> bool:
@@ -304,8 +314,8 @@ class TrainLoader:
         self.blob_api = self._choose_blob_path(blob_api)  # the path taken: "mmap", "take_blobs" or "read_blobs"
         self._maps: dict[int, np.ndarray | None] = {}  # fragment id -> its data file, memory-mapped (None: not)
         self._maps_lock = threading.Lock()
-        if self.blob_api == "mmap":
-            _raise_open_files_limit(MAX_MAPPED_FILES + 1024)
+        self._verified: set[int] = set()  # fragments whose blob positions were checked against Lance's own read
+        self._max_open = _raise_open_files_limit(MAX_MAPPED_FILES + 1024) - 1024 if self.blob_api == "mmap" else 0
 
         if self.blob_api == "mmap":  # read once: each row's fragment, offset in it, length and blob position
             t = self.ds.to_table(columns=["pair_id", f"{col}_len", col], with_row_address=True)
@@ -531,7 +541,7 @@ class TrainLoader:
                 files = frag.data_files() if frag is not None else []
                 path = self._data_path(files[0].path) if len(files) == 1 else ""
                 self._files[fragment_id] = LanceFileReader(path, columns=columns) if path else None
-                while len(self._files) > MAX_MAPPED_FILES:
+                while len(self._files) > self._max_open // 2:
                     del self._files[next(iter(self._files))]
             return self._files[fragment_id]
 
@@ -555,16 +565,19 @@ class TrainLoader:
             path = self._data_path(files[0].path) if len(files) == 1 else ""
             if path:
                 m = np.memmap(path, dtype=np.uint8, mode="r")
-                k = min(size, 4096)
-                blob = self.ds.take_blobs(self.guidance_column, indices=[row], buffer_size=0)[0]
-                if size and (position + size > len(m) or blob.size() != size
-                             or bytes(m[position: position + k]) != blob.read_range(0, k)
-                             or bytes(m[position + size - k: position + size]) != blob.read_range(size - k, k)):
-                    log.warning("features fragment %d: blob positions do not match its data file; reading it "
-                                "through Lance's blob API instead", fragment_id)
-                    m = None
+                if fragment_id not in self._verified:
+                    k = min(size, 4096)
+                    blob = self.ds.take_blobs(self.guidance_column, indices=[row], buffer_size=0)[0]
+                    if size and (position + size > len(m) or blob.size() != size
+                                 or bytes(m[position: position + k]) != blob.read_range(0, k)
+                                 or bytes(m[position + size - k: position + size]) != blob.read_range(size - k, k)):
+                        log.warning("features fragment %d: blob positions do not match its data file; reading it "
+                                    "through Lance's blob API instead", fragment_id)
+                        m = None
+                    else:
+                        self._verified.add(fragment_id)
             self._maps[fragment_id] = m
-            while len(self._maps) > MAX_MAPPED_FILES:  # bound open files; a map in use lives until its last view
+            while len(self._maps) > self._max_open // 2:  # bound open files; a map in use lives until its last view
                 del self._maps[next(iter(self._maps))]
             return m
 
