@@ -80,7 +80,7 @@ def test_pad_dtype_converts_while_padding_bf16(lakes):
 @pytest.mark.parametrize("name", ["fp8", "fp8_v22"])
 def test_fp8_is_dequantised_while_padding(lakes, name):
     root, arrays = lakes[name]
-    for pad in (None, torch.float32, "fp8"):
+    for pad in (None, torch.float32, "stored"):
         loader, got = _batches(root, num_workers=2, pad_dtype=pad)
         assert loader.fp8 and loader.blob_api == ("mmap" if name == "fp8" else "take_blobs")
         for b in got[:3]:
@@ -89,15 +89,19 @@ def test_fp8_is_dequantised_while_padding(lakes, name):
                 i, n = _row(pid), int(arrays["lens"][_row(pid)])
                 q, scale = arrays["guidance_fp8"][i]
                 exact = q.view(torch.float8_e4m3fn).float() * scale[:, None]  # torch's own fp8 conversion
-                want = exact if pad in (torch.float32, "fp8") else exact.half().float()
+                want = exact if pad in (torch.float32, "stored") else exact.half().float()
                 assert torch.equal(g[j, :n], want), (pad, pid)
                 assert torch.count_nonzero(g[j, n:]) == 0
                 fp16 = torch.from_numpy(arrays["guidance"][i].astype(np.float32))
                 assert float((g[j, :n] - fp16).norm() / fp16.norm()) < 0.05  # e4m3: ~3 % of the values' size
         if pad is None:
             assert got[0].guidance.dtype == torch.float16
-    with pytest.raises(UserError, match="pad_dtype='fp8'"):
+        if pad == "stored":
+            assert got[0]._scale is not None and got[0]._padded.dtype == torch.uint8  # kept as e4m3 bytes
+    with pytest.raises(UserError, match="pad_dtype="):
         TrainLoader(lakes["v21"][0], pad_dtype="fp8")
+    same = TrainLoader(lakes["v21"][0], batch_size=8, heldout_fraction=0.0, pad_dtype="stored")
+    assert same.pad_dtype == torch.float16  # a 16-bit lake: "stored" is the default
 
 
 def test_a_wrong_blob_position_is_caught_and_read_through_lance(lakes, caplog):

@@ -181,7 +181,7 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (table, TrainLoad
     "pad_fp32": ("fp16", {"pad_dtype": "float32"}),  # CPU training: fp16 -> fp32 while padding
     "fp8": ("fp8", {}),  # fp8 table, dequantised into fp16 while padding
     "fp8_pad_fp32": ("fp8", {"pad_dtype": "float32"}),
-    "fp8_kept": ("fp8", {"pad_dtype": "fp8"}),  # e4m3 bytes + scales padded; dequantised later, on the device
+    "fp8_kept": ("fp8", {"pad_dtype": "stored"}),  # e4m3 bytes + scales padded; dequantised later, on the device
 }
 
 

@@ -92,7 +92,7 @@ def _run(root: Path, steps: int, warmup: int, batch_size: int, rows: int, guidan
     rank, world, local_rank = dist_env()
     loader = TrainLoader(str(root), rank=rank, world_size=world, batch_size=cfg.batch_size, seed=cfg.seed,
                          heldout_fraction=cfg.heldout_fraction, guidance=cfg.guidance, num_workers=cfg.num_workers,
-                         prefetch=cfg.prefetch)
+                         prefetch=cfg.prefetch, pad_dtype="stored" if torch.cuda.is_available() else None)
     acfg = resolve_aligner_config(PROFILE, loader.dims, cfg.guidance, str(root))
     device, bf16, dtype = init_distributed(local_rank, cfg.precision)
     torch.manual_seed(cfg.seed)

@@ -31,8 +31,8 @@ Design:
   and dealt round-robin to ranks: shards are disjoint within an epoch.
 - The padded (B, L_max, E) guidance is written by the reader threads into a
   recycled buffer (see ``BufferPool``), in ``pad_dtype`` (default: the lake's
-  16-bit dtype; fp8 lakes are dequantised into it; ``"fp8"`` keeps the e4m3 bytes
-  and scales for ``Batch.to`` to dequantise on the device).
+  16-bit dtype; fp8 lakes are dequantised into it; ``"stored"`` pads the values as
+  stored, so fp8 stays e4m3 bytes + scales for ``Batch.to`` to dequantise on the device).
 - Prefetching uses threads (Lance releases the GIL while reading and is not
   fork-safe): one thread assembles up to ``prefetch`` batches ahead and
   ``num_workers`` threads read the blob rows of a batch in parallel
@@ -86,7 +86,7 @@ class Batch:
 
     ``batch.guidance`` / ``batch.mask`` give the padded (B, L_max, E) tensor and its (B, L_max)
     mask (True = valid). ``batch.to(device, dtype)`` converts (a no-op when the loader already
-    padded into that dtype on that device). A batch of fp8 guidance kept as read (``pad_dtype="fp8"``)
+    padded into that dtype on that device). A batch of fp8 guidance kept as read (``pad_dtype="stored"``)
     holds the e4m3 bytes and (B, L_max) scales and is dequantised on the target device by ``to``.
     """
 
@@ -277,7 +277,7 @@ class TrainLoader:
         version: int | None = None,
         pairs_version: int | None = None,
         blob_api: Literal["auto", "mmap", "take_blobs", "read_blobs"] = "auto",
-        pad_dtype: torch.dtype | Literal["fp8"] | None = None,
+        pad_dtype: torch.dtype | Literal["stored"] | None = None,
     ) -> None:
         if guidance not in ("mllm", "text", "none"):
             raise UserError(f"guidance source {guidance!r} must be 'mllm', 'text' or 'none'. "
@@ -304,13 +304,12 @@ class TrainLoader:
         self._torch_dtype = torch.bfloat16 if self.dims.dtype == "bfloat16" else torch.float16
         # fp8 guidance: 1-byte e4m3 values + a float32 scale per token (the text guidance is always 16-bit)
         self.fp8 = col == "guidance" and self.dims.guidance_dtype == features_schema.FP8
-        if pad_dtype == "fp8" and not self.fp8:
-            raise UserError(f"pad_dtype='fp8' keeps fp8 guidance as read, but {lake_mod.table_uri(lake, 'features')} "
-                            "stores 16-bit guidance. Pass pad_dtype=None.")
-        if pad_dtype is not None and pad_dtype != "fp8" and not (isinstance(pad_dtype, torch.dtype)
-                                                                 and pad_dtype.is_floating_point):
-            raise UserError(f"pad_dtype={pad_dtype!r} must be None, 'fp8' or a torch floating dtype.")
-        self.pad_dtype = self._torch_dtype if pad_dtype is None else pad_dtype
+        if pad_dtype is not None and pad_dtype != "stored" and not (isinstance(pad_dtype, torch.dtype)
+                                                                    and pad_dtype.is_floating_point):
+            raise UserError(f"pad_dtype={pad_dtype!r} must be None, 'stored' or a torch floating dtype.")
+        # "stored": fp8 stays e4m3 bytes + scales (Batch.to dequantises on the device); 16-bit as the default
+        self.pad_dtype = "fp8" if pad_dtype == "stored" and self.fp8 else \
+            self._torch_dtype if pad_dtype in (None, "stored") else pad_dtype
         self.blob_api = self._choose_blob_path(blob_api)  # the path taken: "mmap", "take_blobs" or "read_blobs"
         self._maps: dict[int, np.ndarray | None] = {}  # fragment id -> its data file, memory-mapped (None: not)
         self._maps_lock = threading.Lock()
