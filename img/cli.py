@@ -17,6 +17,7 @@ shown as its flag (`` `run_dir` `` -> ``--run-dir``) and exits 2, with no traceb
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -64,6 +65,21 @@ def _echo_figures(figures: dict, as_json: bool, line: str) -> None:
     if not as_json:
         typer.echo(line)
     typer.echo(json.dumps(figures, indent=2))
+
+
+@contextlib.contextmanager
+def _stdout_to_stderr():
+    """While a benchmark runs, anything libraries print to stdout (DeepSpeed's accelerator notice, Ray) goes to
+    stderr, at the file-descriptor level, so stdout carries exactly one JSON document."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        os.dup2(2, 1)
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 @app.callback()
@@ -302,18 +318,35 @@ def jobs_eval(
 
 @bench_app.command("embed")
 def bench_embed(
-    pairs: int = typer.Option(1024, "--pairs", help="Pairs in the generated sample."),
-    profile: str = typer.Option("bench", "--profile", help="Profile whose models do the work."),
+    pairs: Optional[int] = typer.Option(None, "--pairs", help="Pairs in the generated sample (default 1024; "
+                                        "200 with --row-size real, 6.8 MB each)."),
+    profile: str = typer.Option("bench", "--profile", help="Profile whose models do the work (not with --row-size real)."),
     fmt: str = typer.Option("sample", "--format", help="Sample format, as in `img data sample --format`: "
                             "sample or pickapic (exactly the published columns)."),
+    row_size: str = typer.Option("bench", "--row-size", help="bench: the bench profile's models and rows; real: "
+                                 "stand-in stages write rows of the real size (guidance 650 x 5120) through the "
+                                 "same pipeline."),
+    guidance_dtype: str = typer.Option("fp16", "--guidance-dtype", help="Guidance on disk: fp16 or fp8."),
+    config: Optional[Path] = typer.Option(None, "--config", help="Embed TOML (default jobs/embed.toml; at real row "
+                                          "size with fragment/read/writer settings of jobs/embed_gpu.toml)."),
+    rows_per_fragment: Optional[int] = typer.Option(None, "--rows-per-fragment", help="Override rows_per_fragment "
+                                                    "(and read_rows) of the config."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder for the temporary sample and lakes "
+                                           "(default: system temp; removed at the end)."),
     as_json: bool = typer.Option(False, "--json", help="Print only the JSON figures."),
 ) -> None:
     """Embed job (Ray + Lance) vs a bare in-process loop over the same models and data."""
-    from img.app.bench_embed import run_bench
-
+    if row_size not in ("bench", "real"):
+        raise UserError(f"--row-size must be 'bench' or 'real', got {row_size!r}.")
+    pairs = pairs if pairs is not None else (200 if row_size == "real" else 1024)
     if pairs < 8:
         raise UserError(f"--pairs must be >= 8, got {pairs}. Pass a larger sample size.")
-    r = run_bench(pairs=pairs, profile_name=profile, fmt=fmt)
+    with _stdout_to_stderr():
+        from img.app.bench_embed import run_bench
+
+        r = run_bench(pairs=pairs, profile_name=profile, fmt=fmt, row_size=row_size,
+                      guidance_dtype=guidance_dtype, config=str(config) if config else None,
+                      workdir=str(workdir) if workdir else None, rows_per_fragment=rows_per_fragment)
     _echo_figures(r, as_json, f"job {r['job_pairs_per_s']} pairs/s, bare {r['bare_pairs_per_s']} pairs/s, "
                               f"ratio {r['ratio']}, bytes_ratio {r['bytes_ratio']}")
 
@@ -395,13 +428,34 @@ def bench_loader(
     workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder for the temporary table (default: system temp)."),
 ) -> None:
     """Training loader (Lance blobs) vs a raw memmap read of the same bytes, same order, batch 8."""
-    from img.app.bench_loader import run_bench
-
     if rows < 8:
         raise UserError(f"--rows must be >= 8 (one batch), got {rows}. Pass a larger row count.")
-    r = run_bench(rows=rows, small=small, workdir=str(workdir) if workdir else None)
+    with _stdout_to_stderr():
+        from img.app.bench_loader import run_bench
+
+        r = run_bench(rows=rows, small=small, workdir=str(workdir) if workdir else None)
     _echo_figures(r, as_json, f"loader {r['loader_samples_per_s']} samples/s, raw memmap {r['raw_samples_per_s']} "
                               f"samples/s, ratio {r['ratio']}")
+
+
+@bench_app.command("train")
+def bench_train(
+    as_json: bool = typer.Option(False, "--json", help="Print only the JSON figures."),
+    steps: int = typer.Option(6, "--steps", help="Timed training steps (after --warmup)."),
+    warmup: int = typer.Option(2, "--warmup", help="Untimed steps first (one of them counts the FLOPs)."),
+    batch_size: int = typer.Option(2, "--batch-size", help="Samples per step."),
+    rows: int = typer.Option(16, "--rows", help="Rows of real size (6.8 MB each) in the temporary lake."),
+    guidance_dtype: str = typer.Option("fp16", "--guidance-dtype", help="Guidance in the lake: fp16 or fp8."),
+    workdir: Optional[Path] = typer.Option(None, "--workdir", help="Folder for the temporary lake (default: system temp)."),
+) -> None:
+    """DeepSpeed steps of the SDXL-size aligner (195M parameters) on guidance of 650 x 5120, through the real loader."""
+    with _stdout_to_stderr():
+        from img.app.bench_train import run_bench
+
+        result = run_bench(steps=steps, warmup=warmup, batch_size=batch_size, rows=rows,
+                           guidance_dtype=guidance_dtype, workdir=str(workdir) if workdir else None)
+    _echo_figures(result, as_json, f"{result['samples_per_s']} samples/s, peak RSS {result['peak_rss_gb']} GB, "
+                  f"{result['flops_per_sample'] / 1e9:.1f} GFLOP and {result['bytes_per_sample'] / 1e6:.2f} MB per sample")
 
 
 # ---------------------------------------------------------------- lake

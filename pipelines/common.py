@@ -19,12 +19,16 @@ from img.progress import progress_bars
 log = logging.getLogger(__name__)
 
 
-def init_ray() -> None:
-    """Start Ray here, or join the cluster of ``RAY_ADDRESS``; quiet its logs and progress bars."""
+def init_ray() -> float:
+    """Start Ray here, or join the cluster of ``RAY_ADDRESS``; quiet its logs and progress bars.
+
+    Returns the seconds it took (0 when Ray is already up).
+    """
     import ray
 
     if ray.is_initialized():
-        return
+        return 0.0
+    t0 = time.perf_counter()
     # Ray starts its processes with fork+exec; no Lance handle is used in a forked child, so the warning is moot.
     warnings.filterwarnings("ignore", message="lance is not fork-safe")
     if os.environ.get("RAY_ADDRESS"):
@@ -38,6 +42,7 @@ def init_ray() -> None:
     ctx.enable_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False
+    return time.perf_counter() - t0
 
 
 def check_cluster_fits(job: str, pools: Sequence[Any], fixed_cpus: float, fixed: str, sections: str) -> None:

@@ -20,7 +20,6 @@ real one. Ray starts embedded unless ``RAY_ADDRESS`` points at a cluster.
 """
 from __future__ import annotations
 
-import io
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
+from img import fp8
 from img.config import fingerprint
 from img.errors import UserError
 from img.features import GuidanceEncoder, IPTokenEncoder, TextGuidanceEncoder
@@ -40,187 +40,27 @@ from img.lake.lock import writer_lock
 from img.models.profiles import get_profile
 from img.models.tiny import tiny_dir
 from img.paths import check_lake_folder
-from img.questions import question_for, questions_id, resolve_questions
+from img.questions import questions_id, resolve_questions
 from pipelines.common import JobProgress, check_cluster_fits, init_ray
-from pipelines.embed_config import EmbedConfig
-from pipelines.source import READ_ERRORS, SourceShard, describe_error, list_shards, plan_units
+from pipelines.embed_config import ActorPool, EmbedConfig
+from pipelines.embed_io import (  # noqa: F401 (Decode, read_unit(s) are re-exported for callers of this module)
+    TIMERS,
+    Decode,
+    WriteFragments,
+    _process_start,
+    _ragged,
+    read_and_decode,
+    read_unit,
+    read_units,
+)
+from pipelines.source import list_shards, plan_units
 from schemas import features as features_schema
 from schemas import pairs as pairs_schema
 from schemas import quarantine as quarantine_schema
 from schemas.meta import with_provenance
-from schemas.pickapic import REQUIRED
-from schemas.pickapic import SCHEMA as PUBLISHED
 
 log = logging.getLogger(__name__)
-
-TIMERS = ("t_read", "t_decode", "t_ip", "t_mllm", "t_text", "t_write")
-
-
-# ----------------------------------------------------------------------------- stages
-def read_units(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """Read a batch of units; see ``read_unit``."""
-    parts = [read_unit({k: batch[k][i] for k in batch}) for i in range(len(batch["shard"]))]
-    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-
-
-def _text(values: list) -> np.ndarray:
-    """Strings as an object array with "" for null: an all-null column would reach the next Ray stage as floats."""
-    return np.array([v if isinstance(v, str) else "" for v in values], dtype=object)
-
-
-def _plain(t: pa.DataType) -> bool:
-    """A flat type every reader decodes (numbers, bools, times, strings, bytes)."""
-    return pa.types.is_primitive(t) or pa.types.is_string(t) or pa.types.is_large_string(t) \
-        or pa.types.is_binary(t) or pa.types.is_large_binary(t)
-
-
-def _read_rows(shard: SourceShard, unit: dict[str, Any], rows: list[int]) -> dict[str, list]:
-    """The unit's rows (indices in the shard) of its row group, read up to the last one, as column lists."""
-    import pyarrow.parquet as pq
-
-    stream = bool(unit.get("stream", False))  # a huge row group: read page by page, not whole
-    with shard.open() as f:
-        pf = pq.ParquetFile(f, pre_buffer=not stream, buffer_size=(8 << 20) if stream else 0)
-        schema = pf.schema_arrow
-        cols = list(REQUIRED)
-        if "broken" in schema.names and pa.types.is_string(schema.field("broken").type):
-            cols.append("broken")  # the shapes-world sample's extra column
-        # The other published columns are decoded too, not kept: a damaged page anywhere in the
-        # published data makes the rows unreadable. Columns outside the published set are never read.
-        checked = [c for c in PUBLISHED.names if c in schema.names and c not in cols and _plain(schema.field(c).type)]
-        want = [r - int(unit["rg_start"]) for r in rows]
-        d: dict[str, list] = {c: [] for c in cols}
-        seen = 0
-        for b in pf.iter_batches(batch_size=64, row_groups=[int(unit["row_group"])], columns=cols + checked,
-                                 use_threads=False):
-            idx = [w - seen for w in want if seen <= w < seen + b.num_rows]
-            for c in cols:  # scalar access works for every accepted type (view types have no take kernel)
-                col = b.column(c)
-                d[c] += [col[i].as_py() for i in idx]
-            seen += b.num_rows
-            if seen > want[-1]:
-                break
-    if len(d["label_0"]) != len(rows):
-        raise OSError(f"row group holds {seen} rows, fewer than the footer says")
-    return d
-
-
-def read_unit(unit: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Read one unit (todo rows of one row group) and orient each pair as (winner, loser).
-
-    A unit that cannot be read (a damaged page, say) comes back with every row
-    carrying a ``read_error`` that names the shard, the row group's rows and the
-    error; those rows go to ``quarantine``.
-    """
-    t0 = time.perf_counter()
-    shard = SourceShard(**json.loads(str(unit["shard"])))
-    rows = json.loads(str(unit["rows"]))
-    n = len(rows)
-    d, read_error = None, ""
-    attempts = 1 if "://" not in shard.uri else 3  # object stores: retry transient errors first
-    for attempt in range(attempts):
-        try:
-            d, read_error = _read_rows(shard, unit, rows), ""
-            break
-        except READ_ERRORS as e:
-            if isinstance(e, NotImplementedError):  # a limit of ours, not damage: fail loudly
-                raise
-            lo = int(unit["rg_start"])
-            hi = lo + int(unit["rg_rows"]) - 1
-            read_error = (f"shard {shard.name} row group {int(unit['row_group'])} (rows {lo}-{hi}): "
-                          f"unreadable ({describe_error(e)})")
-            if attempt + 1 < attempts:
-                time.sleep(2.0 * (attempt + 1))
-    if d is None:
-        log.warning("%s; its %d todo rows are quarantined", read_error, n)
-        d = {c: [None] * n for c in REQUIRED}
-        d["label_0"] = [1.0] * n
-    first = np.array([lab == 1.0 for lab in d["label_0"]])
-    out = {
-        "pair_id": np.array([f"{shard.name}#{r}" for r in rows], dtype=object),
-        "source": np.array([shard.uri] * n, dtype=object),
-        "row": np.array(rows, dtype=np.int64),
-        "caption": _text(d["caption"]),
-        "winner_jpg": np.array([a if f else b for a, b, f in zip(d["jpg_0"], d["jpg_1"], first)], dtype=object),
-        "loser_jpg": np.array([b if f else a for a, b, f in zip(d["jpg_0"], d["jpg_1"], first)], dtype=object),
-        "winner_uid": _text([a if f else b for a, b, f in zip(d["image_0_uid"], d["image_1_uid"], first)]),
-        "loser_uid": _text([b if f else a for a, b, f in zip(d["image_0_uid"], d["image_1_uid"], first)]),
-        "best_image_uid": _text(d["best_image_uid"]),
-        "broken": _text(d.get("broken", [None] * n)),  # "" = none; written as null
-        "read_error": np.array([read_error] * n, dtype=object),
-    }
-    out["t_read"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
-    return out
-
-
-class Decode:
-    """Fully decode both JPEGs; a row that cannot be embedded gets an ``error`` reason instead."""
-
-    def __init__(self, min_side: int, max_pixels: int, question_seed: int, questions: Sequence[str] | None = None):
-        self.min_side, self.max_pixels, self.question_seed = min_side, max_pixels, question_seed
-        self.questions = questions  # question templates (None: our pool)
-
-    def _decode(self, data: Any, which: str) -> tuple[np.ndarray | None, str | None]:
-        from PIL import Image
-
-        if data is None or len(data) == 0:
-            return None, f"{which}: empty image bytes"
-        try:
-            with Image.open(io.BytesIO(data)) as im:
-                w, h = im.size
-                if min(w, h) < self.min_side:
-                    return None, f"{which}: impossible image size {w}x{h} (min side {self.min_side})"
-                if w * h > self.max_pixels:
-                    return None, f"{which}: impossible image size {w}x{h} (> {self.max_pixels} pixels)"
-                im.load()
-                return np.asarray(im.convert("RGB")), None
-        except Exception as e:  # noqa: BLE001 - any decoder failure is a property of the data
-            detail = "not an image file" if type(e).__name__ == "UnidentifiedImageError" else str(e)[:120]
-            return None, f"{which}: does not decode ({type(e).__name__}: {detail})"
-
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-
-        t0 = time.perf_counter()
-        n = len(batch["pair_id"])
-        winners, losers, errors, questions = [], [], [], []
-        for i in range(n):
-            err = batch["read_error"][i] or None  # the whole unit could not be read
-            caption = str(batch["caption"][i]).strip()
-            if err:
-                pass
-            elif not caption:
-                err = "empty caption"
-            elif batch["winner_uid"][i] != batch["best_image_uid"][i]:
-                err = "label_0 disagrees with best_image_uid"
-            w, ew = self._decode(batch["winner_jpg"][i], "winner")
-            lo, el = self._decode(batch["loser_jpg"][i], "loser")
-            err = err or ew or el
-            blank = np.zeros((1, 1, 3), np.uint8)
-            winners.append(w if err is None else blank)
-            losers.append(lo if err is None else blank)
-            errors.append(err or "")
-            questions.append(question_for(caption, str(batch["pair_id"][i]), self.question_seed, self.questions)
-                             if caption else "")
-        out = {k: v for k, v in batch.items() if k not in ("winner_jpg", "loser_jpg")}
-        out["winner_image"] = _ragged(winners)
-        out["loser_image"] = _ragged(losers)
-        out["error"] = np.array(errors, dtype=object)
-        out["question"] = np.array(questions, dtype=object)
-        out["t_decode"] = np.full(n, (time.perf_counter() - t0) / max(n, 1))
-        return out
-
-
-def read_and_decode(batch: dict[str, np.ndarray], min_side: int, max_pixels: int,
-                    question_seed: int, questions: Sequence[str] | None = None) -> dict[str, np.ndarray]:
-    """Read a batch of units, then fully decode their images (one Ray task per unit)."""
-    return Decode(min_side, max_pixels, question_seed, questions)(read_units(batch))
-
-
-def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
-    out = np.empty(len(arrays), dtype=object)
-    for i, a in enumerate(arrays):
-        out[i] = a
-    return out
+IMPORTED_AT = time.time()  # this module's imports are done (torch etc. for the model stages): the start-up split
 
 
 def _to_storage(t, dtype: str) -> np.ndarray:
@@ -232,14 +72,26 @@ def _to_storage(t, dtype: str) -> np.ndarray:
     return t.to(torch.float16).contiguous().numpy()
 
 
-def _unpadded(column: str, hidden: list, idx: np.ndarray, n: int, dtype: str) -> dict[str, np.ndarray]:
-    """Per-row (L_i, E) tensors as blob bytes in ``column`` plus their lengths; rows not in ``idx`` stay empty."""
+def _unpadded(column: str, hidden: list, idx: np.ndarray, n: int, dtype: str,
+              guidance_dtype: str = "fp16") -> dict[str, np.ndarray]:
+    """Per-row (L_i, E) tensors as blob bytes in ``column`` plus their lengths; rows not in ``idx`` stay empty.
+
+    ``guidance_dtype="fp8"``: the blob holds float8 e4m3 bytes and ``<column>_scale`` one float32 scale per token.
+    """
     blobs = [b""] * n
     lens = np.zeros(n, np.int32)
+    scales = [np.zeros(0, np.float32)] * n if guidance_dtype == "fp8" else None
     for i, h in zip(idx, hidden):
-        blobs[i] = _to_storage(h, dtype).tobytes()
+        if scales is not None:
+            q, scale = fp8.quantize(h)
+            blobs[i], scales[i] = q.numpy().tobytes(), scale.numpy()
+        else:
+            blobs[i] = _to_storage(h, dtype).tobytes()
         lens[i] = h.shape[0]
-    return {column: _ragged(blobs), f"{column}_len": lens}
+    out = {column: _ragged(blobs), f"{column}_len": lens}
+    if scales is not None:
+        out[f"{column}_scale"] = _ragged(scales)
+    return out
 
 
 def _pil(arr: np.ndarray):
@@ -248,15 +100,29 @@ def _pil(arr: np.ndarray):
     return Image.fromarray(np.asarray(arr, dtype=np.uint8))
 
 
+def add_startup(batch: dict[str, np.ndarray], out: dict[str, np.ndarray], entry: dict | None) -> None:
+    """Carry the ``startup`` column (JSON lists of stage start-up records) and add ``entry`` to its first row."""
+    n = len(out["pair_id"])
+    col = np.array(batch["startup"], dtype=object) if "startup" in batch else np.array([""] * n, dtype=object)
+    if entry is not None and n:
+        col[0] = json.dumps((json.loads(col[0]) if col[0] else []) + [entry])
+    out["startup"] = col
+
+
 class _ModelStage:
-    """Base of the model actors: loads its encoder once per actor, runs only on good rows."""
+    """Base of the model actors: loads its encoder once per actor, runs only on good rows.
+
+    Each actor records its start-up (process start -> ``__init__`` = spawn and imports; ``__init__`` = model
+    load) and sends it once, in the ``startup`` column, to the driver's start-up split.
+    """
 
     timer = ""
+    name = ""  # in the start-up split (Ray Data may wrap the class, so not type(self).__name__)
 
-    def __init__(self, profile_name: str, device: str = "auto", threads: int = 0, mllm_adapter: str | None = None,
-                 mllm_adapter_id: str = ""):
+    def __init__(self, profile_name: str, device: str = "auto", threads: int = 0, guidance_dtype: str = "fp16",
+                 batch_size: int = 0, mllm_adapter: str | None = None, mllm_adapter_id: str = ""):
+        t_init = time.time()
         import torch
-
 
         if threads:
             torch.set_num_threads(threads)  # one actor per core share; Ray's OMP default may differ
@@ -265,7 +131,10 @@ class _ModelStage:
             raise UserError(f"the MLLM adapter {mllm_adapter!r} changed since the embed job started "
                             f"({mllm_adapter_id} -> {self.profile.mllm_adapter_id}). Re-run the job.")
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        self.guidance_dtype, self.batch_size = guidance_dtype, batch_size
         self.encoder = self.load()
+        self.startup: dict | None = {"stage": self.name, "pid": os.getpid(), "process_start": _process_start(),
+                                     "imported": IMPORTED_AT, "init_start": t_init, "ready": time.time()}
 
     def load(self):
         raise NotImplementedError
@@ -279,6 +148,8 @@ class _ModelStage:
         out = dict(batch)
         out.update(self.compute(batch, good))
         out[self.timer] = np.full(len(good), (time.perf_counter() - t0) / max(len(good), 1))
+        add_startup(batch, out, self.startup)
+        self.startup = None  # sent once
         return out
 
 
@@ -286,9 +157,9 @@ class IPTokens(_ModelStage):
     """IP-Adapter image tokens (penultimate CLIP states -> resampler -> N x D) of winner and loser."""
 
     timer = "t_ip"
+    name = "IPTokens"
 
     def load(self):
-
         return IPTokenEncoder(self.profile, device=self.device)
 
     def compute(self, batch, good):
@@ -307,28 +178,36 @@ class IPTokens(_ModelStage):
 
 
 class Guidance(_ModelStage):
-    """MLLM last-layer hidden states over (loser image + question), unpadded, with their length."""
+    """MLLM last-layer hidden states over (loser image + question), unpadded, with their length.
+
+    ``guidance_dtype="fp8"`` stores them as float8 e4m3 with one scale per token (``img.fp8``);
+    ``batch_size`` > 0 runs the MLLM on chunks of that many rows (used when it shares an actor).
+    """
 
     timer = "t_mllm"
+    name = "Guidance"
 
     def load(self):
-
         return GuidanceEncoder(self.profile, device=self.device)
 
     def compute(self, batch, good):
         idx = np.flatnonzero(good)
-        hidden = self.encoder([_pil(batch["loser_image"][i]) for i in idx],
-                              [str(batch["question"][i]) for i in idx]) if len(idx) else []
-        return _unpadded("guidance", hidden, idx, len(good), self.profile.tensor_dtype)
+        step = self.batch_size or max(len(idx), 1)
+        hidden = []
+        for s in range(0, len(idx), step):
+            part = idx[s: s + step]
+            hidden += self.encoder([_pil(batch["loser_image"][i]) for i in part],
+                                   [str(batch["question"][i]) for i in part])
+        return _unpadded("guidance", hidden, idx, len(good), self.profile.tensor_dtype, self.guidance_dtype)
 
 
 class TextGuidance(_ModelStage):
-    """The diffusion text encoders' caption embeddings (for the text-only guidance ablation)."""
+    """The diffusion text encoders' caption embeddings (for the text-only guidance ablation; always 16-bit)."""
 
     timer = "t_text"
+    name = "TextGuidance"
 
     def load(self):
-
         return TextGuidanceEncoder(self.profile, device=self.device)
 
     def compute(self, batch, good):
@@ -337,54 +216,22 @@ class TextGuidance(_ModelStage):
         return _unpadded("text_guidance", hidden, idx, len(good), self.profile.tensor_dtype)
 
 
-class WriteFragments:
-    """Write one batch as uncommitted fragments of features / pairs / quarantine; return their metadata."""
+class FusedModels:
+    """IP tokens, then guidance, in one actor (``fuse_models``): one process imports torch and holds both models.
 
-    def __init__(self, lake: str, schemas: dict[str, pa.Schema], storage_options: dict[str, str]):
-        self.lake, self.schemas, self.storage_options = lake, schemas, storage_options or None
+    The guidance runs in chunks of ``mllm_batch_size`` rows of each (IP-sized) batch.
+    """
+
+    def __init__(self, profile_name: str, device: str = "auto", threads: int = 0, guidance_dtype: str = "fp16",
+                 mllm_batch_size: int = 0, mllm_adapter: str | None = None, mllm_adapter_id: str = ""):
+        adapter = {"mllm_adapter": mllm_adapter, "mllm_adapter_id": mllm_adapter_id}
+        self.stages = [IPTokens(profile_name, device, threads, **adapter),
+                       Guidance(profile_name, device, threads, guidance_dtype, mllm_batch_size, **adapter)]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        t0 = time.perf_counter()
-        good = np.array([e == "" for e in batch["error"]], dtype=bool)
-        gi, bi = np.flatnonzero(good), np.flatnonzero(~good)
-        fs = self.schemas["features"]
-        feat = {"pair_id": [batch["pair_id"][i] for i in gi]}
-        nbytes = 0
-        for col in ("winner_tokens", "loser_tokens"):
-            arr = np.ascontiguousarray(batch[col][gi]).reshape(-1)
-            width = fs.field(col).type.list_size
-            feat[col] = pa.FixedSizeListArray.from_arrays(pa.array(arr, pa.float16()), width)
-            nbytes += arr.nbytes
-        for col in ("guidance", "text_guidance"):
-            if col in fs.names:
-                vals = [bytes(batch[col][i]) for i in gi]
-                feat[col] = pa.array(vals, pa.large_binary())
-                feat[f"{col}_len"] = pa.array([int(batch[f"{col}_len"][i]) for i in gi], pa.int32())
-                nbytes += sum(len(v) for v in vals)
-        pairs = {k: [batch[k][i] for i in gi] for k in ("pair_id", "caption", "question", "winner_uid", "loser_uid",
-                                                        "source", "row")}
-        pairs["broken"] = [batch["broken"][i] or None for i in gi]  # "" stands for null between stages
-        quarantine = {
-            "pair_id": [batch["pair_id"][i] for i in bi], "source": [batch["source"][i] for i in bi],
-            "row": [int(batch["row"][i]) for i in bi], "reason": [batch["error"][i] for i in bi],
-            "caption": [batch["caption"][i] for i in bi],
-        }
-        out = {}
-        for name, cols in (("features", feat), ("pairs", pairs), ("quarantine", quarantine)):
-            table = pa.table(cols, schema=self.schemas[name]) if len(cols["pair_id"]) else None
-            frags = lake_mod.write_fragments(self.lake, name, table, self.schemas[name], self.storage_options) \
-                if table is not None else []
-            out[name] = np.array([json.dumps(frags)], dtype=object)
-        t_write = time.perf_counter() - t0
-        out["n_good"] = np.array([len(gi)])
-        out["n_bad"] = np.array([len(bi)])
-        out["n_unreadable"] = np.array([sum(1 for e in batch.get("read_error", ()) if e)])
-        out["tensor_bytes"] = np.array([nbytes])
-        for t in TIMERS:
-            out[t] = np.array([float(np.sum(batch[t])) if t in batch else 0.0])
-        out["t_write"] = np.array([t_write])
-        out["written_at"] = np.array([time.time()])  # wall clock, to measure write -> commit lag
-        return out
+        for stage in self.stages:
+            batch = stage(batch)
+        return batch
 
 
 # ----------------------------------------------------------------------------- driver
@@ -403,9 +250,12 @@ class EmbedSummary:
     tensor_bytes_per_pair: float = 0.0
     time_split: dict[str, float] = field(default_factory=dict)
     fingerprint: str = ""
+    # start-up split (seconds from the job's start): ray_init, plan, and per actor process
+    # {stage, pid, spawn_at, imports_s, load_s, ready_at}; first_batch_s = first commit - last actor ready
+    startup: dict[str, Any] = field(default_factory=dict)
 
     def render(self) -> str:
-        split = ", ".join(f"{k[2:]} {v:.1f}s" for k, v in self.time_split.items() if v > 0)
+        split = ", ".join(f"{k[2:]} {v:.1f}s" for k, v in self.time_split.items() if v > 0 and k.startswith("t_"))
         damaged = f" ({self.unreadable} unreadable input)" if self.unreadable else ""
         return (f"embed done in {self.seconds:.1f}s: {self.written} pairs written, {self.quarantined} quarantined{damaged}, "
                 f"{self.skipped_done} skipped as already done, {self.skipped_ties} ties dropped; "
@@ -421,8 +271,11 @@ def table_schemas(profile, cfg: EmbedConfig, fp: str) -> dict[str, pa.Schema]:
              "dtype": profile.tensor_dtype, "profile": profile.name}
     if cfg.text_guidance:
         extra["text_guidance_dim"] = profile.text_guidance_dim()
+    if cfg.guidance_dtype == "fp8":
+        extra["guidance_dtype"] = features_schema.FP8  # the loader dequantises with guidance_scale
     return {
-        "features": with_provenance(features_schema.schema(d.ip_tokens, d.ip_dim, cfg.text_guidance),
+        "features": with_provenance(features_schema.schema(d.ip_tokens, d.ip_dim, cfg.text_guidance,
+                                                           cfg.guidance_dtype),
                                     table="features", version=features_schema.VERSION, model_ids=ids,
                                     fingerprint=fp, extra=extra),
         "pairs": with_provenance(pairs_schema.SCHEMA, table="pairs", version=pairs_schema.VERSION,
@@ -434,16 +287,22 @@ def table_schemas(profile, cfg: EmbedConfig, fp: str) -> dict[str, pa.Schema]:
 
 def embed_fingerprint(profile, cfg: EmbedConfig, questions: Sequence[str] | None = None) -> str:
     """Hash of everything that decides the stored tensors: settings, models, dtype, the MLLM's conversation
-    template and image mode, and the question pool's content (``questions``: the loaded ``cfg.questions``)."""
+    template and image mode, and the question pool's content (``questions``: the loaded ``cfg.questions``).
+
+    The guidance dtype enters as its own key when it is fp8, so fp16 lakes keep the fingerprint they had
+    before the option existed (and can still be extended)."""
     import hashlib
 
-    base = fingerprint(cfg, exclude=EmbedConfig.RUN_KNOBS + EmbedConfig.CONTENT_KEYS)
+    base = fingerprint(cfg, exclude=EmbedConfig.RUN_KNOBS + EmbedConfig.CONTENT_KEYS + ("guidance_dtype",))
     models = profile.model_ids()
     if profile.tiny:  # tiny models are built in code: their build (version + recipe hash) is their identity
         models = {**models, "tiny_build": tiny_dir(profile.tiny).name}
-    blob = json.dumps({"cfg": base, "profile": profile.name, "models": models,
-                       "dtype": profile.tensor_dtype, "mllm_template": profile.mllm_template,
-                       "mllm_image": profile.mllm_image, "questions": questions_id(questions)}, sort_keys=True)
+    parts = {"cfg": base, "profile": profile.name, "models": models,
+             "dtype": profile.tensor_dtype, "mllm_template": profile.mllm_template,
+             "mllm_image": profile.mllm_image, "questions": questions_id(questions)}
+    if cfg.guidance_dtype != "fp16":
+        parts["guidance_dtype"] = cfg.guidance_dtype
+    blob = json.dumps(parts, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -463,14 +322,35 @@ def reconcile(lake: str, storage_options) -> tuple[set[str], int]:
 
 def check_reservations(cfg: EmbedConfig) -> None:
     """Refuse a plan whose actors reserve more CPUs/GPUs than the cluster has (it would stall, not fail)."""
-    pools = [cfg.ip, cfg.mllm] + ([cfg.text] if cfg.text_guidance else [])
-    check_cluster_fits("embed", pools, 2 * cfg.decode_cpus, f"decode/writer 2 x {cfg.decode_cpus:g}",
-                       "[ip]/[mllm]/[text]")
+    check_cluster_fits("embed", model_pools(cfg), (1 + cfg.writers) * cfg.decode_cpus,
+                       f"decode + {cfg.writers} writer(s) x {cfg.decode_cpus:g}", "[ip]/[mllm]/[text]")
+
+
+def model_plan(cfg: EmbedConfig, classes: dict[str, type] | None = None) -> list[tuple[type, ActorPool, dict]]:
+    """The model actor pools as (stage class, pool settings, constructor kwargs), in pipeline order.
+
+    ``classes`` replaces stage classes by role ("ip", "mllm", "text", "fused"), e.g. with the stand-ins of
+    ``img bench embed --row-size real``, which keep the pipeline and change only what computes the tensors.
+    """
+    c = {"ip": IPTokens, "mllm": Guidance, "text": TextGuidance, "fused": FusedModels, **(classes or {})}
+    if cfg.fuse_models:
+        pool = ActorPool(batch_size=cfg.ip.batch_size, concurrency=cfg.mllm.concurrency,
+                         num_gpus=max(cfg.ip.num_gpus, cfg.mllm.num_gpus), num_cpus=cfg.ip.num_cpus + cfg.mllm.num_cpus)
+        plan = [(c["fused"], pool, {"guidance_dtype": cfg.guidance_dtype, "mllm_batch_size": cfg.mllm.batch_size})]
+    else:
+        plan = [(c["ip"], cfg.ip, {}), (c["mllm"], cfg.mllm, {"guidance_dtype": cfg.guidance_dtype})]
+    if cfg.text_guidance:
+        plan.append((c["text"], cfg.text, {}))
+    return plan
+
+
+def model_pools(cfg: EmbedConfig) -> list[ActorPool]:
+    return [pool for _, pool, _ in model_plan(cfg)]
 
 
 def build_dataset(units: list[dict], lake: str, profile_name: str, cfg: EmbedConfig, schemas: dict[str, pa.Schema],
                   questions: Sequence[str] | None = None, mllm_adapter: str | None = None,
-                  mllm_adapter_id: str = ""):
+                  mllm_adapter_id: str = "", classes: dict[str, type] | None = None):
     """The Ray Data plan: read -> decode -> model actor pools -> fragment writers."""
     import ray
 
@@ -480,16 +360,17 @@ def build_dataset(units: list[dict], lake: str, profile_name: str, cfg: EmbedCon
     ds = ds.map_batches(read_and_decode, batch_size=1, num_cpus=cfg.decode_cpus,
                         fn_kwargs={"min_side": cfg.min_side, "max_pixels": cfg.max_pixels,
                                    "question_seed": cfg.question_seed, "questions": questions})
-    stages = [(IPTokens, cfg.ip), (Guidance, cfg.mllm)] + ([(TextGuidance, cfg.text)] if cfg.text_guidance else [])
-    for stage, pool in stages:
+    for stage, pool, kwargs in model_plan(cfg, classes):
         threads = max(1, int(round(pool.num_cpus)))
-        ds = ds.map_batches(stage, fn_constructor_args=(profile_name, "auto", threads, mllm_adapter, mllm_adapter_id),
-                            batch_size=pool.batch_size,
-                            compute=ray.data.ActorPoolStrategy(size=pool.concurrency),
+        if mllm_adapter:  # every model stage loads the profile with the adapter (and checks its id)
+            kwargs = {**kwargs, "mllm_adapter": mllm_adapter, "mllm_adapter_id": mllm_adapter_id}
+        ds = ds.map_batches(stage, fn_constructor_args=(profile_name, "auto", threads), fn_constructor_kwargs=kwargs,
+                            batch_size=pool.batch_size, compute=ray.data.ActorPoolStrategy(size=pool.concurrency),
                             num_gpus=pool.num_gpus or None, num_cpus=pool.num_cpus)
     ds = ds.map_batches(WriteFragments, fn_constructor_args=(lake, schemas, cfg.storage_options),
-                        batch_size=cfg.rows_per_fragment, num_cpus=cfg.decode_cpus,
-                        compute=ray.data.ActorPoolStrategy(size=1))
+                        batch_size=cfg.rows_per_fragment, num_cpus=cfg.decode_cpus, batch_format="pyarrow",
+                        # a small job keeps one writer; more start when blocks queue up (rows of 6.6 MB need several)
+                        compute=ray.data.ActorPoolStrategy(min_size=1, max_size=cfg.writers, initial_size=1))
     return ds
 
 
@@ -505,19 +386,27 @@ def _disk_bytes(path: str) -> int:
 
 
 def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_table: bool = False,
-              progress: bool = True, break_lock: bool = False,
-              mllm_adapter: str | os.PathLike | None = None) -> EmbedSummary:
+              progress: bool = True, break_lock: bool = False, mllm_adapter: str | os.PathLike | None = None,
+              classes: dict[str, type] | None = None) -> EmbedSummary:
     """Embed every not-yet-done decisive pair of ``source`` into ``lake``; see the module docstring.
 
     The whole run (table creation, reconcile, planning, every commit) holds the lake's writer lock
     (``img.lake.lock``): a second writer waits for it. ``break_lock`` takes an object-store lease from a stuck holder.
     ``mllm_adapter``: a fine-tuned MLLM adapter folder (else the profile's, if it names one); its id is part of
     the fingerprint, so guidance with and without it never mix in one table.
+    ``classes`` replaces model stages by role (see ``model_plan``; benchmarks only).
     """
-    t_start = time.perf_counter()
+    t_start, wall_start = time.perf_counter(), time.time()
     # everything a user can get wrong, before the lake is touched
     if cfg.limit is not None and cfg.limit < 1:
         raise UserError(f"`limit` must be >= 1, got {cfg.limit}. Omit it to embed everything.")
+    if cfg.guidance_dtype not in features_schema.GUIDANCE_DTYPES:
+        raise UserError(f"`guidance_dtype` = {cfg.guidance_dtype!r} is not one of "
+                        f"{list(features_schema.GUIDANCE_DTYPES)}. Set guidance_dtype = \"fp16\" or \"fp8\" in the "
+                        "embed TOML.")
+    if cfg.writers < 1 or cfg.rows_per_fragment < 1 or cfg.read_rows < 1:
+        raise UserError(f"`writers` ({cfg.writers}), `rows_per_fragment` ({cfg.rows_per_fragment}) and `read_rows` "
+                        f"({cfg.read_rows}) must be >= 1. Fix them in the embed TOML.")
     profile = with_mllm_adapter(get_profile(profile_name), mllm_adapter)
     questions = resolve_questions(cfg.questions)  # a bad file fails here, before anything is written
     lake = _abs_lake(lake)
@@ -528,17 +417,19 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
     schemas = table_schemas(profile, cfg, fp)
     with writer_lock(lake, job="embed", break_lock=break_lock, storage_options=so) as lock:
         return _embed_locked(lake, shards, profile, cfg, schemas, fp, questions, new_table, progress, lock,
-                             t_start)
+                             (t_start, wall_start), classes)
 
 
 def _embed_locked(lake, shards, profile, cfg, schemas, fp, questions, new_table, progress, lock,
-                  t_start) -> EmbedSummary:
+                  start, classes) -> EmbedSummary:
     """run_embed's work once the lake's writer lock is held."""
+    t_start, wall_start = start
     so = cfg.storage_options or None
     if lake_mod.is_local(lake):
         os.makedirs(lake, exist_ok=True)
     for name, schema in schemas.items():
-        lake_mod.ensure_table(lake, name, schema, new_table=new_table, storage_options=so)
+        lake_mod.ensure_table(lake, name, schema, new_table=new_table, storage_options=so,
+                              data_storage_version=features_schema.DATA_STORAGE_VERSION if name == "features" else None)
     done, orphans = reconcile(lake, so)
     units, counts, damaged = plan_units(shards, done, cfg.limit, unit_rows=cfg.read_rows)
     summary = EmbedSummary(skipped_done=counts["done"], skipped_ties=counts["ties"], orphans_redone=orphans,
@@ -554,26 +445,55 @@ def _embed_locked(lake, shards, profile, cfg, schemas, fp, questions, new_table,
         summary.unreadable += len(damaged)
     timers = {t: 0.0 for t in TIMERS}
     tensor_bytes = 0
+    actors: list[dict] = []
     if todo:
-        init_ray()
+        summary.startup["plan_s"] = round(time.perf_counter() - t_start, 3)
+        summary.startup["ray_init_s"] = round(init_ray(), 3)
         check_reservations(cfg)
         ds = build_dataset(units, lake, profile.name, cfg, schemas, questions, profile.mllm_adapter,
-                           profile.mllm_adapter_id)
+                           profile.mllm_adapter_id, classes)
+        pending: list[dict] = []  # written fragments not yet committed (commit_seconds > 0 groups them)
+        last_commit = time.perf_counter()
+
+        def commit(bar: JobProgress) -> None:
+            lock.check()  # an object-store lease taken over or not renewed: stop before committing
+            for name in ("features", "pairs", "quarantine"):  # pairs is the commit marker
+                lake_mod.commit_fragments(lake, name, [f for r in pending for f in json.loads(r[name])], so)
+            for r in pending:
+                summary.written += int(r["n_good"])
+                summary.quarantined += int(r["n_bad"])
+                summary.unreadable += int(r["n_unreadable"])
+                bar.advance(int(r["n_good"]) + int(r["n_bad"]))
+            pending.clear()
+            if not summary.first_commit_seconds:
+                summary.first_commit_seconds = time.perf_counter() - t_start
+                summary.first_commit_pairs = summary.written
+
         with JobProgress(todo, enabled=progress) as bar:
             for row in ds.iter_rows():
-                lock.check()  # an object-store lease taken over or not renewed: stop before committing
-                for name in ("features", "pairs", "quarantine"):  # pairs is the commit marker
-                    lake_mod.commit_fragments(lake, name, json.loads(row[name]), so)
-                summary.written += int(row["n_good"])
-                summary.quarantined += int(row["n_bad"])
-                summary.unreadable += int(row["n_unreadable"])
+                if row.get("startup"):
+                    actors += json.loads(row["startup"])
                 tensor_bytes += int(row["tensor_bytes"])
                 for t in TIMERS:
                     timers[t] += float(row[t])
-                bar.advance(int(row["n_good"]) + int(row["n_bad"]))
-                if not summary.first_commit_seconds:
-                    summary.first_commit_seconds = time.perf_counter() - t_start
-                    summary.first_commit_pairs = summary.written
+                pending.append(row)
+                if time.perf_counter() - last_commit >= cfg.commit_seconds:
+                    commit(bar)
+                    last_commit = time.perf_counter()
+            if pending:
+                commit(bar)
+    if actors:
+        summary.startup["actors"] = [
+            {"stage": a["stage"], "pid": a["pid"], "spawn_at": round(a["process_start"] - wall_start, 2),
+             # process spawn (or the job's start, for a worker Ray started earlier) -> this module imported
+             "imports_s": round(a["imported"] - max(a["process_start"], wall_start), 2),
+             "load_s": round(a["ready"] - a["init_start"], 2), "ready_at": round(a["ready"] - wall_start, 2)}
+            for a in actors]
+        # actors up before the first commit (writers added later by autoscaling do not count)
+        ready = max([a["ready_at"] for a in summary.startup["actors"] if a["ready_at"] <= summary.first_commit_seconds]
+                    or [0.0])
+        summary.startup["first_commit_at"] = round(summary.first_commit_seconds, 2)
+        summary.startup["first_batch_s"] = round(summary.first_commit_seconds - ready, 2)
     if summary.unreadable:
         log.warning("%d quarantined rows (or whole shards) are unreadable input; list them with: img sql --lake %s "
                     "\"select reason, count(*) from quarantine where reason like 'shard %%' group by 1\"",

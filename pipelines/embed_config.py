@@ -10,7 +10,7 @@ path, together with the profile's MLLM template and image mode.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 
 @dataclass
@@ -29,9 +29,19 @@ class EmbedConfig:
     # JSON list of question templates with "{prompt}" (e.g. the authors' 100 questions); None = our own pool
     questions: Optional[str] = None
     text_guidance: bool = False  # also store the diffusion text encoders' caption embeddings (ablation)
+    # MLLM guidance on disk: "fp16" = the profile's 16-bit dtype (fp16/bf16, 2 bytes per value); "fp8" = float8
+    # e4m3 with one float32 scale per token (1 byte per value; see img/fp8.py). Enters the fingerprint.
+    guidance_dtype: Literal["fp16", "fp8"] = "fp16"
     rows_per_fragment: int = 32  # rows per written + committed fragment: bounds memory and lost work on a kill
     read_rows: int = 32  # rows per read unit (a slice of one row group); results stream out per unit
-    decode_cpus: float = 0.25  # CPUs reserved per decode task
+    decode_cpus: float = 0.25  # CPUs reserved per decode task and per fragment writer
+    writers: int = 1  # fragment writer actors at most (each writes rows_per_fragment rows per fragment)
+    # the driver commits the fragments written in this many seconds in one Lance transaction per table (0: each
+    # fragment at once); at hundreds of pairs/s one commit per fragment is more transactions than an object store takes
+    commit_seconds: float = 0.0
+    # one actor hosts both the IP and the MLLM model ([ip] batch size, [mllm] concurrency and resources): one
+    # process imports torch and loads models instead of two, which is what a small CPU job spends its start-up on
+    fuse_models: bool = False
     min_side: int = 16  # images smaller than this (px) are quarantined as impossible
     max_pixels: int = 60_000_000  # larger images are quarantined (decompression bombs)
     limit: Optional[int] = None  # embed at most this many input rows (first rows in shard order)
@@ -41,5 +51,6 @@ class EmbedConfig:
     storage_options: dict = field(default_factory=dict)  # passed to Lance for object stores (s3://, gs://, az://)
 
     # keys left out of the fingerprint: they change speed, not content
-    RUN_KNOBS = ("rows_per_fragment", "read_rows", "decode_cpus", "limit", "ip", "mllm", "text", "storage_options")
+    RUN_KNOBS = ("rows_per_fragment", "read_rows", "decode_cpus", "writers", "commit_seconds", "fuse_models", "limit",
+                 "ip", "mllm", "text", "storage_options")
     CONTENT_KEYS = ("questions",)  # fingerprinted by the content they point at, not by their value

@@ -42,6 +42,8 @@ def write_synthetic_lake(
     uncommitted: int = 0,
     kinds: tuple[str, ...] = (),
     shuffle_rows: int | None = None,
+    guidance_dtype: str = "fp16",
+    data_storage_version: str | None = None,
 ) -> dict[str, np.ndarray]:
     """Write ``<lake>/features.lance`` (+ ``pairs.lance``); return the arrays written, keyed by column.
 
@@ -49,6 +51,9 @@ def write_synthetic_lake(
     given, fills ``pairs.broken`` round-robin (as a shapes-world lake records it; the data do not depend on it).
     ``shuffle_rows`` (a seed) writes the same rows in a shuffled order, as another embed run may commit them;
     the returned arrays stay indexed by the number in the pair id.
+    ``guidance_dtype="fp8"`` stores the guidance as the embed job does (``img.fp8.quantize``; the returned
+    ``guidance`` are then the fp16 values before quantisation, ``guidance_fp8`` the (bits, scales) stored).
+    ``data_storage_version`` is the Lance file format (None: Lance's default, 2.2; the embed job writes 2.1).
     """
     import lance
 
@@ -77,18 +82,29 @@ def write_synthetic_lake(
         "guidance_len": pa.array(lens.astype(np.int32)),
     }
     extra = {"ip_tokens": n, "ip_dim": d, "guidance_dim": e, "dtype": dtype, "profile": profile}
+    quantized = None
+    if guidance_dtype == "fp8":
+        import torch
+
+        from img import fp8
+
+        quantized = [fp8.quantize(torch.from_numpy(g.astype(np.float32))) for g in guid]
+        cols["guidance"] = pa.array([q.numpy().tobytes() for q, _ in quantized], pa.large_binary())
+        cols["guidance_scale"] = pa.array([s.numpy() for _, s in quantized], pa.list_(pa.float32()))
+        extra["guidance_dtype"] = features_schema.FP8
     text = None
     if text_guidance_dim is not None:
         text = [rng.standard_normal((5, text_guidance_dim)).astype(np.float16) for _ in range(total)]
         cols["text_guidance"] = pa.array([enc(t).tobytes() for t in text], pa.large_binary())
         cols["text_guidance_len"] = pa.array(np.full(total, 5, np.int32))
         extra["text_guidance_dim"] = text_guidance_dim
-    schema = with_provenance(features_schema.schema(n, d, text_guidance_dim is not None), table="features",
+    schema = with_provenance(features_schema.schema(n, d, text_guidance_dim is not None, guidance_dtype),
+                             table="features",
                              version=features_schema.VERSION, model_ids={"mllm": "synthetic"},
                              fingerprint="synthetic", extra=extra)
     order = np.random.default_rng(shuffle_rows).permutation(total) if shuffle_rows is not None else np.arange(total)
     lance.write_dataset(pa.table(cols, schema=schema).take(order), f"{lake}/features.lance", schema=schema,
-                        max_rows_per_file=max(total // 3, 1))
+                        max_rows_per_file=max(total // 3, 1), data_storage_version=data_storage_version)
     if with_pairs:
         m = n_pairs
         ptable = pa.table({
@@ -99,7 +115,7 @@ def write_synthetic_lake(
         }, schema=pairs_schema.SCHEMA)
         lance.write_dataset(ptable.take([i for i in order if i < m]), f"{lake}/pairs.lance")
     return {"pair_id": np.array(pair_ids), "winner": winner, "loser": loser, "guidance": guid, "lens": lens,
-            "text_guidance": text}
+            "text_guidance": text, "guidance_fp8": quantized}
 
 
 def _to_bf16_bits(a: np.ndarray) -> np.ndarray:

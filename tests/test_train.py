@@ -138,10 +138,8 @@ def test_buffer_pool_hands_a_buffer_out_once_until_it_is_given_back():
     assert len(pool) == 2  # at most max_free idle buffers are kept (the newest)
 
 
-def _buffer_of(a: np.ndarray):
-    while isinstance(a, np.ndarray):
-        a = a.base
-    return a
+def _ptr(t: torch.Tensor) -> int:
+    return t.untyped_storage().data_ptr()
 
 
 def test_batches_own_their_buffers_until_released(lake):
@@ -152,41 +150,56 @@ def test_batches_own_their_buffers_until_released(lake):
     def check(batch):
         for j, pid in enumerate(batch.pair_ids):
             i = _row(arrays, pid)
-            assert torch.equal(batch.guidance[j, : arrays["lens"][i]], torch.from_numpy(arrays["guidance"][i]))
+            ln = arrays["lens"][i]
+            assert torch.equal(batch.guidance[j, :ln], torch.from_numpy(arrays["guidance"][i]))
+            assert not batch.guidance[j, ln:].any()  # zero padding, also in a recycled buffer
 
-    # batches kept by the caller keep their values while later batches are read
-    loader = TrainLoader(root, batch_size=8, num_workers=2, prefetch=2)
-    it = iter(loader)
-    kept = [next(it) for _ in range(6)]
-    for batch in kept:
-        assert batch._padded is None  # nothing padded yet: the rows still point into the buffers
-        check(batch)
-    it.close()
-    # released batches give their buffers back and the next reads reuse them, with the right values
-    loader = TrainLoader(root, batch_size=8, num_workers=0)
+    # batches kept by the caller keep their values while later batches are read (take_blobs: per-row reads too)
+    for blob_api in ("auto", "take_blobs"):
+        loader = TrainLoader(root, batch_size=8, num_workers=2, prefetch=2, blob_api=blob_api)
+        it = iter(loader)
+        kept = [next(it) for _ in range(6)]
+        assert len({_ptr(b.guidance) for b in kept}) == 6  # each kept batch owns its own padded buffer
+        for batch in kept:
+            check(batch)
+        it.close()
+    # released batches give their buffer back and the next read reuses it, with the right values
+    loader = TrainLoader(root, batch_size=8, num_workers=0, blob_api="take_blobs")
     order = loader.epoch_order(0)
     with loader.read(order[:8]) as first:
-        assert loader._buffers.out == loader._buffers.allocated == 8 and len(first.guidance_rows) == 8
-        bases = [id(_buffer_of(row)) for row in first.guidance_rows]
-    assert loader._buffers.out == 0 and first.guidance_rows is None
+        assert loader._buffers.out == 1  # the padded buffer; the per-row read buffers went back already
+        check(first)
+        base = _ptr(first.guidance)
+    assert loader._buffers.out == 0
     with pytest.raises(RuntimeError, match="released"):
-        first.guidance  # never padded, and its rows are gone
-    with loader.read(order[:8]) as again:  # the same rows again: each lands in the buffer it used before
-        assert loader._buffers.allocated == 8 and [id(_buffer_of(r)) for r in again.guidance_rows] == bases
+        first.guidance  # its padded buffer went back to the loader
+    with loader.read(order[:8]) as again:  # the same rows again: the same buffer, the right values
+        assert _ptr(again.guidance) == base
         check(again)
+        moved = again.to("cpu", again.guidance.dtype)  # same dtype and device: no copy, and moved owns the buffer
+        assert _ptr(moved.guidance) == base
+    assert loader._buffers.out == 1  # releasing `again` did not give back the buffer `moved` uses
     for s in range(8, 64, 8):  # other rows in recycled buffers read right
         with loader.read(order[s : s + 8]) as batch:
+            assert _ptr(batch.guidance) != base
             check(batch)
-    assert loader._buffers.allocated < 8 + 56 and loader._buffers.out == 0
-    # a padded batch stays usable after release; a dropped batch gives its buffers back too
-    batch = loader.read(order[:8])
-    padded = batch.guidance
-    batch.release()
-    batch.release()  # idempotent
-    assert torch.equal(batch.guidance, padded) and loader._buffers.out == 0
-    moved = loader.read(order[:8]).to("cpu", torch.float32)  # the read batch is dropped right away
+    check(moved)  # untouched by the reads meanwhile
+    moved.release()
+    assert loader._buffers.out == 0 and loader._buffers.allocated < 8 + 8 * 8
+    first.release()  # idempotent
+    moved = loader.read(order[:8]).to("cpu", torch.float16)
+    # a dropped batch gives its buffer back once nothing uses its guidance any more
+    moved32 = loader.read(order[:8]).to("cpu", torch.float32)
     gc.collect()
-    assert loader._buffers.out == 0 and torch.equal(moved.guidance, padded.float())
+    assert loader._buffers.out == 1 and torch.equal(moved32.guidance, moved.guidance.float())  # moved's buffer only
+    moved.release()
+    assert loader._buffers.out == 0
+    held = loader.read(order[:8]).guidance  # the batch is gone, its padded tensor is not: the buffer stays out
+    gc.collect()
+    assert loader._buffers.out == 1
+    del held
+    gc.collect()
+    assert loader._buffers.out == 0
 
 
 def test_loader_pins_table_versions(tmp_path):

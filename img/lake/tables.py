@@ -58,8 +58,11 @@ def list_tables(lake: str) -> list[str]:
 
 
 def ensure_table(lake: str, name: str, schema: pa.Schema, *, new_table: bool = False,
-                 storage_options: dict[str, str] | None = None):
+                 storage_options: dict[str, str] | None = None, data_storage_version: str | None = None):
     """Open table ``name``, creating it empty with ``schema`` if missing.
+
+    ``data_storage_version`` (e.g. "2.1") is the Lance file format of a new table; later fragments
+    (``write_fragments``) use the table's own. None: Lance's default.
 
     An existing table made with a different config fingerprint is refused with
     a message naming both fingerprints; ``new_table=True`` replaces it with an
@@ -86,9 +89,9 @@ def ensure_table(lake: str, name: str, schema: pa.Schema, *, new_table: bool = F
             )
         log.warning("replacing %s (fingerprint %s -> %s)", name, have["fingerprint"], want["fingerprint"])
         return lance.write_dataset(schema.empty_table(), table_uri(lake, name), mode="overwrite",
-                                   storage_options=storage_options)
+                                   storage_options=storage_options, data_storage_version=data_storage_version)
     return lance.write_dataset(schema.empty_table(), table_uri(lake, name), mode="create",
-                               storage_options=storage_options)
+                               storage_options=storage_options, data_storage_version=data_storage_version)
 
 
 def write_fragments(lake: str, name: str, table: pa.Table, schema: pa.Schema,

@@ -4,16 +4,22 @@
     for batch in loader:             # endless; epochs follow each other
         batch.loser, batch.winner    # (B, N, D) torch tensors in the lake dtype (fp16/bf16)
         batch.guidance, batch.mask   # (B, L_max, E) padded per batch, (B, L_max) bool True = valid
-        batch.to("cuda", torch.bfloat16)  # pads each row straight into the device tensor
-        batch.release()              # (or `with batch:`) its read buffers go back to the loader
+        batch.to("cuda", torch.bfloat16)  # the training dtype on the device
+        batch.release()              # (or `with batch:`) its padded buffer goes back to the loader
         state = loader.state_dict()  # {epoch, position, ...}: the next batch to be yielded
     loader.load_state_dict(state)    # continue the data order exactly (``--resume``)
 
 Design:
-- The MLLM guidance is a Lance *blob* column; it is read with the blob API
-  (``take_blobs``, or ``read_blobs``) whole into a buffer, then ``np.frombuffer``
-  (no padding on disk; see docs/architecture.md, "Storage layout"). The small image
-  tokens are FixedSizeList columns read with ``take``.
+- The MLLM guidance is a Lance *blob* column. A local lake written by the embed
+  job (Lance format 2.1) keeps each blob inside its fragment's data file, at the
+  ``position`` its blob description gives: the loader memory-maps the data files
+  and copies (fp8: dequantises) each row straight into the padded batch, and
+  reads the token columns with Lance's file reader on the same files (several
+  times cheaper per row than a dataset ``take``). Positions and lengths are read
+  once when the loader starts; the first blob of every mapped file is compared
+  with Lance's own read of it. Other lakes (object stores, format 2.2, which puts
+  each large blob in a file of its own) are read with ``take`` and ``take_blobs``
+  (``blob_api``). Measured in ``img bench loader``.
 - The versions of ``features`` and ``pairs`` are pinned when the loader starts
   (and saved in its state), so an embed job appending to the lake never changes
   the order of a running or resumed training run.
@@ -30,11 +36,13 @@ Design:
 - Each epoch is a permutation of the training pairs drawn from (seed, epoch),
   truncated to a multiple of world_size * batch_size so all ranks step together,
   and dealt round-robin to ranks: shards are disjoint within an epoch.
-- Each blob is read whole (``take_blobs`` + ``readinto``) into a recycled buffer
-  (see ``BufferPool``) and wrapped without a copy; padding happens once, fused
-  with the dtype/device copy in ``Batch.to``. The batch owns its buffers and gives
-  them back to the pool when released (``batch.release()``, ``with batch:``) or
-  garbage-collected, never earlier.
+- The padded (B, L_max, E) guidance is written by the reader threads into a
+  recycled buffer (see ``BufferPool``), in ``pad_dtype`` (default: the lake's
+  16-bit dtype; fp8 lakes are dequantised into it; ``"stored"`` pads the values as
+  stored, so fp8 stays e4m3 bytes + scales for ``Batch.to`` to dequantise on the device).
+  The batch owns that buffer and gives it back to the pool when released
+  (``batch.release()``, ``with batch:``) or when its padded tensor is garbage-collected,
+  never earlier; per-row blob reads go back to the pool as soon as they are copied.
 - Prefetching uses threads (Lance releases the GIL while reading and is not
   fork-safe): one thread assembles up to ``prefetch`` batches ahead and
   ``num_workers`` threads read the blob rows of a batch in parallel
@@ -45,24 +53,28 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 import threading
 import warnings
 import weakref
 from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Any, Iterator, Literal
 
 import numpy as np
 import torch
 
+from img import fp8
 from img.errors import UserError
 from img.lake import tables as lake_mod
+from schemas import features as features_schema
 from schemas.meta import read_provenance
 
 log = logging.getLogger(__name__)
 
 GuidanceSource = Literal["mllm", "text", "none"]
+MAX_MAPPED_FILES = 16384  # open files for memory maps and file readers (half each); 851K pairs in 128-row fragments: 6,650
 GUIDANCE_COLUMNS = {"mllm": "guidance", "text": "text_guidance"}
 
 
@@ -76,43 +88,47 @@ class LakeDims:
     text_guidance_dim: int | None  # width of the text-only guidance, when stored
     dtype: str  # "float16" | "bfloat16" (bf16 stored bit-cast in 2-byte words)
     profile: str | None = None  # profile that wrote the table, when recorded
+    guidance_dtype: str | None = None  # "float8_e4m3fn" for fp8 guidance (+ per-token scales); None = ``dtype``
 
 
 class Batch:
-    """One training batch. The guidance rows stay as read (no copy) until they are padded.
+    """One training batch; the guidance comes padded, as the loader's threads wrote it.
 
     ``batch.guidance`` / ``batch.mask`` give the padded (B, L_max, E) tensor and its (B, L_max)
-    mask (True = valid). ``batch.to(device, dtype)`` pads each row straight into a new tensor of
-    the target dtype on the target device, so padding costs no copy beyond the dtype/device copy
-    that training needs anyway.
+    mask (True = valid). ``batch.to(device, dtype)`` converts (a no-op when the loader already padded
+    into that dtype on that device; the returned batch then owns the buffer, and releasing it, not
+    this one, gives the buffer back). A batch of fp8 guidance kept as read (``pad_dtype="stored"``) holds the e4m3 bytes and
+    (B, L_max) scales and is dequantised on the target device by ``to``.
 
-    The guidance rows are views of buffers the batch owns (from the loader's ``BufferPool``).
-    ``release()`` gives them back for the next reads (``with batch:`` does it on exit); a batch
-    dropped without it gives them back when it is garbage-collected. After ``release()`` only what
-    was already padded (or copied by ``to``) stays usable.
+    The padded guidance lies in a buffer the batch owns (from the loader's ``BufferPool``).
+    ``release()`` gives it back for the next reads (``with batch:`` does it on exit); without it the
+    buffer goes back when the padded tensor (and every view of it) is garbage-collected. After
+    ``release()`` the guidance is gone; copy what you keep (``batch.to``) before.
     """
 
     def __init__(self, pair_ids: list[str], winner: torch.Tensor, loser: torch.Tensor,
                  guidance_rows: list[np.ndarray] | None, lengths: torch.Tensor, guidance_dim: int,
                  storage_dtype: torch.dtype = torch.float16, padded: torch.Tensor | None = None,
-                 buffers: list[bytearray] | None = None, pool: "BufferPool | None" = None) -> None:
+                 scale: torch.Tensor | None = None, give_back: "weakref.finalize | None" = None) -> None:
         self.pair_ids = pair_ids
         self.winner = winner  # (B, N, D)
         self.loser = loser  # (B, N, D)
-        self.guidance_rows = guidance_rows  # B read-only uint16 arrays (len_i, E) of storage_dtype bits, or None
+        self.guidance_rows = guidance_rows  # unpadded rows (len_i, E) of storage_dtype bits, or None
         self.lengths = lengths  # (B,) int64 on CPU
         self.guidance_dim = guidance_dim
-        self.storage_dtype = storage_dtype  # float16 or bfloat16
-        self._padded = padded
+        self.storage_dtype = storage_dtype  # float16 or bfloat16: what fp8 guidance is dequantised to by default
+        self._padded = padded  # (B, L_max, E): values, or uint8 e4m3 bits when ``scale`` is set
+        self._scale = scale  # (B, L_max) float32 per-token scales of fp8 guidance kept as read
         self._released = False
-        # the callback holds the buffers, not the batch: it runs once, on release() or when the batch is collected
-        self._give_back = weakref.finalize(self, pool.give_back, buffers) if pool is not None and buffers else None
+        # gives ``padded``'s pool buffer back: once, on release() or when the buffer's last array is collected
+        self._give_back = give_back
 
     def release(self) -> None:
-        """Give the read buffers back to the loader; the guidance rows are gone afterwards (idempotent)."""
-        self._released, self.guidance_rows = True, None
+        """Give the padded guidance buffer back to the loader; the guidance is gone afterwards (idempotent)."""
         if self._give_back is not None:
+            self._padded, self._scale, self.guidance_rows, self._released = None, None, None, True
             self._give_back()
+            self._give_back = None
 
     def __enter__(self) -> "Batch":
         return self
@@ -129,8 +145,14 @@ class Batch:
 
     def _pad_into(self, device: torch.device | str, dtype: torch.dtype) -> torch.Tensor:
         if self._released:
-            raise RuntimeError("this batch was released: its guidance rows went back to the loader; "
-                               "pad (batch.guidance) or copy (batch.to) before release()")
+            raise RuntimeError("this batch was released: its padded guidance went back to the loader; "
+                               "copy it (batch.to) before release()")
+        if self._scale is not None:  # fp8 as read: dequantise every (token, channel) on the target device
+            b, length, e = self._padded.shape
+            out = torch.empty(b, length, e, dtype=dtype, device=device)
+            fp8.dequantize_into(out.view(b * length, e), self._padded.reshape(b * length, e),
+                                self._scale.reshape(b * length))
+            return out
         out = torch.zeros(len(self), self.max_len, self.guidance_dim, dtype=dtype, device=device)
         with warnings.catch_warnings():
             # the rows wrap the immutable bytes Lance returned (no copy); they are only read here
@@ -142,8 +164,8 @@ class Batch:
     @property
     def guidance(self) -> torch.Tensor:
         """(B, L_max, E), zero-padded; L_max = 0 for guidance source "none"."""
-        if self._padded is None:
-            self._padded = self._pad_into(self.winner.device, self.storage_dtype)
+        if self._padded is None or self._scale is not None:
+            self._padded, self._scale = self._pad_into(self.winner.device, self.storage_dtype), None
         return self._padded
 
     @property
@@ -153,9 +175,15 @@ class Batch:
         return m.to(self._padded.device) if self._padded is not None else m
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "Batch":
-        g = self._padded.to(device, dtype) if self._padded is not None else self._pad_into(device, dtype)
+        if self._padded is not None and self._scale is None:
+            g = self._padded.to(device, dtype)
+        else:
+            g = self._pad_into(device, dtype)
+        give_back = None
+        if g is self._padded:  # already that dtype on that device: no copy; the new batch owns the buffer now
+            give_back, self._give_back = self._give_back, None
         return Batch(self.pair_ids, self.winner.to(device, dtype), self.loser.to(device, dtype), None,
-                     self.lengths, self.guidance_dim, self.storage_dtype, padded=g)
+                     self.lengths, self.guidance_dim, self.storage_dtype, padded=g, give_back=give_back)
 
 
 def lake_dims(ds: Any, uri: str = "features") -> LakeDims:
@@ -170,9 +198,13 @@ def lake_dims(ds: Any, uri: str = "features") -> LakeDims:
     dtype = str(extra.get("dtype", "float16"))
     if dtype not in ("float16", "bfloat16"):
         raise UserError(f"{uri} stores tensors as {dtype!r}; the loader reads float16 or bfloat16.")
+    gdtype = extra.get("guidance_dtype")
+    if gdtype not in (None, dtype, features_schema.FP8):
+        raise UserError(f"{uri} stores guidance as {gdtype!r}; the loader reads {dtype} or {features_schema.FP8}.")
     tg = extra.get("text_guidance_dim")
     return LakeDims(int(extra["ip_tokens"]), int(extra["ip_dim"]), int(extra["guidance_dim"]),
-                    int(tg) if tg is not None else None, dtype, extra.get("profile"))
+                    int(tg) if tg is not None else None, dtype, extra.get("profile"),
+                    gdtype if gdtype == features_schema.FP8 else None)
 
 
 def heldout_key(pair_id: str) -> int:
@@ -201,6 +233,29 @@ def _two_byte_to_torch(a: np.ndarray, dtype: str) -> torch.Tensor:
     if dtype == "bfloat16":
         return torch.from_numpy(a.view(np.int16)).view(torch.bfloat16)
     return torch.from_numpy(a.view(np.float16))
+
+
+def _raise_open_files_limit(want: int) -> int:
+    """Raise this process's soft limit on open files towards ``want`` (never above the hard limit); the limit."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return want if soft == resource.RLIM_INFINITY else max(int(soft), 1024 + 64)
+
+
+def _blobs_inline(ds: Any, column: str) -> bool:
+    """Whether ``column``'s blobs are described by (position, size) in their fragment's data file (format 2.0/2.1);
+    format 2.2 keeps a large blob in a file of its own, whose name Lance does not expose."""
+    import pyarrow as pa
+
+    if ds.count_rows() == 0:
+        return False
+    t = ds.take([0], columns=[column]).schema.field(column).type
+    return pa.types.is_struct(t) and sorted(t.field(i).name for i in range(t.num_fields)) == ["position", "size"]
 
 
 def open_features(lake: str, version: int | None = None):
@@ -280,7 +335,8 @@ class TrainLoader:
         prefetch: int = 4,
         version: int | None = None,
         pairs_version: int | None = None,
-        blob_api: Literal["read_blobs", "take_blobs"] = "take_blobs",
+        blob_api: Literal["auto", "mmap", "take_blobs", "read_blobs"] = "auto",
+        pad_dtype: torch.dtype | Literal["stored"] | None = None,
     ) -> None:
         if guidance not in ("mllm", "text", "none"):
             raise UserError(f"guidance source {guidance!r} must be 'mllm', 'text' or 'none'. "
@@ -291,7 +347,7 @@ class TrainLoader:
             raise UserError(f"bad loader setting: batch_size={batch_size}, rank={rank}, world_size={world_size}.")
         self.lake, self.rank, self.world_size, self.batch_size = lake, rank, world_size, batch_size
         self.seed, self.heldout_pairs, self.heldout_split, self.guidance = seed, heldout_pairs, heldout_split, guidance
-        self.num_workers, self.prefetch, self.blob_api = max(0, num_workers), max(1, prefetch), blob_api
+        self.num_workers, self.prefetch = max(0, num_workers), max(1, prefetch)
         self.ds = open_features(lake, version)
         self.version = self.ds.version
         self.dims = lake_dims(self.ds, lake_mod.table_uri(lake, "features"))
@@ -305,8 +361,31 @@ class TrainLoader:
         self.guidance_dim = (self.dims.text_guidance_dim if guidance == "text" else self.dims.guidance_dim) or 0
         self._storage_dtype = self.dims.dtype
         self._torch_dtype = torch.bfloat16 if self.dims.dtype == "bfloat16" else torch.float16
+        # fp8 guidance: 1-byte e4m3 values + a float32 scale per token (the text guidance is always 16-bit)
+        self.fp8 = col == "guidance" and self.dims.guidance_dtype == features_schema.FP8
+        if pad_dtype is not None and pad_dtype != "stored" and not (isinstance(pad_dtype, torch.dtype)
+                                                                    and pad_dtype.is_floating_point):
+            raise UserError(f"pad_dtype={pad_dtype!r} must be None, 'stored' or a torch floating dtype.")
+        # "stored": fp8 stays e4m3 bytes + scales (Batch.to dequantises on the device); 16-bit as the default
+        self.pad_dtype = "fp8" if pad_dtype == "stored" and self.fp8 else \
+            self._torch_dtype if pad_dtype in (None, "stored") else pad_dtype
+        self.blob_api = self._choose_blob_path(blob_api)  # the path taken: "mmap", "take_blobs" or "read_blobs"
+        self._maps: dict[int, np.ndarray | None] = {}  # fragment id -> its data file, memory-mapped (None: not)
+        self._maps_lock = threading.Lock()
+        self._verified: set[int] = set()  # fragments whose blob positions were checked against Lance's own read
+        self._max_open = _raise_open_files_limit(MAX_MAPPED_FILES + 1024) - 1024 if self.blob_api == "mmap" else 0
 
-        pair_ids = self.ds.to_table(columns=["pair_id"]).column("pair_id").to_pylist()
+        if self.blob_api == "mmap":  # read once: each row's fragment, offset in it, length and blob position
+            t = self.ds.to_table(columns=["pair_id", f"{col}_len", col], with_row_address=True)
+            desc = t.column(col).combine_chunks()
+            addr = t.column("_rowaddr").to_numpy()
+            self._row_at = (addr >> 32, addr & 0xFFFFFFFF)
+            self._blob_at = (desc.field("position").to_numpy(), desc.field("size").to_numpy())
+            self._lens = t.column(f"{col}_len").to_numpy().astype(np.int64)
+            self._files: dict[int, Any] = {}  # fragment id -> lance.file.LanceFileReader of its one data file
+        else:
+            t = self.ds.to_table(columns=["pair_id"])
+        pair_ids = t.column("pair_id").to_pylist()
         committed = None
         pairs = lake_mod.open_table(lake, "pairs")
         self.pairs_version = None
@@ -389,46 +468,219 @@ class TrainLoader:
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
     # ------------------------------------------------------------------ reading
+    def _choose_blob_path(self, blob_api: str) -> str:
+        """How guidance bytes are read: "mmap" when each blob lies inside its fragment's data file on a local
+        disk (Lance file format 2.0/2.1), else Lance's blob API ("take_blobs"; "read_blobs" on request)."""
+        if blob_api not in ("auto", "mmap", "take_blobs", "read_blobs"):
+            raise UserError(f"blob_api={blob_api!r} must be 'auto', 'mmap', 'take_blobs' or 'read_blobs'.")
+        if self.guidance_column is None or blob_api in ("take_blobs", "read_blobs"):
+            return "take_blobs" if blob_api == "auto" else blob_api
+        inline = lake_mod.is_local(self.lake) and _blobs_inline(self.ds, self.guidance_column)
+        if blob_api == "mmap" and not inline:
+            raise UserError(f"blob_api='mmap' needs a local features table whose blobs live in its data files "
+                            f"(Lance format {features_schema.DATA_STORAGE_VERSION}); {self.lake} has not. Use 'auto'.")
+        return "mmap" if inline else "take_blobs"
+
     def read(self, indices: np.ndarray | list[int], io: ThreadPoolExecutor | None = None) -> Batch:
-        """Read the rows at ``indices`` (dataset offsets) into a batch, in that order."""
+        """Read the rows at ``indices`` (dataset offsets) into a batch, in that order.
+
+        The guidance rows are copied (fp8: dequantised) straight into one padded (B, L_max, E) tensor of
+        ``pad_dtype``, rows in parallel on ``io``; "mmap" copies from the page cache with no copy before it.
+        """
         idx = [int(i) for i in indices]
         n, d = self.dims.ip_tokens, self.dims.ip_dim
-        cols = ["pair_id", "winner_tokens", "loser_tokens"]
-        if self.guidance_column:
-            cols.append(f"{self.guidance_column}_len")
-        tbl = self.ds.take(idx, columns=cols)
-        pids = tbl.column("pair_id").to_pylist()
-        if pids != [self.pair_ids[i] for i in idx]:  # take must keep the requested order
-            raise RuntimeError("Lance take returned rows out of order")
+        col = self.guidance_column
+        if self.blob_api == "mmap":  # tokens (and fp8 scales) from the fragments' files; ids and lengths cached
+            tbl = self._take_from_files(idx, ["winner_tokens", "loser_tokens"] + ([f"{col}_scale"] if self.fp8 else []))
+            pids, lens = [self.pair_ids[i] for i in idx], self._lens[idx]
+        else:
+            cols = ["pair_id", "winner_tokens", "loser_tokens"]
+            if col:
+                cols.append(f"{col}_len")
+                if self.fp8:
+                    cols.append(f"{col}_scale")
+            tbl = self.ds.take(idx, columns=cols)
+            pids = tbl.column("pair_id").to_pylist()
+            if pids != [self.pair_ids[i] for i in idx]:  # take must keep the requested order
+                raise RuntimeError("Lance take returned rows out of order")
+            lens = tbl.column(f"{col}_len").to_numpy().astype(np.int64) if col else None
         tok = {}
         for c in ("winner_tokens", "loser_tokens"):
             flat = tbl.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False)
             flat = flat if flat.flags.writeable and flat.flags.c_contiguous else flat.copy()
             tok[c] = _two_byte_to_torch(flat.reshape(len(idx), n, d), self._storage_dtype)
         e = self.guidance_dim
-        if self.guidance_column is None:
+        if col is None:
             return Batch(pids, tok["winner_tokens"], tok["loser_tokens"], [], torch.zeros(len(idx), dtype=torch.int64),
                          e, self._torch_dtype)
-        lens = tbl.column(f"{self.guidance_column}_len").to_numpy().astype(np.int64)
-        read = self._read_blobs(self.guidance_column, idx, io)
-        buffers = [buf for _, buf in read if buf is not None]
-        batch = Batch(pids, tok["winner_tokens"], tok["loser_tokens"], [], torch.from_numpy(lens), e,
-                      self._torch_dtype, buffers=buffers, pool=self._buffers)  # owns the buffers from here on
-        for j, ((raw, _), ln) in enumerate(zip(read, lens)):
-            if raw.nbytes != int(ln) * e * 2:
-                batch.release()
+        width = len(idx), int(lens.max()) if len(lens) else 0
+        keep_fp8 = self.pad_dtype == "fp8"
+        out, give_back = self._padded((*width, e), torch.uint8 if keep_fp8 else self.pad_dtype)
+        scales: list[np.ndarray] = []
+        scale_out = None
+        if self.fp8:
+            sc = tbl.column(f"{col}_scale").combine_chunks()
+            values, offs = sc.values.to_numpy(zero_copy_only=False), sc.offsets.to_numpy()
+            scales = [values[offs[j]: offs[j + 1]] for j in range(len(idx))]
+            if keep_fp8:
+                scale_out = torch.zeros(width, dtype=torch.float32)
+        sources = self._sources(col, idx, tbl)
+        value_bytes = 1 if self.fp8 else 2
+
+        def fill(j: int) -> None:
+            ln = int(lens[j])
+            raw, buf = sources(j)
+            try:
+                _fill_row(j, ln, raw)
+            finally:
+                if buf is not None:  # the row is copied: its read buffer goes back to the pool
+                    self._buffers.give_back([buf])
+
+        def _fill_row(j: int, ln: int, raw: np.ndarray) -> None:
+            if raw.nbytes != ln * e * value_bytes or (self.fp8 and len(scales[j]) != ln):
                 raise UserError(
-                    f"pair {pids[j]!r}: {self.guidance_column} blob has {raw.nbytes} bytes, expected "
-                    f"{self.guidance_column}_len {ln} x {e} x 2. The lake is corrupt; re-embed this pair."
-                )
-            batch.guidance_rows.append(raw.reshape(int(ln), e))
-        return batch
+                    f"pair {pids[j]!r}: {col} blob has {raw.nbytes} bytes{f' and {len(scales[j])} scales' if self.fp8 else ''}"
+                    f", expected {col}_len {ln} x {e} x {value_bytes}. The lake is corrupt; re-embed this pair.")
+            dst = out[j, :ln]
+            if keep_fp8 or (not self.fp8 and dst.dtype == self._torch_dtype):  # the stored bytes as they are
+                np.copyto(dst.view(torch.uint8).numpy().reshape(-1), raw, casting="no")
+                if scale_out is not None:
+                    scale_out[j, :ln] = torch.from_numpy(scales[j])
+            elif self.fp8:  # dequantise while padding
+                fp8.dequantize_into(dst, raw.reshape(ln, e), scales[j])
+            else:  # fp16/bf16 -> pad_dtype while padding
+                with warnings.catch_warnings():
+                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                    dst.copy_(torch.from_numpy(raw).view(self._torch_dtype).view(ln, e))
+            if ln < out.shape[1]:
+                out[j, ln:].zero_()
+
+        try:
+            if io is not None and len(idx) > 1:
+                futures = [io.submit(fill, j) for j in range(len(idx))]
+                wait(futures)  # every row done (or failed) before the buffer can go back
+                for fut in futures:
+                    fut.result()
+            else:
+                for j in range(len(idx)):
+                    fill(j)
+        except BaseException:
+            if give_back is not None:
+                give_back()
+            raise
+        return Batch(pids, tok["winner_tokens"], tok["loser_tokens"], None, torch.from_numpy(lens), e,
+                     self._torch_dtype, padded=out, scale=scale_out, give_back=give_back)
+
+    def _padded(self, shape: tuple[int, int, int],
+                dtype: torch.dtype) -> tuple[torch.Tensor, "weakref.finalize | None"]:
+        """An uninitialised tensor on a recycled buffer (a fresh one costs a page fault per 4 KB), and the
+        callback that gives the buffer back (on its first call, or when the tensor's memory is collected)."""
+        count = shape[0] * shape[1] * shape[2] * dtype.itemsize
+        if count == 0:
+            return torch.empty(shape, dtype=dtype), None
+        buf = self._buffers.get(count)
+        mem = np.frombuffer(buf, dtype=np.uint8, count=count)  # the tensor (and its views) keep this array alive
+        return torch.from_numpy(mem).view(dtype).view(shape), weakref.finalize(mem, self._buffers.give_back, [buf])
+
+    def _sources(self, col: str, idx: list[int], tbl: Any) -> Any:
+        """A function j -> (the j-th row's blob bytes as a uint8 array, the pool buffer under it or None).
+
+        The caller gives a returned buffer back once the row is copied."""
+        if self.blob_api == "mmap":
+            fragment, (position, size) = self._row_at[0], self._blob_at
+
+            def mapped(j: int) -> np.ndarray:
+                i = idx[j]
+                pos, n = int(position[i]), int(size[i])
+                m = self._data_file(int(fragment[i]), i, pos, n)
+                if m is None:  # this fragment cannot be mapped: Lance reads it
+                    return self._read_one(self.ds.take_blobs(col, indices=[i], buffer_size=0)[0])
+                return m[pos: pos + n], None
+
+            return mapped
+        if self.blob_api == "take_blobs":
+            handles = self.ds.take_blobs(col, indices=idx, buffer_size=0)
+            return lambda j: self._read_one(handles[j])
+        blobs = [b or b"" for _, b in self.ds.read_blobs(col, indices=idx, preserve_order=True)]
+        return lambda j: (np.frombuffer(blobs[j], dtype=np.uint8), None)
+
+    def _take_from_files(self, idx: list[int], columns: list[str]) -> Any:
+        """``columns`` of dataset rows ``idx``, in that order, read from their fragments' data files with Lance's
+        file reader (several times cheaper per row than a dataset ``take``); a dataset ``take`` when a fragment
+        has more than one data file."""
+        import pyarrow as pa
+
+        fragment, offset = self._row_at
+        frags = fragment[idx]
+        parts, where = [], np.empty(len(idx), np.int64)
+        done = 0
+        for f in np.unique(frags):
+            reader = self._file_reader(int(f), columns)
+            if reader is None:
+                return self.ds.take(idx, columns=columns)
+            mine = np.flatnonzero(frags == f)
+            order = np.argsort(offset[np.asarray(idx)[mine]], kind="stable")
+            rows = offset[np.asarray(idx)[mine[order]]]
+            parts.append(reader.take_rows(rows.tolist()).to_table().select(columns))
+            where[mine[order]] = np.arange(done, done + len(mine))
+            done += len(mine)
+        table = pa.concat_tables(parts) if len(parts) > 1 else parts[0]
+        return table.take(pa.array(where))
+
+    def _file_reader(self, fragment_id: int, columns: list[str]) -> Any:
+        with self._maps_lock:
+            if fragment_id not in self._files:
+                from lance.file import LanceFileReader
+
+                frag = self.ds.get_fragment(fragment_id)
+                files = frag.data_files() if frag is not None else []
+                path = self._data_path(files[0].path) if len(files) == 1 else ""
+                self._files[fragment_id] = LanceFileReader(path, columns=columns) if path else None
+                while len(self._files) > self._max_open // 2:
+                    del self._files[next(iter(self._files))]
+            return self._files[fragment_id]
+
+    def _data_path(self, name: str) -> str:
+        path = os.path.join(lake_mod.table_uri(self.lake, "features").removeprefix("file://"), "data", name)
+        return path if os.path.isfile(path) else ""
+
+    def _data_file(self, fragment_id: int, row: int, position: int, size: int) -> np.ndarray | None:
+        """Fragment ``fragment_id``'s data file as a read-only uint8 memory map, or None when it cannot be used.
+
+        The first time a fragment is mapped, one blob's first and last bytes are compared with Lance's
+        own read of them, so a change in what ``position`` means is caught, not trained on.
+        """
+        with self._maps_lock:
+            if fragment_id in self._maps:
+                self._maps[fragment_id] = m = self._maps.pop(fragment_id)  # most recently used last
+                return m
+            m = None
+            frag = self.ds.get_fragment(fragment_id)
+            files = frag.data_files() if frag is not None else []
+            path = self._data_path(files[0].path) if len(files) == 1 else ""
+            if path:
+                m = np.memmap(path, dtype=np.uint8, mode="r")
+                if fragment_id not in self._verified:
+                    k = min(size, 4096)
+                    blob = self.ds.take_blobs(self.guidance_column, indices=[row], buffer_size=0)[0]
+                    if size and (position + size > len(m) or blob.size() != size
+                                 or bytes(m[position: position + k]) != blob.read_range(0, k)
+                                 or bytes(m[position + size - k: position + size]) != blob.read_range(size - k, k)):
+                        log.warning("features fragment %d: blob positions do not match its data file; reading it "
+                                    "through Lance's blob API instead", fragment_id)
+                        m = None
+                    else:
+                        self._verified.add(fragment_id)
+            self._maps[fragment_id] = m
+            while len(self._maps) > self._max_open // 2:  # bound open files; a map in use lives until its last view
+                del self._maps[next(iter(self._maps))]
+            return m
 
     def _read_one(self, f: Any) -> tuple[np.ndarray, bytearray | None]:
-        """One blob as a uint16 array over a pool buffer, and that buffer (None for an empty blob)."""
+        """One blob as a uint8 array over a pool buffer, and that buffer (None for an empty blob)."""
         size = f.size() if f is not None else 0
         if size == 0:
-            return np.zeros(0, np.uint16), None
+            return np.zeros(0, np.uint8), None
         buf = self._buffers.get(size)
         try:
             # BlobFile.readinto(bytearray) is one read_into of the Lance handle; calling that directly
@@ -440,16 +692,7 @@ class TrainLoader:
         except BaseException:
             self._buffers.give_back([buf])
             raise
-        return np.frombuffer(buf, dtype=np.uint16, count=size // 2), buf
-
-    def _read_blobs(self, column: str, idx: list[int],
-                    io: ThreadPoolExecutor | None = None) -> list[tuple[np.ndarray, bytearray | None]]:
-        """Each row's blob as a uint16 array (with its pool buffer, if any), read whole; rows in parallel on ``io``."""
-        if self.blob_api == "take_blobs":
-            handles = self.ds.take_blobs(column, indices=idx, buffer_size=0)
-            return list(io.map(self._read_one, handles)) if io is not None else [self._read_one(f) for f in handles]
-        return [(np.frombuffer(b or b"", dtype=np.uint16), None) for _, b in
-                self.ds.read_blobs(column, indices=idx, preserve_order=True)]
+        return np.frombuffer(buf, dtype=np.uint8, count=size), buf
 
     # ------------------------------------------------------------------ iteration
     def _batch_indices(self, epoch: int, position: int, order: np.ndarray) -> np.ndarray:

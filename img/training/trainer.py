@@ -281,7 +281,8 @@ def run_training(lake: str, profile: str | None, steps: int, run_dir: str | Path
     loader = TrainLoader(lake, rank=rank, world_size=world, batch_size=cfg.batch_size, seed=cfg.seed,
                          heldout_pairs=cfg.heldout_pairs, heldout_split=cfg.heldout_split, guidance=cfg.guidance,
                          num_workers=cfg.num_workers,
-                         prefetch=cfg.prefetch, version=version, pairs_version=pairs_version)
+                         prefetch=cfg.prefetch, version=version, pairs_version=pairs_version,
+                         pad_dtype="stored" if torch.cuda.is_available() else None)  # fp8: dequantised on the GPU
     acfg = dataclasses.replace(resolve_aligner_config(profile, loader.dims, cfg.guidance, lake, cfg.aligner),
                                passes=cfg.passes)
 
