@@ -220,10 +220,10 @@ def test_a_plan_larger_than_the_cluster_is_refused(monkeypatch, repo_root):
     from img.config import load_config
     from pipelines.embed import check_reservations
 
-    gpu_plan = load_config(EmbedConfig, repo_root / "jobs" / "embed_gpu.toml")  # 2 x 1 + 8 x 4 + 56 x 4 CPUs
+    gpu_plan = load_config(EmbedConfig, repo_root / "jobs" / "embed_gpu.toml")  # decode + 8 writers x 1 + pools
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 8.0})
     check_reservations(EmbedConfig())  # the CPU defaults fit: 2 x 0.25 + 2 x 0.75
-    with pytest.raises(UserError, match=r"embed config reserves 258 CPUs \(decode/writer 2 x 1 \+ actor pools\) "
+    with pytest.raises(UserError, match=r"embed config reserves 265 CPUs \(decode \+ 8 writer\(s\) x 1 \+ actor pools\) "
                                         r"but the Ray cluster has 8\. .*\[ip\]/\[mllm\]/\[text\] sections"):
         check_reservations(gpu_plan)
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 512.0, "GPU": 8.0})
