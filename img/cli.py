@@ -62,7 +62,8 @@ def _stdout_to_stderr():
     saved = os.dup(1)
     try:
         os.dup2(2, 1)
-        yield
+        with contextlib.redirect_stdout(sys.stderr):  # Python-level writers too (loggers made meanwhile)
+            yield
     finally:
         sys.stdout.flush()
         os.dup2(saved, 1)
