@@ -16,7 +16,10 @@ planning the same pairs or reconciling between this run's commits.
     summary = run_embed("data/sample", "lake", "tiny", EmbedConfig())
 
 The stages are callable classes so the tiny profile runs the same code as the
-real one. Ray starts embedded unless ``RAY_ADDRESS`` points at a cluster.
+real one; read, decode and the fragment writers are in ``pipelines/embed_io.py``
+(no torch import). Ray starts embedded unless ``RAY_ADDRESS`` points at a cluster.
+``summary.startup`` splits the start-up: Ray, per actor process its imports and
+model load, and the first batch.
 """
 from __future__ import annotations
 
