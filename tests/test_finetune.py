@@ -403,7 +403,7 @@ def test_embed_stage_and_fingerprint_use_the_adapter(finetuned, tmp_path):
     batch = Decode(16, 60_000_000, 0)(read_units({k: np.array([u[k] for u in units]) for k in units[0]}))
     aid = adapter_id(adapter)
     base = Guidance("tiny", "cpu", 1)(batch)
-    tuned = Guidance("tiny", "cpu", 1, str(adapter), aid)(batch)
+    tuned = Guidance("tiny", "cpu", 1, mllm_adapter=str(adapter), mllm_adapter_id=aid)(batch)
     tiny = get_profile("tiny")
     enc = GuidanceEncoder(with_mllm_adapter(tiny, adapter))
     for i in range(len(batch["pair_id"])):
@@ -413,7 +413,7 @@ def test_embed_stage_and_fingerprint_use_the_adapter(finetuned, tmp_path):
         want = enc([Image.fromarray(batch["loser_image"][i])], [batch["question"][i]])[0].half().numpy().ravel()
         assert np.allclose(b, want, atol=1e-3)
     with pytest.raises(UserError, match="changed since the embed job started"):
-        Guidance("tiny", "cpu", 1, str(adapter), "sha256:0000000000000000")
+        Guidance("tiny", "cpu", 1, mllm_adapter=str(adapter), mllm_adapter_id="sha256:0000000000000000")
     # a lake whose tables were made with the adapter refuses guidance without it (and vice versa) unless --new-table
     lake, cfg = str(tmp_path / "lake"), EmbedConfig()
     tuned_profile = with_mllm_adapter(tiny, adapter)
