@@ -74,11 +74,7 @@ def run_bench(steps: int = 6, warmup: int = 2, batch_size: int = 2, rows: int = 
     root = Path(tempfile.mkdtemp(prefix="img-bench-train-", dir=workdir))
     try:
         return _run(root, steps, warmup, batch_size, rows, guidance_dtype, num_workers)
-    finally:
-        import torch.distributed as dist
-
-        if dist.is_initialized():
-            dist.destroy_process_group()
+    finally:  # the process group stays up, as after a training run: DeepSpeed caches it for later engines
         shutil.rmtree(root, ignore_errors=True)
 
 
