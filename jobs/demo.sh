@@ -13,7 +13,7 @@ step() { printf '\n== %s\n' "$*"; }
 step "1/6 shapes-world sample in Pick-a-Pic v2 format ($PAIRS rows, 10% ties, 2% corrupt JPEGs)"
 img data sample --out "$OUT/data" --pairs "$PAIRS" --seed 0 --corrupt 0.02
 
-step "2/6 the tiny profile (random weights, real classes) loads through from_pretrained"
+step "2/6 the tiny profile (real classes, encoders pre-trained on the shapes world once) loads through from_pretrained"
 img profile check tiny
 
 step "3/6 embed every decisive pair once (Ray Data -> Lance): IP tokens + MLLM guidance"

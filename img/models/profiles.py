@@ -269,7 +269,8 @@ def _build_profiles() -> dict[str, Profile]:
         dims=_SDXL_DIMS,
     )
     profiles = {
-        "tiny": _tiny_profile("tiny", "random tiny models of the real classes, built in code (tests, demo; seconds on CPU)"),
+        "tiny": _tiny_profile("tiny", "tiny models of the real classes, built in code, encoders pre-trained on the "
+                                      "shapes world (tests, demo)"),
         "bench": _tiny_profile("bench", "tiny classes at larger widths so `img bench embed` measures real compute"),
         "sdxl": sdxl,
         "sdxl-dpo": dataclasses.replace(
