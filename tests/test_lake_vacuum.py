@@ -86,6 +86,17 @@ def _orphans(lake):
     return {t: unreferenced_files(lake, t) for t in ("features", "pairs", "quarantine")}
 
 
+def _settled_orphans(lake, quiet=3.0, limit=60.0):
+    """The orphan files once none has appeared for ``quiet`` s: Ray's workers outlive a killed driver briefly."""
+    seen, since, deadline = _orphans(lake), time.time(), time.time() + limit
+    while time.time() - since < quiet and time.time() < deadline:
+        time.sleep(0.5)
+        now = _orphans(lake)
+        if now != seen:
+            seen, since = now, time.time()
+    return seen
+
+
 @pytest.mark.slow
 def test_vacuum_after_a_sigkilled_embed(tmp_path):
     """Kill an embed while a batch is written but not committed; vacuum removes those files; nothing else changes."""
@@ -106,7 +117,7 @@ def test_vacuum_after_a_sigkilled_embed(tmp_path):
         assert proc.poll() is None, "the job finished before it could be killed; make the sample bigger"
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
-        orphans = _orphans(lake)
+        orphans = _settled_orphans(lake)
         if any(orphans.values()):
             break
     files = [f"{lake}/{t}.lance/{rel}" for t, fs in orphans.items() for rel, _ in fs]
