@@ -447,56 +447,16 @@ def _embed_locked(lake, shards, profile, cfg, schemas, fp, questions, new_table,
         summary.quarantined += len(damaged)
         summary.unreadable += len(damaged)
     timers = {t: 0.0 for t in TIMERS}
-    tensor_bytes = 0
-    actors: list[dict] = []
+    tensor_bytes, actors = 0, []
     if todo:
         summary.startup["plan_s"] = round(time.perf_counter() - t_start, 3)
         summary.startup["ray_init_s"] = round(init_ray(), 3)
         check_reservations(cfg)
         ds = build_dataset(units, lake, profile.name, cfg, schemas, questions, profile.mllm_adapter,
                            profile.mllm_adapter_id, classes)
-        pending: list[dict] = []  # written fragments not yet committed (commit_seconds > 0 groups them)
-        last_commit = time.perf_counter()
-
-        def commit(bar: JobProgress) -> None:
-            lock.check()  # an object-store lease taken over or not renewed: stop before committing
-            for name in ("features", "pairs", "quarantine"):  # pairs is the commit marker
-                lake_mod.commit_fragments(lake, name, [f for r in pending for f in json.loads(r[name])], so)
-            for r in pending:
-                summary.written += int(r["n_good"])
-                summary.quarantined += int(r["n_bad"])
-                summary.unreadable += int(r["n_unreadable"])
-                bar.advance(int(r["n_good"]) + int(r["n_bad"]))
-            pending.clear()
-            if not summary.first_commit_seconds:
-                summary.first_commit_seconds = time.perf_counter() - t_start
-                summary.first_commit_pairs = summary.written
-
-        with JobProgress(todo, enabled=progress) as bar:
-            for row in ds.iter_rows():
-                if row.get("startup"):
-                    actors += json.loads(row["startup"])
-                tensor_bytes += int(row["tensor_bytes"])
-                for t in TIMERS:
-                    timers[t] += float(row[t])
-                pending.append(row)
-                if time.perf_counter() - last_commit >= cfg.commit_seconds:
-                    commit(bar)
-                    last_commit = time.perf_counter()
-            if pending:
-                commit(bar)
+        tensor_bytes, actors = _drain(ds, lake, cfg, summary, timers, lock, todo, progress, t_start)
     if actors:
-        summary.startup["actors"] = [
-            {"stage": a["stage"], "pid": a["pid"], "spawn_at": round(a["process_start"] - wall_start, 2),
-             # process spawn (or the job's start, for a worker Ray started earlier) -> this module imported
-             "imports_s": round(a["imported"] - max(a["process_start"], wall_start), 2),
-             "load_s": round(a["ready"] - a["init_start"], 2), "ready_at": round(a["ready"] - wall_start, 2)}
-            for a in actors]
-        # actors up before the first commit (writers added later by autoscaling do not count)
-        ready = max([a["ready_at"] for a in summary.startup["actors"] if a["ready_at"] <= summary.first_commit_seconds]
-                    or [0.0])
-        summary.startup["first_commit_at"] = round(summary.first_commit_seconds, 2)
-        summary.startup["first_batch_s"] = round(summary.first_commit_seconds - ready, 2)
+        _startup_report(summary, actors, wall_start)
     if summary.unreadable:
         log.warning("%d quarantined rows (or whole shards) are unreadable input; list them with: img sql --lake %s "
                     "\"select reason, count(*) from quarantine where reason like 'shard %%' group by 1\"",
@@ -510,6 +470,62 @@ def _embed_locked(lake, shards, profile, cfg, schemas, fp, questions, new_table,
     if summary.written:
         summary.tensor_bytes_per_pair = tensor_bytes / summary.written
     return summary
+
+
+def _drain(ds, lake: str, cfg: EmbedConfig, summary: EmbedSummary, timers: dict[str, float], lock, todo: int,
+           progress: bool, t_start: float) -> tuple[int, list[dict]]:
+    """Take the writers' fragment rows off the pipeline and commit them every ``commit_seconds`` (and at the end);
+    adds their stage timers to ``timers``. Returns (tensor bytes written, the actors' start-up records)."""
+    tensor_bytes, actors = 0, []
+    pending: list[dict] = []  # written fragments not yet committed (commit_seconds > 0 groups them)
+    last_commit = time.perf_counter()
+    with JobProgress(todo, enabled=progress) as bar:
+        for row in ds.iter_rows():
+            if row.get("startup"):
+                actors += json.loads(row["startup"])
+            tensor_bytes += int(row["tensor_bytes"])
+            for t in TIMERS:
+                timers[t] += float(row[t])
+            pending.append(row)
+            if time.perf_counter() - last_commit >= cfg.commit_seconds:
+                _commit(lake, cfg, pending, summary, bar, lock, t_start)
+                last_commit = time.perf_counter()
+        if pending:
+            _commit(lake, cfg, pending, summary, bar, lock, t_start)
+    return tensor_bytes, actors
+
+
+def _commit(lake: str, cfg: EmbedConfig, pending: list[dict], summary: EmbedSummary, bar: JobProgress, lock,
+            t_start: float) -> None:
+    """Commit the ``pending`` fragments (``pairs``, the commit marker, among them) and count them; empties it."""
+    so = cfg.storage_options or None
+    lock.check()  # an object-store lease taken over or not renewed: stop before committing
+    for name in ("features", "pairs", "quarantine"):  # pairs is the commit marker
+        lake_mod.commit_fragments(lake, name, [f for r in pending for f in json.loads(r[name])], so)
+    for r in pending:
+        summary.written += int(r["n_good"])
+        summary.quarantined += int(r["n_bad"])
+        summary.unreadable += int(r["n_unreadable"])
+        bar.advance(int(r["n_good"]) + int(r["n_bad"]))
+    pending.clear()
+    if not summary.first_commit_seconds:
+        summary.first_commit_seconds = time.perf_counter() - t_start
+        summary.first_commit_pairs = summary.written
+
+
+def _startup_report(summary: EmbedSummary, actors: list[dict], wall_start: float) -> None:
+    """Per actor: spawn, imports and model loading, relative to the job's start; the first batch's latency."""
+    summary.startup["actors"] = [
+        {"stage": a["stage"], "pid": a["pid"], "spawn_at": round(a["process_start"] - wall_start, 2),
+         # process spawn (or the job's start, for a worker Ray started earlier) -> this module imported
+         "imports_s": round(a["imported"] - max(a["process_start"], wall_start), 2),
+         "load_s": round(a["ready"] - a["init_start"], 2), "ready_at": round(a["ready"] - wall_start, 2)}
+        for a in actors]
+    # actors up before the first commit (writers added later by autoscaling do not count)
+    ready = max([a["ready_at"] for a in summary.startup["actors"] if a["ready_at"] <= summary.first_commit_seconds]
+                or [0.0])
+    summary.startup["first_commit_at"] = round(summary.first_commit_seconds, 2)
+    summary.startup["first_batch_s"] = round(summary.first_commit_seconds - ready, 2)
 
 
 def summary_json(summary: EmbedSummary) -> str:

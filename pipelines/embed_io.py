@@ -226,38 +226,10 @@ class WriteFragments:
 
     def __call__(self, batch: "pa.Table | dict[str, np.ndarray]") -> dict[str, np.ndarray]:
         t0, c0 = time.perf_counter(), time.process_time()
-        if isinstance(batch, pa.Table):
-            from ray.data.block import BlockAccessor  # the worker runs under Ray already
-
-            blobs = {c: batch.column(c) for c in BLOB_COLUMNS if c in batch.column_names}
-            small = [c for c in batch.column_names if c not in blobs]
-            columns = BlockAccessor.for_block(batch.select(small)).to_numpy(small)
-        else:
-            blobs = {c: batch[c] for c in BLOB_COLUMNS if c in batch}
-            columns = batch
+        blobs, columns = _split_blobs(batch)
         good = np.array([e == "" for e in columns["error"]], dtype=bool)
         gi, bi = np.flatnonzero(good), np.flatnonzero(~good)
-        fs = self.schemas["features"]
-        feat = {"pair_id": [columns["pair_id"][i] for i in gi]}
-        nbytes = 0
-        for col in ("winner_tokens", "loser_tokens"):
-            tokens = np.asarray(columns[col])
-            tokens = np.stack(list(tokens)) if tokens.dtype == object else tokens  # ragged-typed by Ray: rows
-            arr = np.ascontiguousarray(tokens[gi]).reshape(-1) if len(gi) else np.zeros(0, np.float16)
-            width = fs.field(col).type.list_size
-            feat[col] = pa.FixedSizeListArray.from_arrays(pa.array(arr, pa.float16()), width)
-            nbytes += arr.nbytes
-        for col in BLOB_COLUMNS:
-            if col in fs.names:
-                feat[col] = _blob_values(blobs[col], gi, len(good))
-                feat[f"{col}_len"] = pa.array([int(columns[f"{col}_len"][i]) for i in gi], pa.int32())
-                nbytes += int(pc.sum(pc.binary_length(feat[col])).as_py() or 0)
-                if f"{col}_scale" in fs.names:  # fp8: one float32 scale per token
-                    scales = [np.asarray(columns[f"{col}_scale"][i], np.float32) for i in gi]
-                    offsets = np.concatenate([[0], np.cumsum([len(x) for x in scales])]).astype(np.int32)
-                    values = np.concatenate(scales) if scales else np.zeros(0, np.float32)
-                    feat[f"{col}_scale"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
-                    nbytes += values.nbytes
+        feat, nbytes = self._feature_columns(columns, blobs, gi, len(good))
         pairs = {k: [columns[k][i] for i in gi] for k in ("pair_id", "caption", "question", "winner_uid",
                                                           "loser_uid", "source", "row")}
         pairs["broken"] = [columns["broken"][i] or None for i in gi]  # "" stands for null between stages
@@ -288,6 +260,43 @@ class WriteFragments:
             self.startup = None
         out["startup"] = np.array([json.dumps(startup) if startup else ""], dtype=object)
         return out
+
+    def _feature_columns(self, columns: dict[str, Any], blobs: dict[str, Any], gi: np.ndarray,
+                         n: int) -> tuple[dict[str, Any], int]:
+        """The ``features`` columns of the good rows ``gi`` (of ``n``), and the tensor bytes they hold."""
+        fs = self.schemas["features"]
+        feat = {"pair_id": [columns["pair_id"][i] for i in gi]}
+        nbytes = 0
+        for col in ("winner_tokens", "loser_tokens"):
+            tokens = np.asarray(columns[col])
+            tokens = np.stack(list(tokens)) if tokens.dtype == object else tokens  # ragged-typed by Ray: rows
+            arr = np.ascontiguousarray(tokens[gi]).reshape(-1) if len(gi) else np.zeros(0, np.float16)
+            width = fs.field(col).type.list_size
+            feat[col] = pa.FixedSizeListArray.from_arrays(pa.array(arr, pa.float16()), width)
+            nbytes += arr.nbytes
+        for col in BLOB_COLUMNS:
+            if col in fs.names:
+                feat[col] = _blob_values(blobs[col], gi, n)
+                feat[f"{col}_len"] = pa.array([int(columns[f"{col}_len"][i]) for i in gi], pa.int32())
+                nbytes += int(pc.sum(pc.binary_length(feat[col])).as_py() or 0)
+                if f"{col}_scale" in fs.names:  # fp8: one float32 scale per token
+                    scales = [np.asarray(columns[f"{col}_scale"][i], np.float32) for i in gi]
+                    offsets = np.concatenate([[0], np.cumsum([len(x) for x in scales])]).astype(np.int32)
+                    values = np.concatenate(scales) if scales else np.zeros(0, np.float32)
+                    feat[f"{col}_scale"] = pa.ListArray.from_arrays(pa.array(offsets), pa.array(values))
+                    nbytes += values.nbytes
+        return feat, nbytes
+
+
+def _split_blobs(batch: "pa.Table | dict[str, np.ndarray]") -> tuple[dict[str, Any], dict[str, Any]]:
+    """(blob columns as they came, every other column as numpy): Arrow blobs are never copied into numpy."""
+    if isinstance(batch, pa.Table):
+        from ray.data.block import BlockAccessor  # the worker runs under Ray already
+
+        blobs = {c: batch.column(c) for c in BLOB_COLUMNS if c in batch.column_names}
+        small = [c for c in batch.column_names if c not in blobs]
+        return blobs, BlockAccessor.for_block(batch.select(small)).to_numpy(small)
+    return {c: batch[c] for c in BLOB_COLUMNS if c in batch}, batch
 
 
 def _blob_values(values: Any, keep: np.ndarray, n: int) -> "pa.ChunkedArray | pa.Array":

@@ -357,11 +357,7 @@ def _run(root: str, pairs: int, profile_name: str, seed: int, fmt: str, real: bo
 
     data, lake = os.path.join(root, "data"), os.path.join(root, "lake")
     write_sample(data, pairs=pairs, seed=seed, corrupt=0.0, ties=0.0, fmt=fmt)
-    # The bare loop gets its best thread setting (1 thread, or all cores): the ratio is against the faster one.
-    bare_runs = {}
-    for threads in sorted({1, os.cpu_count() or 1}) if not real else [1]:  # stand-ins do not use torch threads
-        bare_runs[threads] = bare_loop(data, profile_name, cfg, real, os.path.join(root, f"bare-{threads}"), threads)
-    best = max(bare_runs, key=lambda t: bare_runs[t]["pairs"] / bare_runs[t]["seconds"])
+    bare_runs, best = _bare_before(data, profile_name, cfg, real, root)
     bare = bare_runs[best]
     load_before = os.getloadavg()
     driver_rss = psutil.Process().memory_info().rss
@@ -410,16 +406,32 @@ def _run(root: str, pairs: int, profile_name: str, seed: int, fmt: str, real: bo
                          "after_job": [round(x, 1) for x in load_after]},
     }
     if real:
-        disk_mb = summary.bytes_per_pair * summary.written / 1e6
-        out.update({
-            "stand_in": STAND_IN,
-            "MB_per_s_written": round(disk_mb / job_s, 1),
-            "MB_per_s_written_steady": round(steady * summary.bytes_per_pair / 1e6, 1),
-            # CPU seconds the writer processes spent (Lance's threads included) per MB written: cores per GB/s
-            "writer_MB_per_cpu_s": round(disk_mb / max(summary.time_split.get("cpu_write", 0.0), 1e-9), 1),
-            "bare_MB_per_s_written": round(bare_rate * summary.bytes_per_pair / 1e6, 1),
-            "memory": {"driver_rss_at_start_gb": round(driver_rss / 2**30, 3), **mem.report()},
-            "object_store": mem.spill_report(),
-            "fragments": frags,
-        })
+        out.update(_real_size_figures(summary, job_s, steady, bare_rate, driver_rss, mem, frags))
     return out
+
+
+def _bare_before(data: str, profile_name: str, cfg: EmbedConfig, real: bool, root: str) -> tuple[dict[int, dict], int]:
+    """The bare loop before the job, with 1 torch thread and with all cores: (runs by threads, the faster count)."""
+    # The bare loop gets its best thread setting (1 thread, or all cores): the ratio is against the faster one.
+    bare_runs = {}
+    for threads in sorted({1, os.cpu_count() or 1}) if not real else [1]:  # stand-ins do not use torch threads
+        bare_runs[threads] = bare_loop(data, profile_name, cfg, real, os.path.join(root, f"bare-{threads}"), threads)
+    return bare_runs, max(bare_runs, key=lambda t: bare_runs[t]["pairs"] / bare_runs[t]["seconds"])
+
+
+def _real_size_figures(summary: Any, job_s: float, steady: float, bare_rate: float, driver_rss: int,
+                       mem: MemorySampler, frags: dict[str, Any]) -> dict[str, Any]:
+    """What ``--row-size real`` adds: MB/s written (whole run, steady, per writer CPU second, bare), memory,
+    object-store spill and fragment sizes."""
+    disk_mb = summary.bytes_per_pair * summary.written / 1e6
+    return {
+        "stand_in": STAND_IN,
+        "MB_per_s_written": round(disk_mb / job_s, 1),
+        "MB_per_s_written_steady": round(steady * summary.bytes_per_pair / 1e6, 1),
+        # CPU seconds the writer processes spent (Lance's threads included) per MB written: cores per GB/s
+        "writer_MB_per_cpu_s": round(disk_mb / max(summary.time_split.get("cpu_write", 0.0), 1e-9), 1),
+        "bare_MB_per_s_written": round(bare_rate * summary.bytes_per_pair / 1e6, 1),
+        "memory": {"driver_rss_at_start_gb": round(driver_rss / 2**30, 3), **mem.report()},
+        "object_store": mem.spill_report(),
+        "fragments": frags,
+    }

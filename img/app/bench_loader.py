@@ -27,6 +27,7 @@ fp8 copy of the table (dequantised while padding).
 """
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import statistics
@@ -100,11 +101,8 @@ def write_bench_lake(root: Path, rows: int, guidance_len: int, guidance_dim: int
                 # finite fp16 values in [0, 1): the bytes only need to be realistic in size
                 g = rng.integers(0, 0x3C00, size=(m, guidance_len * guidance_dim), dtype=np.uint16)
                 cols["guidance"] = pa.array([g[j].tobytes() for j in range(m)], pa.large_binary())
-            for j in range(m) if mm is not None else ():
-                off = (s + j) * row_bytes
-                mm[off : off + g_bytes] = g[j].view(np.uint8)
-                mm[off + g_bytes : off + g_bytes + t_bytes] = w[j].view(np.uint8)
-                mm[off + g_bytes + t_bytes : off + row_bytes] = lo[j].view(np.uint8)
+            if mm is not None:
+                _write_flat(mm, s, g, w, lo, row_bytes)
             yield pa.record_batch(cols, schema=schema)
 
     lance.write_dataset(pa.RecordBatchReader.from_batches(schema, batches()), str(root / "features.lance"),
@@ -113,6 +111,16 @@ def write_bench_lake(root: Path, rows: int, guidance_len: int, guidance_dim: int
         mm.flush()
         del mm
     return (path if flat else None), np.arange(rows, dtype=np.int64) * row_bytes
+
+
+def _write_flat(mm: np.ndarray, first: int, g: np.ndarray, w: np.ndarray, lo: np.ndarray, row_bytes: int) -> None:
+    """Copy rows ``first``, ``first + 1``, ... (guidance, winner, loser bytes, back to back) into the flat file."""
+    g_bytes, t_bytes = g.shape[1] * 2, w.shape[1] * 2
+    for j in range(len(g)):
+        off = (first + j) * row_bytes
+        mm[off : off + g_bytes] = g[j].view(np.uint8)
+        mm[off + g_bytes : off + g_bytes + t_bytes] = w[j].view(np.uint8)
+        mm[off + g_bytes + t_bytes : off + row_bytes] = lo[j].view(np.uint8)
 
 
 def _dir_bytes(p: Path) -> int:
@@ -186,8 +194,6 @@ VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {  # name -> (table, TrainLoad
 def run_bench(rows: int = 160, small: bool = False, batch_size: int = 8, repeats: int = 5, num_workers: int = 2,
               prefetch: int = 4, workdir: str | None = None, keep: bool = False) -> dict[str, Any]:
     """Build the tables and flat file, time the loader and both raw reads, return the figures."""
-    import torch
-
     shape = SMALL if small else FULL
     root = Path(tempfile.mkdtemp(prefix="img-bench-loader-", dir=workdir))
     try:
@@ -196,88 +202,126 @@ def run_bench(rows: int = 160, small: bool = False, batch_size: int = 8, repeats
         write_bench_lake(root / "fp8", rows, **shape, guidance_dtype="fp8")
         _fsync_tree(root)  # no writeback of dirty pages during the timed passes
         write_s = time.perf_counter() - t0
-        g_bytes = shape["guidance_len"] * shape["guidance_dim"] * 2
-        t_bytes = shape["ip_tokens"] * shape["ip_dim"] * 2
-        row_bytes = g_bytes + 2 * t_bytes
         lakes = {"fp16": str(root), "fp8": str(root / "fp8")}
         main = TrainLoader(lakes["fp16"], batch_size=batch_size, seed=0, heldout_pairs=0,
                            num_workers=num_workers, prefetch=prefetch)
-        steps = main.steps_per_epoch
-        order = main.epoch_order(0)
-        n = steps * batch_size
-        into = np.empty((batch_size, row_bytes), np.uint8)
-        mm = np.memmap(flat, dtype=np.uint8, mode="r")  # kept open, as the loader keeps its maps
-        raw = lambda kind="": _time_raw(mm, offsets, order, row_bytes, g_bytes, t_bytes, kind=kind)  # noqa: E731
-        raw_into = lambda: _time_raw(mm, offsets, order, row_bytes, g_bytes, t_bytes, into, "raw_into")  # noqa: E731
-        raw_batch = lambda: _time_raw(mm, offsets, order, row_bytes, g_bytes, t_bytes, None, "raw_batch",  # noqa: E731
-                                      batch_size)
-        _time_loader(main, steps)  # warm: page cache, Lance metadata, recycled buffers, memory maps
-        raw(), raw_into(), raw_batch()
-        times: dict[str, list[float]] = {"loader": [], "raw": [], "raw_into": [], "raw_batch": []}
-        CPU.clear()
-        for _ in range(repeats):
-            times["loader"].append(_time_loader(main, steps, "loader"))
-            times["raw"].append(raw("raw"))
-            times["raw_into"].append(raw_into())
-            times["raw_batch"].append(raw_batch())
-        cpu_ms = {k: 1e3 * statistics.median(v) / n for k, v in CPU.items()}
-        sps = {k: n / statistics.median(v) for k, v in times.items()}
-        best = {k: n / min(v) for k, v in times.items()}
-        # load changes while the passes run: each loader pass is compared with the raw pass right after it
-        ratio = statistics.median(r / lo for lo, r in zip(times["loader"], times["raw"]))
-        variants: dict[str, dict[str, Any]] = {}
-        for name, (table, kw) in VARIANTS.items():
-            kw = {"num_workers": num_workers, **kw}
-            if kw.get("pad_dtype") == "float32":
-                kw["pad_dtype"] = torch.float32
-            ld = TrainLoader(lakes[table], batch_size=batch_size, seed=0, heldout_pairs=0, prefetch=prefetch,
-                             **kw)
-            _time_loader(ld, steps)
-            ts, rs = [], []
-            for _ in range(max(2, repeats // 2 + 1)):
-                ts.append(_time_loader(ld, steps))
-                rs.append(raw())
-            variants[name] = {"samples_per_s": round(n / statistics.median(ts), 1),
-                              "ratio_vs_raw": round(statistics.median(r / t for t, r in zip(ts, rs)), 3),
-                              "blob_api": ld.blob_api, "table": table,
-                              **{k: str(v).removeprefix("torch.") for k, v in kw.items()}}
-        lance_bytes = _dir_bytes(root / "features.lance")
-        fp8_bytes = _dir_bytes(root / "fp8" / "features.lance")
-        return {
-            "loader_samples_per_s": round(sps["loader"], 1),
-            "raw_samples_per_s": round(sps["raw"], 1),
-            "ratio": round(ratio, 3),
-            "raw": RAW,
-            "loader": (f"TrainLoader defaults ({main.blob_api} read path, {num_workers} reader threads, prefetch "
-                       f"{prefetch}): tokens via Lance take, guidance copied into one padded (B, L_max, E) fp16 "
-                       "tensor per batch"),
-            "ratio_of_medians": round(sps["loader"] / sps["raw"], 3),
-            # CPU time per sample (all threads of the process): what each side costs, whatever the machine's load
-            "cpu_ms_per_sample": {k: round(v, 3) for k, v in cpu_ms.items()},
-            "ratio_cpu": round(cpu_ms["raw"] / cpu_ms["loader"], 3),
-            "raw_into_samples_per_s": round(sps["raw_into"], 1),
-            "raw_into": RAW_INTO,
-            "ratio_vs_memcpy": round(sps["loader"] / sps["raw_into"], 3),
-            "raw_batch_samples_per_s": round(sps["raw_batch"], 1),
-            "raw_batch": RAW_BATCH,
-            "ratio_vs_raw_batch": round(statistics.median(r / lo for lo, r in zip(times["loader"], times["raw_batch"])), 3),
-            "loader_best_samples_per_s": round(best["loader"], 1),
-            "raw_best_samples_per_s": round(best["raw"], 1),
-            "raw_into_best_samples_per_s": round(best["raw_into"], 1),
-            "loader_MB_per_s": round(sps["loader"] * row_bytes / 1e6, 1),
-            "runs_samples_per_s": {k: [round(n / t, 1) for t in v] for k, v in times.items()},
-            "variants": variants,
-            "rows": rows, "samples_per_pass": n, "batch_size": batch_size, "repeats": repeats,
-            "num_workers": num_workers, "prefetch": prefetch, "blob_api": main.blob_api,
-            **shape, "row_bytes": row_bytes,
-            "disk_bytes_ratio": round(lance_bytes / (rows * row_bytes), 3),
-            "fp8_disk_bytes_ratio": round(fp8_bytes / (rows * row_bytes), 3),
-            "write_seconds": round(write_s, 1),
-            "page_cache": "warm and clean (fsync, then one untimed pass each)",
-            "load_average": [round(x, 1) for x in os.getloadavg()],
-            "cpus": os.cpu_count(),
-            "workdir": str(root) if keep else None,
-        }
+        raws = _raw_reads(flat, offsets, main.epoch_order(0), shape, batch_size)
+        times = _time_passes(main, raws, repeats)
+        variants = _time_variants(lakes, main.steps_per_epoch, raws["raw"], batch_size, num_workers, prefetch,
+                                  repeats)
+        settings = {"rows": rows, "batch_size": batch_size, "repeats": repeats, "num_workers": num_workers,
+                    "prefetch": prefetch}
+        return _report(main, times, variants, root, shape, settings, write_s, keep)
     finally:
         if not keep:
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _row_bytes(shape: dict[str, int]) -> tuple[int, int, int]:
+    """(guidance, token, row) bytes of one fp16 row of ``shape``."""
+    g_bytes = shape["guidance_len"] * shape["guidance_dim"] * 2
+    t_bytes = shape["ip_tokens"] * shape["ip_dim"] * 2
+    return g_bytes, t_bytes, g_bytes + 2 * t_bytes
+
+
+def _raw_reads(flat: Path, offsets: np.ndarray, order: np.ndarray, shape: dict[str, int],
+               batch_size: int) -> dict[str, Any]:
+    """The raw baselines over the flat file, in the loader's order: name -> ``time(kind)`` (seconds per pass)."""
+    g_bytes, t_bytes, row_bytes = _row_bytes(shape)
+    into = np.empty((batch_size, row_bytes), np.uint8)
+    mm = np.memmap(flat, dtype=np.uint8, mode="r")  # kept open, as the loader keeps its maps
+    read = functools.partial(_time_raw, mm, offsets, order, row_bytes, g_bytes, t_bytes)
+    return {"raw": lambda kind="": read(kind=kind),
+            "raw_into": lambda kind="raw_into": read(into, kind),
+            "raw_batch": lambda kind="raw_batch": read(None, kind, batch_size)}
+
+
+def _time_passes(main: TrainLoader, raws: dict[str, Any], repeats: int) -> dict[str, list[float]]:
+    """One untimed pass of each (page cache, Lance metadata, buffers, maps), then ``repeats`` alternating timed
+    passes of the loader and each raw read; seconds per pass by name (CPU seconds go to ``CPU``)."""
+    steps = main.steps_per_epoch
+    _time_loader(main, steps)  # warm: page cache, Lance metadata, recycled buffers, memory maps
+    raws["raw"](), raws["raw_into"](), raws["raw_batch"]()
+    times: dict[str, list[float]] = {"loader": [], "raw": [], "raw_into": [], "raw_batch": []}
+    CPU.clear()
+    for _ in range(repeats):
+        times["loader"].append(_time_loader(main, steps, "loader"))
+        times["raw"].append(raws["raw"]("raw"))
+        times["raw_into"].append(raws["raw_into"]())
+        times["raw_batch"].append(raws["raw_batch"]())
+    return times
+
+
+def _time_variants(lakes: dict[str, str], steps: int, raw: Any, batch_size: int, num_workers: int, prefetch: int,
+                   repeats: int) -> dict[str, dict[str, Any]]:
+    """Each of ``VARIANTS``: samples/s, and its ratio to a raw pass timed right after each of its passes."""
+    import torch
+
+    n = steps * batch_size
+    variants: dict[str, dict[str, Any]] = {}
+    for name, (table, kw) in VARIANTS.items():
+        kw = {"num_workers": num_workers, **kw}
+        if kw.get("pad_dtype") == "float32":
+            kw["pad_dtype"] = torch.float32
+        ld = TrainLoader(lakes[table], batch_size=batch_size, seed=0, heldout_pairs=0, prefetch=prefetch,
+                         **kw)
+        _time_loader(ld, steps)
+        ts, rs = [], []
+        for _ in range(max(2, repeats // 2 + 1)):
+            ts.append(_time_loader(ld, steps))
+            rs.append(raw())
+        variants[name] = {"samples_per_s": round(n / statistics.median(ts), 1),
+                          "ratio_vs_raw": round(statistics.median(r / t for t, r in zip(ts, rs)), 3),
+                          "blob_api": ld.blob_api, "table": table,
+                          **{k: str(v).removeprefix("torch.") for k, v in kw.items()}}
+    return variants
+
+
+def _report(main: TrainLoader, times: dict[str, list[float]], variants: dict[str, dict[str, Any]], root: Path,
+            shape: dict[str, int], settings: dict[str, int], write_s: float, keep: bool) -> dict[str, Any]:
+    """The figures: medians and ratios (per pass, of medians, of CPU time), variants, sizes, the machine's load."""
+    rows, batch_size, num_workers, prefetch = (settings[k] for k in ("rows", "batch_size", "num_workers", "prefetch"))
+    row_bytes = _row_bytes(shape)[2]
+    n = main.steps_per_epoch * batch_size
+    cpu_ms = {k: 1e3 * statistics.median(v) / n for k, v in CPU.items()}
+    sps = {k: n / statistics.median(v) for k, v in times.items()}
+    best = {k: n / min(v) for k, v in times.items()}
+    # load changes while the passes run: each loader pass is compared with the raw pass right after it
+    ratio = statistics.median(r / lo for lo, r in zip(times["loader"], times["raw"]))
+    lance_bytes = _dir_bytes(root / "features.lance")
+    fp8_bytes = _dir_bytes(root / "fp8" / "features.lance")
+    return {
+        "loader_samples_per_s": round(sps["loader"], 1),
+        "raw_samples_per_s": round(sps["raw"], 1),
+        "ratio": round(ratio, 3),
+        "raw": RAW,
+        "loader": (f"TrainLoader defaults ({main.blob_api} read path, {num_workers} reader threads, prefetch "
+                   f"{prefetch}): tokens via Lance take, guidance copied into one padded (B, L_max, E) fp16 "
+                   "tensor per batch"),
+        "ratio_of_medians": round(sps["loader"] / sps["raw"], 3),
+        # CPU time per sample (all threads of the process): what each side costs, whatever the machine's load
+        "cpu_ms_per_sample": {k: round(v, 3) for k, v in cpu_ms.items()},
+        "ratio_cpu": round(cpu_ms["raw"] / cpu_ms["loader"], 3),
+        "raw_into_samples_per_s": round(sps["raw_into"], 1),
+        "raw_into": RAW_INTO,
+        "ratio_vs_memcpy": round(sps["loader"] / sps["raw_into"], 3),
+        "raw_batch_samples_per_s": round(sps["raw_batch"], 1),
+        "raw_batch": RAW_BATCH,
+        "ratio_vs_raw_batch": round(statistics.median(r / lo for lo, r in zip(times["loader"], times["raw_batch"])), 3),
+        "loader_best_samples_per_s": round(best["loader"], 1),
+        "raw_best_samples_per_s": round(best["raw"], 1),
+        "raw_into_best_samples_per_s": round(best["raw_into"], 1),
+        "loader_MB_per_s": round(sps["loader"] * row_bytes / 1e6, 1),
+        "runs_samples_per_s": {k: [round(n / t, 1) for t in v] for k, v in times.items()},
+        "variants": variants,
+        "rows": rows, "samples_per_pass": n, "batch_size": batch_size, "repeats": settings["repeats"],
+        "num_workers": num_workers, "prefetch": prefetch, "blob_api": main.blob_api,
+        **shape, "row_bytes": row_bytes,
+        "disk_bytes_ratio": round(lance_bytes / (rows * row_bytes), 3),
+        "fp8_disk_bytes_ratio": round(fp8_bytes / (rows * row_bytes), 3),
+        "write_seconds": round(write_s, 1),
+        "page_cache": "warm and clean (fsync, then one untimed pass each)",
+        "load_average": [round(x, 1) for x in os.getloadavg()],
+        "cpus": os.cpu_count(),
+        "workdir": str(root) if keep else None,
+    }

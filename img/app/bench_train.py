@@ -5,12 +5,12 @@
 
 A small lake of real-size rows (random IP tokens 2 x 16 x 2048, guidance
 650 x 5120 with LLaMA-like outlier channels) is written to a temporary folder;
-``TrainLoader`` reads it exactly as ``img jobs train`` does, and the engine is
-built by the trainer's own ``init_distributed`` / ``build_engine`` from
+the trainer's own ``train_loader`` reads it exactly as ``img jobs train`` does,
+and the engine is built by its ``init_aligners`` / ``aligner_engine`` from
 ``jobs/train.toml``'s settings (AdamW, ZeRO stage of the DeepSpeed JSON, fp32
 on CPU) with the ``sdxl`` profile's aligner (195,094,528 parameters) and the
-reference model beside it. Each step is the trainer's: forward, reference
-forward, IUPO loss, backward, optimizer step. Reported: samples/s over the
+reference model beside it. Each step is the trainer's ``train_step``: forward,
+reference forward, IUPO loss, backward, optimizer step. Reported: samples/s over the
 timed steps (after ``warmup`` steps), peak RSS of the process, FLOPs per sample
 (counted by ``torch.utils.flop_counter`` on one step, and worked out from the
 architecture), bytes per sample read from the lake, and the seconds per step
@@ -30,14 +30,20 @@ from typing import Any
 
 import torch
 
-from img.aligner import AlignerConfig, ImplicitAligner
+from img.aligner import AlignerConfig
 from img.app.bench_loader import FULL, write_bench_lake
 from img.config import load_config, project_file
 from img.errors import UserError
-from img.objective import iupo_loss, make_reference
 from img.training.loader import TrainLoader
-from img.training.run_common import build_engine, dist_env, init_distributed
-from img.training.trainer import TrainConfig, resolve_aligner_config
+from img.training.run_common import dist_env, init_distributed
+from img.training.trainer import (
+    TrainConfig,
+    aligner_engine,
+    init_aligners,
+    resolve_aligner_config,
+    train_loader,
+    train_step,
+)
 
 PROFILE = "sdxl"  # IP tokens 16 x 2048, guidance width 5120: the released SDXL aligner
 
@@ -80,62 +86,13 @@ def run_bench(steps: int = 6, warmup: int = 2, batch_size: int = 2, rows: int = 
 
 def _run(root: Path, steps: int, warmup: int, batch_size: int, rows: int, guidance_dtype: str,
          num_workers: int) -> dict[str, Any]:
+    """Write the lake, build the trainer's loader and engine on it, time the steps; return the figures."""
     t0 = time.perf_counter()
     write_bench_lake(root, rows, **FULL, guidance_dtype=guidance_dtype, flat=False)
     write_s = time.perf_counter() - t0
     lake_bytes = sum(f.stat().st_size for f in (root / "features.lance").rglob("*") if f.is_file())
-    cfg = dataclasses.replace(load_config(TrainConfig, project_file("train.toml")), batch_size=batch_size,
-                              num_workers=num_workers, heldout_pairs=0)
-    rank, world, local_rank = dist_env()
-    loader = TrainLoader(str(root), rank=rank, world_size=world, batch_size=cfg.batch_size, seed=cfg.seed,
-                         heldout_pairs=cfg.heldout_pairs, heldout_split=cfg.heldout_split, guidance=cfg.guidance,
-                         num_workers=cfg.num_workers,
-                         prefetch=cfg.prefetch, pad_dtype="stored" if torch.cuda.is_available() else None)
-    acfg = resolve_aligner_config(PROFILE, loader.dims, cfg.guidance, str(root))
-    device, bf16, dtype = init_distributed(local_rank, cfg.precision)
-    torch.manual_seed(cfg.seed)
-    model = ImplicitAligner(acfg)
-    params = sum(p.numel() for p in model.parameters())
-    ref = make_reference(acfg, seed=cfg.seed + 1, init=cfg.reference_init)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=tuple(cfg.betas))
-    engine = build_engine(model, optimizer, cfg, world, bf16)
-    ref.to(device=device, dtype=dtype)
-    engine.train()
-    it = iter(loader)
-    wait: list[float] = []
-    times: list[float] = []
-
-    def step() -> float:
-        t = time.perf_counter()
-        with next(it) as read:  # its padded buffer goes back to the loader once copied
-            wait.append(time.perf_counter() - t)
-            batch = read.to(device, dtype)
-        pred = engine(batch.guidance, batch.loser, batch.mask)
-        with torch.no_grad():
-            ref_pred = ref(batch.guidance, batch.loser, batch.mask)
-        loss, _ = iupo_loss(pred, ref_pred, batch.winner, batch.loser, lam=cfg.lam, terms=cfg.terms,
-                            distance=cfg.distance)
-        engine.backward(loss)
-        engine.step()
-        return float(loss.detach())
-
-    from torch.utils.flop_counter import FlopCounterMode
-
-    losses = []
-    for i in range(warmup):
-        if i == warmup - 1:  # count one step's FLOPs (slower; not timed)
-            with FlopCounterMode(display=False) as counter:
-                losses.append(step())
-            counted = counter.get_total_flops()
-        else:
-            losses.append(step())
-    wait.clear()
-    for _ in range(steps):
-        t = time.perf_counter()
-        losses.append(step())
-        times.append(time.perf_counter() - t)
-    if hasattr(it, "close"):
-        it.close()
+    cfg, loader, acfg, engine, ref, device, dtype, params = _build(root, batch_size, num_workers)
+    losses, times, wait, counted = _time_steps(engine, ref, loader, cfg, device, dtype, steps, warmup)
     total = sum(times)
     sample_bytes = lake_bytes / rows
     analytic = aligner_flops(acfg, FULL["guidance_len"], FULL["ip_tokens"])
@@ -170,3 +127,56 @@ def _run(root: Path, steps: int, warmup: int, batch_size: int, rows: int, guidan
         "load_average": [round(x, 1) for x in os.getloadavg()],
         "write_seconds": round(write_s, 1),
     }
+
+
+def _build(root: Path, batch_size: int, num_workers: int) -> tuple:
+    """jobs/train.toml's settings, and the trainer's own loader, aligner engine and reference on the bench lake:
+    (cfg, loader, aligner config, engine, reference, device, dtype, aligner parameters)."""
+    cfg = dataclasses.replace(load_config(TrainConfig, project_file("train.toml")), batch_size=batch_size,
+                              num_workers=num_workers, heldout_pairs=0)
+    rank, world, local_rank = dist_env()
+    loader = train_loader(str(root), cfg, rank, world)
+    acfg = resolve_aligner_config(PROFILE, loader.dims, cfg.guidance, str(root))
+    device, bf16, dtype = init_distributed(local_rank, cfg.precision)
+    model, ref = init_aligners(acfg, cfg)
+    params = sum(p.numel() for p in model.parameters())
+    engine = aligner_engine(model, cfg, world, bf16)
+    ref.to(device=device, dtype=dtype)
+    return cfg, loader, acfg, engine, ref, device, dtype, params
+
+
+def _time_steps(engine: Any, ref: torch.nn.Module, loader: TrainLoader, cfg: TrainConfig, device: torch.device,
+                dtype: torch.dtype, steps: int, warmup: int) -> tuple[list[float], list[float], list[float], int]:
+    """``warmup`` untimed training steps (FLOPs counted on the last), then ``steps`` timed ones:
+    (losses, seconds per timed step, seconds of each waiting for the loader, FLOPs of one step)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    engine.train()
+    it = iter(loader)
+    wait: list[float] = []
+    times: list[float] = []
+
+    def step() -> float:
+        t = time.perf_counter()
+        with next(it) as read:  # its padded buffer goes back to the loader once copied
+            wait.append(time.perf_counter() - t)
+            batch = read.to(device, dtype)
+        loss, _ = train_step(engine, ref, batch, cfg)  # the trainer's step: forward, reference, IUPO, backward, step
+        return float(loss.detach())
+
+    losses = []
+    for i in range(warmup):
+        if i == warmup - 1:  # count one step's FLOPs (slower; not timed)
+            with FlopCounterMode(display=False) as counter:
+                losses.append(step())
+            counted = counter.get_total_flops()
+        else:
+            losses.append(step())
+    wait.clear()
+    for _ in range(steps):
+        t = time.perf_counter()
+        losses.append(step())
+        times.append(time.perf_counter() - t)
+    if hasattr(it, "close"):
+        it.close()
+    return losses, times, wait, counted

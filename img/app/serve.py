@@ -235,10 +235,8 @@ def _import_gradio() -> Any:
     return gradio
 
 
-def build_app(demo: Demo) -> Any:
-    """The Gradio page and its ``/generate`` endpoint (call ``.queue()`` and ``.launch()`` on it)."""
-    gr = _import_gradio()
-    d, lim, prof = demo.defaults, demo.limits, demo.profile
+def _request_handler(demo: Demo, gr: Any) -> Callable[..., tuple]:
+    """The ``/generate`` handler: a refused request becomes a gradio error (no traceback); progress per step."""
 
     def generate(prompt: str, seed: float, rounds: float, passes: float, ip_scale: float, steps: float,
                  guidance_scale: float, progress: Any = gr.Progress()) -> tuple:
@@ -264,6 +262,15 @@ def build_app(demo: Demo) -> Any:
         images = served.result.images
         gallery = [(im, "round 0: base" if r == 0 else f"round {r}: IMG") for r, im in enumerate(images)]
         return served.base, served.final, gallery, served.timings, demo.aligner_label
+
+    return generate
+
+
+def build_app(demo: Demo) -> Any:
+    """The Gradio page and its ``/generate`` endpoint (call ``.queue()`` and ``.launch()`` on it)."""
+    gr = _import_gradio()
+    d, lim, prof = demo.defaults, demo.limits, demo.profile
+    generate = _request_handler(demo, gr)
 
     with gr.Blocks(title=f"IMG demo ({prof.name})", analytics_enabled=False, delete_cache=(3600, 3600)) as app:
         gr.Markdown(

@@ -307,6 +307,17 @@ def _install(tmp: Path, out: Path) -> None:
     tmp.rmdir()
 
 
+def _shard_layout(fmt: str, params: dict, params_hash: str, shard_rows: int,
+                  row_group_rows: int | None) -> tuple[pa.Schema, int]:
+    """(schema, rows per row group) of a shard: the published schema and HF's row groups for ``pickapic``,
+    else the sample schema with its provenance and one row group per shard."""
+    if fmt == "pickapic":
+        return pickapic.SCHEMA.remove_metadata(), row_group_rows or HF_ROW_GROUP_ROWS
+    schema = with_provenance(pickapic.SAMPLE_SCHEMA, table="pickapic_sample", version=SCHEMA_VERSION,
+                             fingerprint=params_hash[:16], extra=params)
+    return schema, row_group_rows or shard_rows
+
+
 def write_sample(
     out: str | os.PathLike,
     *,
@@ -335,13 +346,7 @@ def write_sample(
     params = {"pairs": pairs, "seed": seed, "corrupt": corrupt, "ties": ties, "generator": "img.data.sample",
               "image_size": sw.SIZE, "jpeg_quality": JPEG_QUALITY}
     params_hash = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
-    if fmt == "pickapic":
-        schema = pickapic.SCHEMA.remove_metadata()
-        group_rows = row_group_rows or HF_ROW_GROUP_ROWS
-    else:
-        schema = with_provenance(pickapic.SAMPLE_SCHEMA, table="pickapic_sample", version=SCHEMA_VERSION,
-                                 fingerprint=params_hash[:16], extra=params)
-        group_rows = row_group_rows or shard_rows
+    schema, group_rows = _shard_layout(fmt, params, params_hash, shard_rows, row_group_rows)
     n_shards = math.ceil(pairs / shard_rows)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     umask = os.umask(0)

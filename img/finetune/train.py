@@ -42,9 +42,10 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Literal, Optional
+from typing import Any, Callable, Iterator, Literal, Optional
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
 from img.config import fingerprint, project_file
@@ -66,6 +67,7 @@ from img.models.loading import load_mllm, locate
 from img.models.profiles import Profile, get_profile
 from img.questions import question_for
 from img.training.run_common import (
+    HeldoutSums,
     MetricsWriter,
     build_engine,
     checkpoint_tag,
@@ -264,30 +266,28 @@ def _to(inputs: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtyp
 def evaluate_heldout(model: Any, batcher: Batcher, loader: EditLoader, cfg: FinetuneConfig, device: torch.device,
                      dtype: torch.dtype, world: int) -> dict[str, float]:
     """Held-out answer loss (token mean) and exact-match rate of greedy-decoded instructions, over all ranks."""
-    import torch.distributed as dist
-
     was_training = model.training
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64)  # loss sum, answer tokens, exact matches, decoded records
+    acc = HeldoutSums(["loss", "answer_tokens", "exact_matches", "decoded"])
     refs = loader.heldout(cfg.eval_max_records)
     for i in range(0, len(refs), cfg.batch_size):
         records = loader.records(refs[i: i + cfg.batch_size])
         loss, n = answer_loss(model, _to(batcher(records), device, dtype), reduction="sum")
-        sums[0] += loss.double().cpu()
-        sums[1] += n
+        acc.add("loss", loss.double().cpu())
+        acc.add("answer_tokens", n)
     if cfg.eval_generate_records:
         for record in loader.records(loader.heldout(cfg.eval_generate_records)):
-            sums[2] += float(normalise(batcher.generate(model, record, device, dtype)) == normalise(record.instruction))
-            sums[3] += 1
-    if world > 1:
-        dist.all_reduce(sums)
+            said = batcher.generate(model, record, device, dtype)
+            acc.add("exact_matches", float(normalise(said) == normalise(record.instruction)))
+            acc.add("decoded", 1)
+    acc.all_reduce(world)
     model.train(was_training)
     out = {}
-    if sums[1] > 0:
-        out["heldout_loss"] = sums[0].item() / sums[1].item()
-        out["heldout_answer_tokens"] = sums[1].item()
-    if sums[3] > 0:
-        out["heldout_exact_match"] = sums[2].item() / sums[3].item()
+    if acc["answer_tokens"] > 0:
+        out["heldout_loss"] = acc["loss"] / acc["answer_tokens"]
+        out["heldout_answer_tokens"] = acc["answer_tokens"]
+    if acc["decoded"] > 0:
+        out["heldout_exact_match"] = acc["exact_matches"] / acc["decoded"]
     return out
 
 
@@ -395,165 +395,238 @@ def _validate(steps: int, cfg: FinetuneConfig, lake: str) -> None:
 def run_finetune(profile_name: str, data: str, steps: int, run_dir: str | Path, lake: str, cfg: FinetuneConfig,
                  resume: bool = False, merge: bool = False) -> FinetuneSummary:
     """Fine-tune to ``steps`` total optimizer steps; every rank calls this."""
-    _validate(steps, cfg, lake)
-    profile = get_profile(profile_name)
-    if profile.mllm_adapter:
-        raise UserError(f"profile {profile.name!r} already names an MLLM adapter ({profile.mllm_adapter}); fine-tuning "
-                        "starts from the base MLLM. Remove mllm_adapter from the profile's TOML.")
-    shards = list_edit_shards(data)
-    threads = _set_threads(profile, "cuda" if torch.cuda.is_available() else "cpu")  # tiny models on CPU: 1 thread
+    job = Finetuner(profile_name, data, steps, run_dir, lake, cfg, resume=resume, merge=merge)
+    job.validate()
+    threads = _set_threads(job.profile, "cuda" if torch.cuda.is_available() else "cpu")  # tiny models on CPU: 1 thread
     try:
-        return _run(profile, shards, steps, Path(run_dir), lake, cfg, resume, merge)
+        job.build()
+        job.restore()
+        job.train()
+        return job.finish(job.evaluate())
     finally:
         if threads is not None:
             torch.set_num_threads(threads)
 
 
-def _run(profile: Profile, shards: list, steps: int, run_dir: Path, lake: str, cfg: FinetuneConfig, resume: bool,
-         merge: bool) -> FinetuneSummary:
-    import torch.distributed as dist
+class Finetuner:
+    """`img jobs finetune-mllm` as named phases, which every rank runs in this order (``run_finetune`` does):
 
-    rank, world, local_rank = dist_env()
-    data_key = shards[0].uri if len(shards) == 1 else os.path.dirname(os.path.commonprefix([s.uri for s in shards]))
-    fp = fingerprint(cfg, exclude=FinetuneConfig.RUN_KNOBS)
-    info = open_run(run_dir, resume, {"fingerprint": fp, "profile": profile.name, "models": profile.model_ids(),
-                                      "world_size": world},
-                    "Resume with the same --config, --profile and number of ranks.")
-    device, bf16, dtype = init_distributed(local_rank, cfg.precision)
+        job = Finetuner("tiny", "data/edits", 200, "runs/ft", "lake", cfg)
+        job.validate()              # settings, profile, data shards and --resume, before anything is written
+        job.build()                 # the data plan and loader, the MLLM for ``cfg.method`` in its engine
+        job.restore()               # --resume: the last complete checkpoint; else a new run and its "before" figures
+        job.train()                 # step() up to ``steps``, checkpoint() every checkpoint_every steps and at the last
+        job.finish(job.evaluate())  # held-out "after" figures, the adapter (merged/), a FinetuneSummary
+    """
 
-    # data: checked once; a resume reads the same plan back and refuses changed shards
-    if info is not None:
-        plan = EditPlan.from_json((run_dir / "data_plan.json").read_text())
-        changed = shards_changed(plan, shards)
-        if changed:
-            raise UserError(f"--resume: the data changed since the run started ({', '.join(changed[:3])}). Resume on "
-                            "the same --data, or start a new --run-dir.")
-    else:
-        part = plan_shards(shards, rank, world)
+    def __init__(self, profile_name: str, data: str, steps: int, run_dir: str | Path, lake: str, cfg: FinetuneConfig,
+                 resume: bool = False, merge: bool = False) -> None:
+        self.profile_name, self.data, self.steps, self.run_dir = profile_name, data, steps, Path(run_dir)
+        self.lake, self.cfg, self.resume, self.merge = lake, cfg, resume, merge
+        self.info: dict[str, Any] | None = None  # run.json of the run being resumed
+        self.start, self.before = 0, {}  # steps done before this invocation; held-out figures at step 0
+        self.last_loss = float("nan")
+        self.metrics: MetricsWriter | None = None  # rank 0 only
+
+    # ------------------------------------------------------------------ validate
+    def validate(self) -> None:
+        """Refuse bad settings, an adapter profile, missing data and a mismatched --resume; nothing is written."""
+        _validate(self.steps, self.cfg, self.lake)
+        self.profile = get_profile(self.profile_name)
+        if self.profile.mllm_adapter:
+            raise UserError(f"profile {self.profile.name!r} already names an MLLM adapter "
+                            f"({self.profile.mllm_adapter}); fine-tuning starts from the base MLLM. "
+                            "Remove mllm_adapter from the profile's TOML.")
+        self.shards = list_edit_shards(self.data)
+        self.rank, self.world, self.local_rank = dist_env()
+        self.fingerprint = fingerprint(self.cfg, exclude=FinetuneConfig.RUN_KNOBS)
+        self.info = open_run(self.run_dir, self.resume,
+                             {"fingerprint": self.fingerprint, "profile": self.profile.name,
+                              "models": self.profile.model_ids(), "world_size": self.world},
+                             "Resume with the same --config, --profile and number of ranks.")
+
+    # ------------------------------------------------------------------ build
+    def build(self) -> None:
+        """The process group, the data plan and loader, and the MLLM in its engine (AdamW, warm-up + cosine)."""
+        cfg = self.cfg
+        self.device, bf16, self.dtype = init_distributed(self.local_rank, cfg.precision)
+        self.plan = self._data_plan()
+        self.loader = EditLoader(self.plan, rank=self.rank, world_size=self.world, batch_size=cfg.batch_size,
+                                 seed=cfg.seed, heldout_fraction=cfg.heldout_fraction,
+                                 shuffle_blocks=cfg.shuffle_blocks)
+        horizon = int(self.info["schedule_steps"]) if self.info is not None else (cfg.schedule_steps or self.steps)
+        self.horizon = horizon
+        self.encoder = GuidanceEncoder(self.profile, self.device, self.dtype)
+        self.batcher = Batcher(self.encoder, cfg)
+        model = _trainable_model(self.encoder, cfg)
+        optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                      betas=tuple(cfg.betas))
+        scheduler = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, horizon, cfg.warmup_ratio, cfg.schedule))
+        self.engine = build_engine(model, optimizer, cfg, self.world, bf16, lr_scheduler=scheduler)
+
+    def _data_plan(self) -> EditPlan:
+        """The checked input: planned by every rank on a new run; a resume reads it back and refuses changed shards."""
+        if self.info is not None:
+            plan = EditPlan.from_json((self.run_dir / "data_plan.json").read_text())
+            changed = shards_changed(plan, self.shards)
+            if changed:
+                raise UserError(f"--resume: the data changed since the run started ({', '.join(changed[:3])}). "
+                                "Resume on the same --data, or start a new --run-dir.")
+            return plan
+        part = plan_shards(self.shards, self.rank, self.world)
         parts = [part]
-        if world > 1:
-            parts = [None] * world
+        if self.world > 1:
+            parts = [None] * self.world
             dist.all_gather_object(parts, part)
-        plan = gather_plans(parts)
-    loader = EditLoader(plan, rank=rank, world_size=world, batch_size=cfg.batch_size, seed=cfg.seed,
-                        heldout_fraction=cfg.heldout_fraction, shuffle_blocks=cfg.shuffle_blocks)
-    horizon = int(info["schedule_steps"]) if info is not None else (cfg.schedule_steps or steps)
+        return gather_plans(parts)
 
-    encoder = GuidanceEncoder(profile, device, dtype)
-    batcher = Batcher(encoder, cfg)
-    model = _trainable_model(encoder, cfg)
-    optimizer = torch.optim.AdamW(_param_groups(model, cfg), lr=cfg.lr, weight_decay=cfg.weight_decay,
-                                  betas=tuple(cfg.betas))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: lr_factor(s, horizon, cfg.warmup_ratio, cfg.schedule))
-    engine = build_engine(model, optimizer, cfg, world, bf16, lr_scheduler=scheduler)
-
-    start, before = 0, {}
-    if info is not None:
-        tag = (run_dir / "latest_checkpoint").read_text().strip()
-        ck = load_engine_checkpoint(engine, run_dir, tag, load_module_strict=False)  # frozen weights are not in it
-        state = json.loads((ck / "state.json").read_text())
-        loader.load_state_dict(state["loader"])
-        load_rng(ck / f"rng_rank{rank}.safetensors")
-        start, before, run_id = int(state["step"]), state["before"], info["run_id"]
-        log.info("resumed %s from %s (step %d)", run_id, tag, start)
-    else:
-        run_id = new_run_id(run_dir, world)
-        if rank == 0:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "data_plan.json").write_text(plan.to_json())
-            (run_dir / "run.json").write_text(json.dumps({
-                "run_id": run_id, "fingerprint": fp, "profile": profile.name, "models": profile.model_ids(),
-                "world_size": world, "data": data_key, "lake": str(lake), "schedule_steps": horizon,
-                "config": dataclasses.asdict(cfg), "records": len(plan.good), "quarantined": len(plan.quarantine),
-                "train_records": len(loader.train_refs), "heldout_records": len(loader.heldout_refs),
-            }, indent=2, sort_keys=True, default=str) + "\n")
-            write_quarantine(str(lake), run_id, plan.quarantine)
-        before = evaluate_heldout(engine.module, batcher, loader, cfg, device, dtype, world)
-
-    # On resume, rows of steps >= start are already in the table (flushed at or after that checkpoint).
-    metrics = MetricsWriter(str(lake), run_id, after_step=start - 1 if info is not None else None) \
-        if rank == 0 else None
-    if metrics is not None and info is None:
-        for name, value in before.items():
-            metrics.add(0, f"{name}_before", value)
-    if metrics is not None:
-        log.info("run %s: %d usable records (%d train, %d held out), %d quarantined; %s, %d steps/epoch, %d rank(s), "
-                 "%s on %s; held-out before: %s", run_id, len(plan.good), len(loader.train_refs),
-                 len(loader.heldout_refs), len(plan.quarantine), cfg.method, loader.steps_in_epoch(loader.epoch),
-                 world, dtype, device, before)
-    meta = {"profile": profile.name, "base_mllm": profile.mllm.id, "mllm_hidden": profile.dims.mllm_hidden,
-            "run_id": run_id, "method": cfg.method}
-
-    def checkpoint(step: int) -> None:
-        tag = checkpoint_tag(step)
-        ck = run_dir / "checkpoints" / tag
-        if metrics is not None:
-            commit_to_lake(str(lake), metrics.flush)
-        engine.save_checkpoint(str(run_dir / "checkpoints"), tag=tag, exclude_frozen_parameters=True)
-        ck.mkdir(parents=True, exist_ok=True)
-        save_rng(ck / f"rng_rank{rank}.safetensors")
-        if rank == 0:
-            if cfg.method == "lora":
-                _save_adapter(engine.module, ck / "adapter", {**meta, "step": step})
-            (ck / "state.json").write_text(json.dumps({"step": step, "loader": loader.state_dict(), "before": before,
-                                                        "run_id": run_id}, indent=2))
-        commit_checkpoint(run_dir, tag, cfg.keep_checkpoints, rank)
-
-    t0 = time.perf_counter()
-    win_t, win_steps, last_loss = time.perf_counter(), 0, float("nan")
-    engine.train()
-    it = iter(loader)
-    with progress_bar(rank, "fine-tune", total=steps, completed=start) as advance:
-        for step in range(start + 1, steps + 1):
-            total = torch.zeros(1, dtype=torch.float64)
-            for _ in range(cfg.grad_accum):
-                records = next(it)  # the loader's epoch is now that of this batch
-                loss, _ = answer_loss(engine, _to(batcher(records, loader.epoch), device, dtype))
-                engine.backward(loss)
-                engine.step()
-                total += loss.detach().double().cpu() / cfg.grad_accum
-            if world > 1:
-                dist.all_reduce(total)
-                total /= world
-            last_loss = total.item()
-            win_steps += 1
-            if metrics is not None:
-                metrics.add(step, "loss", last_loss)
-            if step % cfg.log_every == 0 or step == steps:
-                dt = time.perf_counter() - win_t
-                rate = win_steps * cfg.batch_size * cfg.grad_accum * world / max(dt, 1e-9)
-                win_t, win_steps = time.perf_counter(), 0
-                if metrics is not None:
-                    metrics.add(step, "samples_per_s", rate)
-                    metrics.add(step, "lr", engine.get_lr()[0])
-                    log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", step, steps, last_loss,
-                             engine.get_lr()[0], rate)
-            advance(step)
-            if step % cfg.checkpoint_every == 0 or step == steps:
-                checkpoint(step)
-
-    after = evaluate_heldout(engine.module, batcher, loader, cfg, device, dtype, world)
-    after = {"heldout_loss_after" if k == "heldout_loss" else k: v for k, v in after.items()}
-    final = max(steps, start)
-    heldout = {**{f"{k}_before": v for k, v in before.items()}, **after}
-    if metrics is not None:
-        for name, value in after.items():
-            metrics.add(final, name, value)
-        commit_to_lake(str(lake), metrics.flush)
-    if rank == 0:
-        if cfg.method == "lora":
-            _save_adapter(engine.module, run_dir / "adapter", {**meta, "step": final})
-            if merge:
-                export_merged(profile, run_dir / "adapter", run_dir / "merged")
+    # ------------------------------------------------------------------ restore
+    def restore(self) -> None:
+        """Resume from the last complete checkpoint, or record a new run and its held-out "before" figures;
+        then open the metrics (rank 0)."""
+        if self.info is not None:
+            self._load_checkpoint()
         else:
-            _save_folder(run_dir / "merged", lambda d: (engine.module.save_pretrained(d, safe_serialization=True),
-                                                        encoder.processor.save_pretrained(d)))
-    dist.barrier()
-    seconds = time.perf_counter() - t0
-    done = max(steps - start, 0)
-    output = run_dir / ("adapter" if cfg.method == "lora" else "merged")
-    return FinetuneSummary(run_id=run_id, method=cfg.method, steps=final, resumed_from=start, seconds=seconds,
-                           samples_per_s=done * cfg.batch_size * cfg.grad_accum * world / max(seconds, 1e-9),
-                           final_loss=last_loss, records=len(plan.good), quarantined=len(plan.quarantine),
-                           heldout=heldout, output=str(output))
+            self._record_new_run()
+            self.before = self.evaluate()
+        self.meta = {"profile": self.profile.name, "base_mllm": self.profile.mllm.id,
+                     "mllm_hidden": self.profile.dims.mllm_hidden, "run_id": self.run_id, "method": self.cfg.method}
+        if self.rank != 0:
+            return
+        # On resume, rows of steps >= start are already in the table (flushed at or after that checkpoint).
+        self.metrics = MetricsWriter(str(self.lake), self.run_id,
+                                     after_step=self.start - 1 if self.info is not None else None)
+        if self.info is None:
+            for name, value in self.before.items():
+                self.metrics.add(0, f"{name}_before", value)
+        plan, loader = self.plan, self.loader
+        log.info("run %s: %d usable records (%d train, %d held out), %d quarantined; %s, %d steps/epoch, %d rank(s), "
+                 "%s on %s; held-out before: %s", self.run_id, len(plan.good), len(loader.train_refs),
+                 len(loader.heldout_refs), len(plan.quarantine), self.cfg.method, loader.steps_in_epoch(loader.epoch),
+                 self.world, self.dtype, self.device, self.before)
+
+    def _load_checkpoint(self) -> None:
+        """Engine, loader position, this rank's RNG and the "before" figures from the checkpoint the pointer names."""
+        tag = (self.run_dir / "latest_checkpoint").read_text().strip()
+        ck = load_engine_checkpoint(self.engine, self.run_dir, tag,
+                                    load_module_strict=False)  # frozen weights are not in it
+        state = json.loads((ck / "state.json").read_text())
+        self.loader.load_state_dict(state["loader"])
+        load_rng(ck / f"rng_rank{self.rank}.safetensors")
+        self.start, self.before, self.run_id = int(state["step"]), state["before"], self.info["run_id"]
+        log.info("resumed %s from %s (step %d)", self.run_id, tag, self.start)
+
+    def _record_new_run(self) -> None:
+        """A run id shared by every rank; rank 0 writes data_plan.json, run.json and the quarantined records."""
+        self.run_id = new_run_id(self.run_dir, self.world)
+        if self.rank != 0:
+            return
+        plan, loader, shards, profile = self.plan, self.loader, self.shards, self.profile
+        data_key = shards[0].uri if len(shards) == 1 else os.path.dirname(os.path.commonprefix([s.uri for s in shards]))
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        (self.run_dir / "data_plan.json").write_text(plan.to_json())
+        (self.run_dir / "run.json").write_text(json.dumps({
+            "run_id": self.run_id, "fingerprint": self.fingerprint, "profile": profile.name,
+            "models": profile.model_ids(), "world_size": self.world, "data": data_key, "lake": str(self.lake),
+            "schedule_steps": self.horizon, "config": dataclasses.asdict(self.cfg), "records": len(plan.good),
+            "quarantined": len(plan.quarantine), "train_records": len(loader.train_refs),
+            "heldout_records": len(loader.heldout_refs),
+        }, indent=2, sort_keys=True, default=str) + "\n")
+        write_quarantine(str(self.lake), self.run_id, plan.quarantine)
+
+    # ------------------------------------------------------------------ step and checkpoint
+    def train(self) -> None:
+        """step() from the restored step to ``steps``; checkpoint() every checkpoint_every steps and at the last."""
+        self._t0 = self._win_t = time.perf_counter()
+        self._win_steps = 0
+        self.engine.train()
+        batches = iter(self.loader)
+        with progress_bar(self.rank, "fine-tune", total=self.steps, completed=self.start) as advance:
+            for step in range(self.start + 1, self.steps + 1):
+                self.step(step, batches)
+                advance(step)
+                if step % self.cfg.checkpoint_every == 0 or step == self.steps:
+                    self.checkpoint(step)
+
+    def step(self, step: int, batches: Iterator[list[EditRecord]]) -> None:
+        """Optimizer step ``step``: ``grad_accum`` micro-batches, the loss averaged over ranks, metrics, log."""
+        cfg, engine = self.cfg, self.engine
+        total = torch.zeros(1, dtype=torch.float64)
+        for _ in range(cfg.grad_accum):
+            records = next(batches)  # the loader's epoch is now that of this batch
+            loss, _ = answer_loss(engine, _to(self.batcher(records, self.loader.epoch), self.device, self.dtype))
+            engine.backward(loss)
+            engine.step()
+            total += loss.detach().double().cpu() / cfg.grad_accum
+        if self.world > 1:
+            dist.all_reduce(total)
+            total /= self.world
+        self.last_loss = total.item()
+        self._win_steps += 1
+        if self.metrics is not None:
+            self.metrics.add(step, "loss", self.last_loss)
+        if step % cfg.log_every == 0 or step == self.steps:
+            dt = time.perf_counter() - self._win_t
+            rate = self._win_steps * cfg.batch_size * cfg.grad_accum * self.world / max(dt, 1e-9)
+            self._win_t, self._win_steps = time.perf_counter(), 0
+            if self.metrics is not None:
+                self.metrics.add(step, "samples_per_s", rate)
+                self.metrics.add(step, "lr", engine.get_lr()[0])
+                log.info("step %d/%d loss %.4f lr %.2e %.1f samples/s", step, self.steps, self.last_loss,
+                         engine.get_lr()[0], rate)
+
+    def checkpoint(self, step: int) -> None:
+        """Every rank's trainable state and RNG, rank 0's adapter and state.json; the pointer moves once all are durable."""
+        tag = checkpoint_tag(step)
+        ck = self.run_dir / "checkpoints" / tag
+        if self.metrics is not None:
+            commit_to_lake(str(self.lake), self.metrics.flush)
+        self.engine.save_checkpoint(str(self.run_dir / "checkpoints"), tag=tag, exclude_frozen_parameters=True)
+        ck.mkdir(parents=True, exist_ok=True)
+        save_rng(ck / f"rng_rank{self.rank}.safetensors")
+        if self.rank == 0:
+            if self.cfg.method == "lora":
+                _save_adapter(self.engine.module, ck / "adapter", {**self.meta, "step": step})
+            (ck / "state.json").write_text(json.dumps({"step": step, "loader": self.loader.state_dict(),
+                                                        "before": self.before, "run_id": self.run_id}, indent=2))
+        commit_checkpoint(self.run_dir, tag, self.cfg.keep_checkpoints, self.rank)
+
+    # ------------------------------------------------------------------ evaluate and finish
+    def evaluate(self) -> dict[str, float]:
+        """Held-out answer loss and exact-match rate of the model as it is now (``evaluate_heldout``)."""
+        return evaluate_heldout(self.engine.module, self.batcher, self.loader, self.cfg, self.device, self.dtype,
+                                self.world)
+
+    def finish(self, after: dict[str, float]) -> FinetuneSummary:
+        """Record the "after" figures, write the adapter (and merged/) on rank 0, and summarise the run."""
+        after = {"heldout_loss_after" if k == "heldout_loss" else k: v for k, v in after.items()}
+        final = max(self.steps, self.start)
+        heldout = {**{f"{k}_before": v for k, v in self.before.items()}, **after}
+        if self.metrics is not None:
+            for name, value in after.items():
+                self.metrics.add(final, name, value)
+            commit_to_lake(str(self.lake), self.metrics.flush)
+        if self.rank == 0:
+            self._save_outputs(final)
+        dist.barrier()
+        seconds = time.perf_counter() - self._t0
+        done = max(self.steps - self.start, 0)
+        cfg, plan = self.cfg, self.plan
+        output = self.run_dir / ("adapter" if cfg.method == "lora" else "merged")
+        return FinetuneSummary(run_id=self.run_id, method=cfg.method, steps=final, resumed_from=self.start,
+                               seconds=seconds,
+                               samples_per_s=done * cfg.batch_size * cfg.grad_accum * self.world / max(seconds, 1e-9),
+                               final_loss=self.last_loss, records=len(plan.good), quarantined=len(plan.quarantine),
+                               heldout=heldout, output=str(output))
+
+    def _save_outputs(self, final: int) -> None:
+        """LoRA: the adapter (and merged/ with --merge); full: merged/, the whole fine-tuned MLLM."""
+        module, run_dir = self.engine.module, self.run_dir
+        if self.cfg.method == "lora":
+            _save_adapter(module, run_dir / "adapter", {**self.meta, "step": final})
+            if self.merge:
+                export_merged(self.profile, run_dir / "adapter", run_dir / "merged")
+        else:
+            _save_folder(run_dir / "merged", lambda d: (module.save_pretrained(d, safe_serialization=True),
+                                                        self.encoder.processor.save_pretrained(d)))

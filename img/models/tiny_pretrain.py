@@ -217,80 +217,109 @@ def pretrain_encoders(encoder: nn.Module, resampler: nn.Module, spec: PretrainSp
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
             processor = clip_image_processor(encoder.config.image_size)
-            t_data = 0.0
-
-            def chunk(start: int, n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str]]:
-                nonlocal t_data
-                t = time.perf_counter()
-                scenes, kinds = _scenes(n, spec.seed, start)
-                pa, pb = _pixels(scenes, spec.seed + start, processor, spec.image_size)
-                t_data += time.perf_counter() - t
-                return pa, pb, torch.tensor([scene_labels(s) for s in scenes]), kinds
-
             emb = encoder.vision_model.embeddings
             grid = encoder.config.image_size // encoder.config.patch_size
             emb.position_embedding.weight.data.copy_(spec.position_scale * sincos_positions(grid, emb.embed_dim))
-            cls_head, tok_head = _ReadOut(encoder.config.projection_dim), _ReadOut(ip_tokens * ip_dim)
-            params = [*encoder.parameters(), *resampler.parameters(), *cls_head.parameters(), *tok_head.parameters()]
-            opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / spec.warmup) * 0.5 * (
-                1 + math.cos(math.pi * min(1.0, s / spec.steps))))
-            encoder.train(), resampler.train()
-            gen = torch.Generator().manual_seed(spec.seed)
-            losses, ratios, spreads = [], [], []
-            half, quarter = spec.batch // 2, spec.batch // 4
-            pos, seen, epochs = spec.chunk, 0, spec.chunk_epochs
-            for step in range(spec.steps):
-                if pos + quarter > spec.chunk:
-                    if epochs == spec.chunk_epochs:  # a fresh chunk of scenes
-                        pix_a, pix_b, labels, _ = chunk(seen, spec.chunk)
-                        seen, epochs = seen + spec.chunk, 0
-                    order, pos, epochs = torch.randperm(spec.chunk, generator=gen), 0, epochs + 1
-                pair = order[pos: pos + quarter]
-                pos += quarter
-                idx = torch.stack([2 * pair, 2 * pair + 1], dim=1).flatten()  # scene, twin, scene, twin, ...
-                cls, tok = _features(encoder, resampler, torch.cat([pix_a[idx], pix_b[idx]]).float())
-                y = torch.cat([labels[idx], labels[idx]])
-                ratio = jitter_ratio(tok[:half], tok[half:])
-                spread = break_spread(tok[:half], tok[half:], spec.break_band)
-                loss = (cls_head.loss(cls, y) + tok_head.loss(tok, y) + spec.invariance * ratio
-                        + spec.balance * spread)
-                ratios.append(ratio.item())
-                spreads.append(spread.item())
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-                if (step + 1) % 100 == 0:
-                    log.info("tiny encoder pre-training: step %d/%d loss %.4f (jitter ratio %.3f, break spread %.3f)",
-                             step + 1, spec.steps, float(np.mean(losses[-100:])), float(np.mean(ratios[-100:])),
-                             float(np.mean(spreads[-100:])))
+            heads = _ReadOut(encoder.config.projection_dim), _ReadOut(ip_tokens * ip_dim)  # CLS, tokens
+            losses, seen, t_data = _train_encoders(encoder, resampler, heads, spec, processor)
             encoder.eval(), resampler.eval()
-            pix_a, pix_b, y, kinds = chunk(10**7, spec.heldout)  # held-out scenes, never trained on
-            with torch.no_grad():
-                cls, tok = _features(encoder, resampler, pix_a.float())
-                tok_b = _features(encoder, resampler, pix_b.float())[1]
-            # per kind: break distance (scene vs twin, each drawn with its own jitter) / jitter distance (same scene)
-            d_break = (tok[0::2] - tok_b[1::2]).pow(2).sum(1)
-            d_jit = (tok - tok_b).pow(2).sum(1).mean()
-            held_kinds = kinds[0::2]
-            response = {k: round(float(d_break[[i for i, kk in enumerate(held_kinds) if kk == k]].mean() / d_jit), 2)
-                        for k in sw.BROKEN_KINDS}
-            accuracy = {}
-            for name, head, x in (("cls", cls_head, cls), ("tokens", tok_head, tok)):
-                ok = head.correct(x, y)
-                accuracy[name] = {h: round(float(ok[:, i].float().mean()), 3) for i, (h, _) in enumerate(HEADS)}
-                accuracy[name]["all"] = round(float(ok.all(dim=1).float().mean()), 3)
+            held, tok, tok_b, t_held = _heldout_encoders(encoder, resampler, heads, spec, processor)
+            t_data += t_held
     finally:
         torch.set_num_threads(threads)
     return {"method": "supervised scene reading", "seconds": round(time.perf_counter() - t0, 1),
             "data_seconds": round(t_data, 1), "first_loss": round(float(np.mean(losses[:10])), 4),
             "final_loss": round(float(np.mean(losses[-50:])), 4), "scenes_seen": 2 * seen,
-            "heldout_images": int(len(y)),
+            "heldout_images": held["images"],
             "heldout_jitter_ratio": round(float(jitter_ratio(tok, tok_b)), 4),
-            "heldout_break_over_jitter": response,
-            "heldout_accuracy": accuracy, "spec": asdict(spec)}
+            "heldout_break_over_jitter": held["break_over_jitter"],
+            "heldout_accuracy": held["accuracy"], "spec": asdict(spec)}
+
+
+def _chunk(spec: PretrainSpec, processor: Any, start: int,
+           n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[str], float]:
+    """Scenes ``start`` .. ``start + n - 1`` and their twins, drawn twice: (drawings A, drawings B, labels, kinds,
+    seconds spent rendering)."""
+    t = time.perf_counter()
+    scenes, kinds = _scenes(n, spec.seed, start)
+    pa, pb = _pixels(scenes, spec.seed + start, processor, spec.image_size)
+    seconds = time.perf_counter() - t
+    return pa, pb, torch.tensor([scene_labels(s) for s in scenes]), kinds, seconds
+
+
+def _train_encoders(encoder: nn.Module, resampler: nn.Module, heads: tuple[_ReadOut, _ReadOut], spec: PretrainSpec,
+                    processor: Any) -> tuple[list[float], int, float]:
+    """``spec.steps`` AdamW steps (warm-up, cosine) over chunks of scenes, each chunk ``chunk_epochs`` times:
+    (losses, scenes seen, seconds spent rendering)."""
+    cls_head, tok_head = heads
+    params = [*encoder.parameters(), *resampler.parameters(), *cls_head.parameters(), *tok_head.parameters()]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / spec.warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / spec.steps))))
+    encoder.train(), resampler.train()
+    gen = torch.Generator().manual_seed(spec.seed)
+    losses, ratios, spreads = [], [], []
+    quarter = spec.batch // 4
+    pos, seen, epochs, t_data = spec.chunk, 0, spec.chunk_epochs, 0.0
+    for step in range(spec.steps):
+        if pos + quarter > spec.chunk:
+            if epochs == spec.chunk_epochs:  # a fresh chunk of scenes
+                pix_a, pix_b, labels, _, dt = _chunk(spec, processor, seen, spec.chunk)
+                seen, epochs, t_data = seen + spec.chunk, 0, t_data + dt
+            order, pos, epochs = torch.randperm(spec.chunk, generator=gen), 0, epochs + 1
+        pair = order[pos: pos + quarter]
+        pos += quarter
+        idx = torch.stack([2 * pair, 2 * pair + 1], dim=1).flatten()  # scene, twin, scene, twin, ...
+        loss, ratio, spread = _encoder_loss(encoder, resampler, heads, pix_a[idx], pix_b[idx], labels[idx], spec)
+        ratios.append(ratio.item())
+        spreads.append(spread.item())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0:
+            log.info("tiny encoder pre-training: step %d/%d loss %.4f (jitter ratio %.3f, break spread %.3f)",
+                     step + 1, spec.steps, float(np.mean(losses[-100:])), float(np.mean(ratios[-100:])),
+                     float(np.mean(spreads[-100:])))
+    return losses, seen, t_data
+
+
+def _encoder_loss(encoder: nn.Module, resampler: nn.Module, heads: tuple[_ReadOut, _ReadOut], pix_a: torch.Tensor,
+                  pix_b: torch.Tensor, labels: torch.Tensor,
+                  spec: PretrainSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, jitter ratio, break spread) of a batch: both read-outs on both drawings, plus the two token terms."""
+    cls_head, tok_head = heads
+    half = spec.batch // 2
+    cls, tok = _features(encoder, resampler, torch.cat([pix_a, pix_b]).float())
+    y = torch.cat([labels, labels])
+    ratio = jitter_ratio(tok[:half], tok[half:])
+    spread = break_spread(tok[:half], tok[half:], spec.break_band)
+    loss = (cls_head.loss(cls, y) + tok_head.loss(tok, y) + spec.invariance * ratio
+            + spec.balance * spread)
+    return loss, ratio, spread
+
+
+@torch.no_grad()
+def _heldout_encoders(encoder: nn.Module, resampler: nn.Module, heads: tuple[_ReadOut, _ReadOut],
+                      spec: PretrainSpec, processor: Any) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor, float]:
+    """On held-out scenes, never trained on: read-out accuracy and break / jitter distance per kind
+    ({images, accuracy, break_over_jitter}, tokens of drawings A and B, seconds spent rendering)."""
+    pix_a, pix_b, y, kinds, t_data = _chunk(spec, processor, 10**7, spec.heldout)
+    cls, tok = _features(encoder, resampler, pix_a.float())
+    tok_b = _features(encoder, resampler, pix_b.float())[1]
+    # per kind: break distance (scene vs twin, each drawn with its own jitter) / jitter distance (same scene)
+    d_break = (tok[0::2] - tok_b[1::2]).pow(2).sum(1)
+    d_jit = (tok - tok_b).pow(2).sum(1).mean()
+    held_kinds = kinds[0::2]
+    response = {k: round(float(d_break[[i for i, kk in enumerate(held_kinds) if kk == k]].mean() / d_jit), 2)
+                for k in sw.BROKEN_KINDS}
+    accuracy = {}
+    for name, head, x in (("cls", heads[0], cls), ("tokens", heads[1], tok)):
+        ok = head.correct(x, y)
+        accuracy[name] = {h: round(float(ok[:, i].float().mean()), 3) for i, (h, _) in enumerate(HEADS)}
+        accuracy[name]["all"] = round(float(ok.all(dim=1).float().mean()), 3)
+    return {"images": int(len(y)), "accuracy": accuracy, "break_over_jitter": response}, tok, tok_b, t_data
 
 
 # ---------------------------------------------------------------- the tiny MLLM
@@ -347,59 +376,15 @@ def pretrain_mllm(model: nn.Module, processor: Any, spec: MllmPretrainSpec, prom
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(spec.seed)
-            images, captions, labels = _llava_samples(spec)
-            texts = [prompt(question_for(c, key=f"tiny-mllm-{i}", seed=spec.seed)) for i, c in enumerate(captions)]
-            batch = processor(images=images, text=texts, padding=True, return_tensors="pt")
-            ids, mask = batch["input_ids"], batch["attention_mask"].bool()
-            last = mask.sum(1) - 1  # right padding: the prompt's last position
-            inner = model.model
-            cfg = model.config
-            with torch.no_grad():  # the vision tower is frozen: its features once
-                out = inner.vision_tower(batch["pixel_values"], output_hidden_states=True)
-                feats = out.hidden_states[cfg.vision_feature_layer]
-                if cfg.vision_feature_select_strategy == "default":
-                    feats = feats[:, 1:]
-            image_pos = ids == cfg.image_token_id
+            inputs, labels = _mllm_inputs(model, processor, spec, prompt)
             t_data = time.perf_counter() - t0
-            width = cfg.text_config.hidden_size
-            readout = nn.Linear(width, sum(n for _, n in MLLM_HEADS))
-            params = [*inner.multi_modal_projector.parameters(), *inner.language_model.parameters(),
-                      *readout.parameters()]
-            opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / spec.warmup) * 0.5 * (
-                1 + math.cos(math.pi * min(1.0, s / spec.steps))))
-            sizes = [n for _, n in MLLM_HEADS]
-
-            def states(idx: torch.Tensor) -> torch.Tensor:
-                emb = inner.get_input_embeddings()(ids[idx])
-                img = inner.multi_modal_projector(feats[idx]).reshape(-1, width)
-                emb = emb.masked_scatter(image_pos[idx][..., None].expand_as(emb), img)
-                h = inner.language_model(inputs_embeds=emb, attention_mask=mask[idx].long()).last_hidden_state
-                return h[torch.arange(len(idx)), last[idx]]
-
-            model.train()
-            gen = torch.Generator().manual_seed(spec.seed)
-            n_train = spec.pairs
-            order, pos, losses = torch.randperm(n_train, generator=gen), 0, []
-            for step in range(spec.steps):
-                if pos + spec.batch > n_train:
-                    order, pos = torch.randperm(n_train, generator=gen), 0
-                idx = order[pos: pos + spec.batch]
-                pos += spec.batch
-                logits = readout(states(idx)).split(sizes, dim=-1)
-                loss = sum(F.cross_entropy(lg, labels[idx, i]) for i, lg in enumerate(logits)) / len(sizes)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                losses.append(loss.item())
-                if (step + 1) % 100 == 0:
-                    log.info("tiny MLLM instruction tuning: step %d/%d loss %.4f", step + 1, spec.steps,
-                             float(np.mean(losses[-100:])))
+            readout = nn.Linear(model.config.text_config.hidden_size, sum(n for _, n in MLLM_HEADS))
+            states = _last_states(model, inputs)
+            losses = _train_mllm(model, readout, states, labels, spec)
             model.eval()
             with torch.no_grad():
-                held = torch.arange(n_train, n_train + spec.heldout)
-                logits = readout(states(held)).split(sizes, dim=-1)
+                held = torch.arange(spec.pairs, spec.pairs + spec.heldout)
+                logits = readout(states(held)).split([n for _, n in MLLM_HEADS], dim=-1)
                 ok = torch.stack([lg.argmax(-1) == labels[held, i] for i, lg in enumerate(logits)], dim=1)
             accuracy = {h: round(float(ok[:, i].float().mean()), 3) for i, (h, _) in enumerate(MLLM_HEADS)}
     finally:
@@ -408,3 +393,70 @@ def pretrain_mllm(model: nn.Module, processor: Any, spec: MllmPretrainSpec, prom
             "seconds": round(time.perf_counter() - t0, 1), "data_seconds": round(t_data, 1),
             "first_loss": round(float(np.mean(losses[:10])), 4), "final_loss": round(float(np.mean(losses[-50:])), 4),
             "heldout_samples": spec.heldout, "heldout_accuracy": accuracy, "spec": asdict(spec)}
+
+
+def _mllm_inputs(model: nn.Module, processor: Any, spec: MllmPretrainSpec,
+                 prompt: Any) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """Every sample's prompt tokens, the frozen vision tower's features (computed once) and the labels:
+    ({ids, mask, last, feats, image_pos}, MLLM_HEADS labels)."""
+    images, captions, labels = _llava_samples(spec)
+    texts = [prompt(question_for(c, key=f"tiny-mllm-{i}", seed=spec.seed)) for i, c in enumerate(captions)]
+    batch = processor(images=images, text=texts, padding=True, return_tensors="pt")
+    ids, mask = batch["input_ids"], batch["attention_mask"].bool()
+    last = mask.sum(1) - 1  # right padding: the prompt's last position
+    cfg = model.config
+    with torch.no_grad():  # the vision tower is frozen: its features once
+        out = model.model.vision_tower(batch["pixel_values"], output_hidden_states=True)
+        feats = out.hidden_states[cfg.vision_feature_layer]
+        if cfg.vision_feature_select_strategy == "default":
+            feats = feats[:, 1:]
+    image_pos = ids == cfg.image_token_id
+    return {"ids": ids, "mask": mask, "last": last, "feats": feats, "image_pos": image_pos}, labels
+
+
+def _last_states(model: nn.Module, inputs: dict[str, torch.Tensor]) -> Any:
+    """``states(idx)``: the language model's last hidden state at each sample's last prompt position, with the
+    projected image features in place of the image tokens (as LLaVA's forward does)."""
+    inner, width = model.model, model.config.text_config.hidden_size
+    ids, mask, last, feats, image_pos = (inputs[k] for k in ("ids", "mask", "last", "feats", "image_pos"))
+
+    def states(idx: torch.Tensor) -> torch.Tensor:
+        emb = inner.get_input_embeddings()(ids[idx])
+        img = inner.multi_modal_projector(feats[idx]).reshape(-1, width)
+        emb = emb.masked_scatter(image_pos[idx][..., None].expand_as(emb), img)
+        h = inner.language_model(inputs_embeds=emb, attention_mask=mask[idx].long()).last_hidden_state
+        return h[torch.arange(len(idx)), last[idx]]
+
+    return states
+
+
+def _train_mllm(model: nn.Module, readout: nn.Linear, states: Any, labels: torch.Tensor,
+                spec: MllmPretrainSpec) -> list[float]:
+    """``spec.steps`` AdamW steps (warm-up, cosine) of the projector, language model and read-out; the losses."""
+    inner = model.model
+    params = [*inner.multi_modal_projector.parameters(), *inner.language_model.parameters(),
+              *readout.parameters()]
+    opt = torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / spec.warmup) * 0.5 * (
+        1 + math.cos(math.pi * min(1.0, s / spec.steps))))
+    sizes = [n for _, n in MLLM_HEADS]
+    model.train()
+    gen = torch.Generator().manual_seed(spec.seed)
+    n_train = spec.pairs
+    order, pos, losses = torch.randperm(n_train, generator=gen), 0, []
+    for step in range(spec.steps):
+        if pos + spec.batch > n_train:
+            order, pos = torch.randperm(n_train, generator=gen), 0
+        idx = order[pos: pos + spec.batch]
+        pos += spec.batch
+        logits = readout(states(idx)).split(sizes, dim=-1)
+        loss = sum(F.cross_entropy(lg, labels[idx, i]) for i, lg in enumerate(logits)) / len(sizes)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        losses.append(loss.item())
+        if (step + 1) % 100 == 0:
+            log.info("tiny MLLM instruction tuning: step %d/%d loss %.4f", step + 1, spec.steps,
+                     float(np.mean(losses[-100:])))
+    return losses

@@ -317,6 +317,17 @@ class BufferPool:
         return len(self._free)
 
 
+def _check_settings(guidance: str, heldout_pairs: Any, batch_size: int, rank: int, world_size: int) -> None:
+    """The loader's arguments, before any table is opened."""
+    if guidance not in ("mllm", "text", "none"):
+        raise UserError(f"guidance source {guidance!r} must be 'mllm', 'text' or 'none'. "
+                        "Set `guidance` in the train TOML.")
+    if isinstance(heldout_pairs, bool) or not isinstance(heldout_pairs, int) or heldout_pairs < 0:
+        raise UserError(f"heldout_pairs={heldout_pairs!r} must be an integer >= 0 (0 = no held-out pairs).")
+    if batch_size < 1 or not 0 <= rank < world_size:
+        raise UserError(f"bad loader setting: batch_size={batch_size}, rank={rank}, world_size={world_size}.")
+
+
 class TrainLoader:
     """Rank-sharded, per-epoch shuffled, prefetching iterator over training batches of a lake."""
 
@@ -338,23 +349,31 @@ class TrainLoader:
         blob_api: Literal["auto", "mmap", "take_blobs", "read_blobs"] = "auto",
         pad_dtype: torch.dtype | Literal["stored"] | None = None,
     ) -> None:
-        if guidance not in ("mllm", "text", "none"):
-            raise UserError(f"guidance source {guidance!r} must be 'mllm', 'text' or 'none'. "
-                            "Set `guidance` in the train TOML.")
-        if isinstance(heldout_pairs, bool) or not isinstance(heldout_pairs, int) or heldout_pairs < 0:
-            raise UserError(f"heldout_pairs={heldout_pairs!r} must be an integer >= 0 (0 = no held-out pairs).")
-        if batch_size < 1 or not 0 <= rank < world_size:
-            raise UserError(f"bad loader setting: batch_size={batch_size}, rank={rank}, world_size={world_size}.")
+        _check_settings(guidance, heldout_pairs, batch_size, rank, world_size)
         self.lake, self.rank, self.world_size, self.batch_size = lake, rank, world_size, batch_size
         self.seed, self.heldout_pairs, self.heldout_split, self.guidance = seed, heldout_pairs, heldout_split, guidance
         self.num_workers, self.prefetch = max(0, num_workers), max(1, prefetch)
         self.ds = open_features(lake, version)
         self.version = self.ds.version
         self.dims = lake_dims(self.ds, lake_mod.table_uri(lake, "features"))
+        self._set_guidance(guidance, pad_dtype)
+        self.blob_api = self._choose_blob_path(blob_api)  # the path taken: "mmap", "take_blobs" or "read_blobs"
+        self._maps: dict[int, np.ndarray | None] = {}  # fragment id -> its data file, memory-mapped (None: not)
+        self._maps_lock = threading.Lock()
+        self._verified: set[int] = set()  # fragments whose blob positions were checked against Lance's own read
+        self._max_open = _raise_open_files_limit(MAX_MAPPED_FILES + 1024) - 1024 if self.blob_api == "mmap" else 0
+        pair_ids = self._index_rows()
+        pairs = self._open_pairs(pairs_version)
+        self._split(pair_ids, self._usable_rows(pair_ids, pairs), pairs)
+        self.epoch, self.position = 0, 0
+        self._buffers = BufferPool(max_free=max(16, (self.prefetch + 2) * batch_size))
+
+    def _set_guidance(self, guidance: GuidanceSource, pad_dtype: torch.dtype | Literal["stored"] | None) -> None:
+        """The guidance column and width, the stored and padded dtypes (fp8 stays e4m3 with ``"stored"``)."""
         col = GUIDANCE_COLUMNS.get(guidance)
         if col is not None and col not in self.ds.schema.names:
             raise UserError(
-                f"guidance source {guidance!r} needs column {col!r}, which {lake_mod.table_uri(lake, 'features')} "
+                f"guidance source {guidance!r} needs column {col!r}, which {lake_mod.table_uri(self.lake, 'features')} "
                 f"lacks. Re-embed with text_guidance = true in jobs/embed.toml, or set guidance = 'mllm'."
             )
         self.guidance_column = col
@@ -369,12 +388,10 @@ class TrainLoader:
         # "stored": fp8 stays e4m3 bytes + scales (Batch.to dequantises on the device); 16-bit as the default
         self.pad_dtype = "fp8" if pad_dtype == "stored" and self.fp8 else \
             self._torch_dtype if pad_dtype in (None, "stored") else pad_dtype
-        self.blob_api = self._choose_blob_path(blob_api)  # the path taken: "mmap", "take_blobs" or "read_blobs"
-        self._maps: dict[int, np.ndarray | None] = {}  # fragment id -> its data file, memory-mapped (None: not)
-        self._maps_lock = threading.Lock()
-        self._verified: set[int] = set()  # fragments whose blob positions were checked against Lance's own read
-        self._max_open = _raise_open_files_limit(MAX_MAPPED_FILES + 1024) - 1024 if self.blob_api == "mmap" else 0
 
+    def _index_rows(self) -> list[str]:
+        """Every row's pair id; "mmap" also caches each row's fragment, offset, length and blob position."""
+        col = self.guidance_column
         if self.blob_api == "mmap":  # read once: each row's fragment, offset in it, length and blob position
             t = self.ds.to_table(columns=["pair_id", f"{col}_len", col], with_row_address=True)
             desc = t.column(col).combine_chunks()
@@ -385,17 +402,23 @@ class TrainLoader:
             self._files: dict[int, Any] = {}  # fragment id -> lance.file.LanceFileReader of its one data file
         else:
             t = self.ds.to_table(columns=["pair_id"])
-        pair_ids = t.column("pair_id").to_pylist()
-        committed = None
-        pairs = lake_mod.open_table(lake, "pairs")
+        return t.column("pair_id").to_pylist()
+
+    def _open_pairs(self, pairs_version: int | None) -> Any:
+        """The ``pairs`` table (the commit marker) at ``pairs_version`` (default: now), or None; sets pairs_version."""
+        pairs = lake_mod.open_table(self.lake, "pairs")
         self.pairs_version = None
         if pairs is not None:
             if pairs_version is not None and pairs_version != pairs.version:
                 import lance
 
-                pairs = lance.dataset(lake_mod.table_uri(lake, "pairs"), version=pairs_version)
+                pairs = lance.dataset(lake_mod.table_uri(self.lake, "pairs"), version=pairs_version)
             self.pairs_version = pairs.version
-            committed = set(lake_mod.column_values(pairs, "pair_id"))
+        return pairs
+
+    def _usable_rows(self, pair_ids: list[str], pairs: Any) -> list[int]:
+        """Rows whose pair is committed, the first of each ``pair_id``; counts the rows left out."""
+        committed = set(lake_mod.column_values(pairs, "pair_id")) if pairs is not None else None
         usable: list[int] = []
         seen: set[str] = set()
         duplicates = 0
@@ -407,9 +430,13 @@ class TrainLoader:
                 continue
             seen.add(pid)
             usable.append(i)
-        skipped = len(pair_ids) - len(usable) - duplicates
-        self.uncommitted, self.duplicates = skipped, duplicates
-        train_pos, held_pos = split_heldout([pair_ids[i] for i in usable], heldout_pairs, heldout_split)
+        self.uncommitted, self.duplicates = len(pair_ids) - len(usable) - duplicates, duplicates
+        return usable
+
+    def _split(self, pair_ids: list[str], usable: list[int], pairs: Any) -> None:
+        """Train and held-out rows (``split_heldout``), the broken kind per pair, and the epoch length."""
+        lake, heldout_split, skipped, duplicates = self.lake, self.heldout_split, self.uncommitted, self.duplicates
+        train_pos, held_pos = split_heldout([pair_ids[i] for i in usable], self.heldout_pairs, heldout_split)
         train, held = [usable[j] for j in train_pos], [usable[j] for j in held_pos]
         if heldout_split and not held:
             raise UserError(f"heldout_split={heldout_split!r}: no pair in {lake_mod.table_uri(lake, 'pairs')} comes "
@@ -428,15 +455,13 @@ class TrainLoader:
         self.pair_ids = pair_ids
         self.train_indices = np.asarray(train, dtype=np.int64)
         self.heldout_indices = np.asarray(held, dtype=np.int64)
-        self.steps_per_epoch = len(self.train_indices) // (world_size * batch_size)
+        self.steps_per_epoch = len(self.train_indices) // (self.world_size * self.batch_size)
         if self.steps_per_epoch == 0:
             raise UserError(
                 f"{lake_mod.table_uri(lake, 'features')} has {len(self.train_indices)} training pairs "
                 f"(after holding out {len(self.heldout_indices)}), fewer than one global batch of "
-                f"{world_size} ranks x {batch_size}. Embed more pairs, or lower batch_size or heldout_pairs."
+                f"{self.world_size} ranks x {self.batch_size}. Embed more pairs, or lower batch_size or heldout_pairs."
             )
-        self.epoch, self.position = 0, 0
-        self._buffers = BufferPool(max_free=max(16, (self.prefetch + 2) * batch_size))
 
     # ------------------------------------------------------------------ order and state
     def epoch_order(self, epoch: int) -> np.ndarray:
@@ -488,31 +513,42 @@ class TrainLoader:
         ``pad_dtype``, rows in parallel on ``io``; "mmap" copies from the page cache with no copy before it.
         """
         idx = [int(i) for i in indices]
-        n, d = self.dims.ip_tokens, self.dims.ip_dim
+        tbl, pids, lens = self._read_columns(idx)
+        winner, loser = (self._tokens(tbl, c, len(idx)) for c in ("winner_tokens", "loser_tokens"))
+        e = self.guidance_dim
+        if self.guidance_column is None:
+            return Batch(pids, winner, loser, [], torch.zeros(len(idx), dtype=torch.int64), e, self._torch_dtype)
+        out, scale_out, give_back = self._read_guidance(idx, tbl, pids, lens, io)
+        return Batch(pids, winner, loser, None, torch.from_numpy(lens), e,
+                     self._torch_dtype, padded=out, scale=scale_out, give_back=give_back)
+
+    def _read_columns(self, idx: list[int]) -> tuple[Any, list[str], np.ndarray | None]:
+        """(table of the token columns, and fp8 scales, for the rows ``idx``; their pair ids; guidance lengths)."""
         col = self.guidance_column
         if self.blob_api == "mmap":  # tokens (and fp8 scales) from the fragments' files; ids and lengths cached
             tbl = self._take_from_files(idx, ["winner_tokens", "loser_tokens"] + ([f"{col}_scale"] if self.fp8 else []))
-            pids, lens = [self.pair_ids[i] for i in idx], self._lens[idx]
-        else:
-            cols = ["pair_id", "winner_tokens", "loser_tokens"]
-            if col:
-                cols.append(f"{col}_len")
-                if self.fp8:
-                    cols.append(f"{col}_scale")
-            tbl = self.ds.take(idx, columns=cols)
-            pids = tbl.column("pair_id").to_pylist()
-            if pids != [self.pair_ids[i] for i in idx]:  # take must keep the requested order
-                raise RuntimeError("Lance take returned rows out of order")
-            lens = tbl.column(f"{col}_len").to_numpy().astype(np.int64) if col else None
-        tok = {}
-        for c in ("winner_tokens", "loser_tokens"):
-            flat = tbl.column(c).combine_chunks().flatten().to_numpy(zero_copy_only=False)
-            flat = flat if flat.flags.writeable and flat.flags.c_contiguous else flat.copy()
-            tok[c] = _two_byte_to_torch(flat.reshape(len(idx), n, d), self._storage_dtype)
-        e = self.guidance_dim
-        if col is None:
-            return Batch(pids, tok["winner_tokens"], tok["loser_tokens"], [], torch.zeros(len(idx), dtype=torch.int64),
-                         e, self._torch_dtype)
+            return tbl, [self.pair_ids[i] for i in idx], self._lens[idx]
+        cols = ["pair_id", "winner_tokens", "loser_tokens"]
+        if col:
+            cols.append(f"{col}_len")
+            if self.fp8:
+                cols.append(f"{col}_scale")
+        tbl = self.ds.take(idx, columns=cols)
+        pids = tbl.column("pair_id").to_pylist()
+        if pids != [self.pair_ids[i] for i in idx]:  # take must keep the requested order
+            raise RuntimeError("Lance take returned rows out of order")
+        return tbl, pids, tbl.column(f"{col}_len").to_numpy().astype(np.int64) if col else None
+
+    def _tokens(self, tbl: Any, column: str, rows: int) -> torch.Tensor:
+        """(rows, N, D) IP tokens of ``column`` in the lake's 16-bit dtype."""
+        flat = tbl.column(column).combine_chunks().flatten().to_numpy(zero_copy_only=False)
+        flat = flat if flat.flags.writeable and flat.flags.c_contiguous else flat.copy()
+        return _two_byte_to_torch(flat.reshape(rows, self.dims.ip_tokens, self.dims.ip_dim), self._storage_dtype)
+
+    def _read_guidance(self, idx: list[int], tbl: Any, pids: list[str], lens: np.ndarray,
+                       io: ThreadPoolExecutor | None) -> tuple[torch.Tensor, torch.Tensor | None, Any]:
+        """(padded guidance, its fp8 scales when kept as stored, the callback giving the buffer back)."""
+        col, e = self.guidance_column, self.guidance_dim
         width = len(idx), int(lens.max()) if len(lens) else 0
         keep_fp8 = self.pad_dtype == "fp8"
         out, give_back = self._padded((*width, e), torch.uint8 if keep_fp8 else self.pad_dtype)
@@ -525,35 +561,15 @@ class TrainLoader:
             if keep_fp8:
                 scale_out = torch.zeros(width, dtype=torch.float32)
         sources = self._sources(col, idx, tbl)
-        value_bytes = 1 if self.fp8 else 2
 
         def fill(j: int) -> None:
             ln = int(lens[j])
             raw, buf = sources(j)
             try:
-                _fill_row(j, ln, raw)
+                self._fill_row(out, j, ln, raw, pids[j], scales[j] if self.fp8 else None, scale_out)
             finally:
                 if buf is not None:  # the row is copied: its read buffer goes back to the pool
                     self._buffers.give_back([buf])
-
-        def _fill_row(j: int, ln: int, raw: np.ndarray) -> None:
-            if raw.nbytes != ln * e * value_bytes or (self.fp8 and len(scales[j]) != ln):
-                raise UserError(
-                    f"pair {pids[j]!r}: {col} blob has {raw.nbytes} bytes{f' and {len(scales[j])} scales' if self.fp8 else ''}"
-                    f", expected {col}_len {ln} x {e} x {value_bytes}. The lake is corrupt; re-embed this pair.")
-            dst = out[j, :ln]
-            if keep_fp8 or (not self.fp8 and dst.dtype == self._torch_dtype):  # the stored bytes as they are
-                np.copyto(dst.view(torch.uint8).numpy().reshape(-1), raw, casting="no")
-                if scale_out is not None:
-                    scale_out[j, :ln] = torch.from_numpy(scales[j])
-            elif self.fp8:  # dequantise while padding
-                fp8.dequantize_into(dst, raw.reshape(ln, e), scales[j])
-            else:  # fp16/bf16 -> pad_dtype while padding
-                with warnings.catch_warnings():
-                    warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-                    dst.copy_(torch.from_numpy(raw).view(self._torch_dtype).view(ln, e))
-            if ln < out.shape[1]:
-                out[j, ln:].zero_()
 
         try:
             if io is not None and len(idx) > 1:
@@ -568,8 +584,30 @@ class TrainLoader:
             if give_back is not None:
                 give_back()
             raise
-        return Batch(pids, tok["winner_tokens"], tok["loser_tokens"], None, torch.from_numpy(lens), e,
-                     self._torch_dtype, padded=out, scale=scale_out, give_back=give_back)
+        return out, scale_out, give_back
+
+    def _fill_row(self, out: torch.Tensor, j: int, ln: int, raw: np.ndarray, pid: str, scale: np.ndarray | None,
+                  scale_out: torch.Tensor | None) -> None:
+        """Copy row ``j``'s ``ln`` guidance tokens into ``out[j]`` (as stored, dequantised or cast); zero the rest."""
+        col, e = self.guidance_column, self.guidance_dim
+        keep_fp8, value_bytes = self.pad_dtype == "fp8", 1 if self.fp8 else 2
+        if raw.nbytes != ln * e * value_bytes or (self.fp8 and len(scale) != ln):
+            raise UserError(
+                f"pair {pid!r}: {col} blob has {raw.nbytes} bytes{f' and {len(scale)} scales' if self.fp8 else ''}"
+                f", expected {col}_len {ln} x {e} x {value_bytes}. The lake is corrupt; re-embed this pair.")
+        dst = out[j, :ln]
+        if keep_fp8 or (not self.fp8 and dst.dtype == self._torch_dtype):  # the stored bytes as they are
+            np.copyto(dst.view(torch.uint8).numpy().reshape(-1), raw, casting="no")
+            if scale_out is not None:
+                scale_out[j, :ln] = torch.from_numpy(scale)
+        elif self.fp8:  # dequantise while padding
+            fp8.dequantize_into(dst, raw.reshape(ln, e), scale)
+        else:  # fp16/bf16 -> pad_dtype while padding
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
+                dst.copy_(torch.from_numpy(raw).view(self._torch_dtype).view(ln, e))
+        if ln < out.shape[1]:
+            out[j, ln:].zero_()
 
     def _padded(self, shape: tuple[int, int, int],
                 dtype: torch.dtype) -> tuple[torch.Tensor, "weakref.finalize | None"]:

@@ -10,6 +10,7 @@
     save_rng(ck / "rng_rank0.safetensors"); load_rng(...)
     commit_checkpoint(run_dir, checkpoint_tag(200), keep=2, rank=rank)   # pointer + pruning, after every rank
     with progress_bar(rank, "train", total=steps, completed=start) as advance: ...
+    acc = HeldoutSums(["pairs", "loss"]); acc.add("pairs", 8); acc.all_reduce(world); acc["pairs"]
 
 A run folder holds ``run.json``, ``latest_checkpoint`` (the tag of the last
 *complete* checkpoint) and ``checkpoints/step_XXXXXXXX/``; the pointer moves only
@@ -27,6 +28,7 @@ from typing import Any, Callable, Iterator
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+import torch.distributed as dist
 
 from img.config import resolve_project_path
 from img.errors import UserError
@@ -152,6 +154,29 @@ class MetricsWriter:
         self.rows, self.break_lock = [], False
 
 
+class HeldoutSums:
+    """Named float64 accumulators for a held-out evaluation, all-reduced as one tensor in a fixed name order.
+
+        acc = HeldoutSums(["pairs", "d_identity"]); acc.add("pairs", 8.0); acc.add("d_identity", d.sum())
+        acc.all_reduce(world); acc["pairs"]
+    """
+
+    def __init__(self, names: list[str]) -> None:
+        self.names = list(names)
+        self.sums = torch.zeros(len(self.names), dtype=torch.float64)
+        self._index = {n: i for i, n in enumerate(self.names)}
+
+    def add(self, name: str, value: float | torch.Tensor) -> None:
+        self.sums[self._index[name]] += float(value)
+
+    def __getitem__(self, name: str) -> float:
+        return float(self.sums[self._index[name]])
+
+    def all_reduce(self, world: int) -> None:
+        if world > 1:
+            dist.all_reduce(self.sums)
+
+
 # ----------------------------------------------------------------------------- checkpoints
 def _tag(step: int) -> str:
     return f"step_{step:08d}"
@@ -209,8 +234,6 @@ def new_run_id(run_dir: Path, world_size: int) -> str:
     """``<run folder name>-<8 hex>``, broadcast from rank 0 so every rank has the same id."""
     run_id = f"{Path(run_dir).name}-{uuid.uuid4().hex[:8]}"
     if world_size > 1:
-        import torch.distributed as dist
-
         box = [run_id]
         dist.broadcast_object_list(box, src=0)
         run_id = box[0]
@@ -230,8 +253,6 @@ def load_engine_checkpoint(engine: Any, run_dir: Path, tag: str, **kwargs: Any) 
 def commit_checkpoint(run_dir: Path, tag: str, keep: int, rank: int) -> None:
     """Once every rank has its files on disk: rank 0 marks ``tag`` complete, points ``latest_checkpoint`` at it
     and prunes complete checkpoints older than it (``img.training.run_folder``)."""
-    import torch.distributed as dist
-
     run_folder.fsync_tree(run_folder.checkpoints_dir(run_dir) / tag)
     dist.barrier()
     if rank == 0:
