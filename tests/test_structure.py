@@ -68,3 +68,21 @@ def test_jobs_are_named_phases():
         assert found, f"{path} has no class {cls}"
         methods = {n.name for n in found[0].body if isinstance(n, ast.FunctionDef)}
         assert phases <= methods, f"{path}::{cls} lacks the phases {sorted(phases - methods)}"
+
+
+def test_the_architecture_map_names_every_module():
+    """docs/architecture.md (the tree) and the README's table name every module under img/ and pipelines/."""
+    tree = (REPO / "docs" / "architecture.md").read_text()
+    readme = (REPO / "README.md").read_text()
+    missing_tree, missing_readme = [], []
+    for root in ROOTS:
+        for file in sorted((REPO / root).rglob("*.py")):
+            if file.name == "__init__.py":
+                continue
+            if f"{file.name} " not in tree:
+                missing_tree.append(file.relative_to(REPO).as_posix())
+            rel = file.relative_to(REPO).as_posix()
+            if f"`{file.stem}`" not in readme and f"`{rel}`" not in readme:  # the README's table
+                missing_readme.append(file.relative_to(REPO).as_posix())
+    assert not missing_tree, f"add to the tree in docs/architecture.md: {missing_tree}"
+    assert not missing_readme, f"add to the README's architecture table: {missing_readme}"
