@@ -61,6 +61,14 @@ def tree(root: Path) -> list[tuple[str, int]]:
     return sorted((str(p.relative_to(root)), p.stat().st_size if p.is_file() else -1) for p in root.rglob("*"))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def tiny_models_built():
+    """Build the tiny models first: on a fresh cache the first command logs the build, and these tests count lines."""
+    from img.models.tiny import tiny_root
+
+    tiny_root("tiny")
+
+
 @pytest.fixture()
 def unwritable(tmp_path):
     """A folder no one can create files in, root included."""
