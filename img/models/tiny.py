@@ -154,6 +154,7 @@ class TinySpec:
     # also LLaVA's vision tower when the two towers have the same sizes.
     pretrain: bool = True
     pretrain_steps: int = 600
+    mllm_pretrain_steps: int = 800
 
     @property
     def ip_dim(self) -> int:
@@ -592,7 +593,7 @@ def _build_llava(spec: TinySpec, out: Path, ip_encoder: Any = None) -> dict[str,
         tower.load_state_dict(ip_encoder.vision_model.state_dict())
         from img.models.tiny_pretrain import MllmPretrainSpec, pretrain_mllm  # heavy: torch (builds only)
 
-        report = pretrain_mllm(model, processor, MllmPretrainSpec(seed=spec.seed),
+        report = pretrain_mllm(model, processor, MllmPretrainSpec(seed=spec.seed, steps=spec.mllm_pretrain_steps),
                                prompt=lambda q: TEMPLATES["llava_v0"].format(question=q))  # the tiny profile's template
         log.info("instruction-tuned the tiny LLaVA in %.0f s; held-out accuracy: %s", report["seconds"],
                  report["heldout_accuracy"])
