@@ -108,7 +108,7 @@ def build_engine(model: torch.nn.Module, optimizer: torch.optim.Optimizer, cfg: 
     return engine
 
 
-def _rss_gb() -> float:
+def rss_gb() -> float:
     try:
         import psutil
 
@@ -178,14 +178,12 @@ class HeldoutSums:
 
 
 # ----------------------------------------------------------------------------- checkpoints
-def _tag(step: int) -> str:
+def checkpoint_tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
-checkpoint_tag = _tag
 
-
-def _save_rng(path: Path) -> None:
+def save_rng(path: Path) -> None:
     from safetensors.torch import save_file
 
     state = {"torch_cpu": torch.get_rng_state()}
@@ -194,7 +192,7 @@ def _save_rng(path: Path) -> None:
     save_file(state, str(path))
 
 
-def _load_rng(path: Path) -> None:
+def load_rng(path: Path) -> None:
     from safetensors.torch import load_file
 
     state = load_file(str(path))
@@ -202,8 +200,6 @@ def _load_rng(path: Path) -> None:
     if "torch_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["torch_cuda"])
 
-
-save_rng, load_rng = _save_rng, _load_rng
 
 
 def open_run(run_dir: Path, resume: bool, expect: dict[str, Any], fix: str) -> dict[str, Any] | None:

@@ -65,18 +65,18 @@ from img.training.loader import Batch, LakeDims, TrainLoader
 from img.training.run_common import (  # noqa: F401
     HeldoutSums,
     MetricsWriter,
-    _load_rng,
-    _rss_gb,
-    _save_rng,
-    _tag,
     build_engine,
+    checkpoint_tag,
     commit_checkpoint,
     deepspeed_config,
     dist_env,
     init_distributed,
     load_engine_checkpoint,
+    load_rng,
     new_run_id,
     progress_bar,
+    rss_gb,
+    save_rng,
 )
 
 log = logging.getLogger(__name__)
@@ -415,7 +415,7 @@ class Trainer:
         self.ref.load_state_dict(load_file(str(ck / "reference" / "model.safetensors")))
         self.keeper.load_state_dict(state["keeper"])
         self.loader.load_state_dict(state["loader"])
-        _load_rng(ck / f"rng_rank{self.rank}.safetensors")
+        load_rng(ck / f"rng_rank{self.rank}.safetensors")
         self.start = int(state["step"])
         self.run_id = self.info["run_id"]
         log.info("resumed %s from %s (step %d)", self.run_id, tag, self.start)
@@ -484,17 +484,17 @@ class Trainer:
                 metrics.add(step, "samples_per_s", samples_per_s)
                 log.info("step %d/%d loss %.5f (base %.5f pref %.5f) lr %.2e %.1f samples/s rss %.2f GB "
                          "ref copies %d", step, self.steps, last["loss"], last["loss_base"], last["loss_pref"],
-                         self.engine.get_lr()[0], samples_per_s, _rss_gb(), self.keeper.copies)
+                         self.engine.get_lr()[0], samples_per_s, rss_gb(), self.keeper.copies)
 
     def checkpoint(self, step: int) -> None:
         """Every rank's engine state and RNG, rank 0's f, f_ref and state.json; the pointer moves once all are durable."""
-        tag = _tag(step)
+        tag = checkpoint_tag(step)
         ck = self.run_dir / "checkpoints" / tag
         if self.metrics is not None:
             self.metrics.flush()
         self.engine.save_checkpoint(str(self.run_dir / "checkpoints"), tag=tag)
         ck.mkdir(parents=True, exist_ok=True)
-        _save_rng(ck / f"rng_rank{self.rank}.safetensors")
+        save_rng(ck / f"rng_rank{self.rank}.safetensors")
         if self.rank == 0:
             _export(self.engine.module, self.acfg, ck / "aligner")
             _export(self.ref, self.acfg, ck / "reference")
