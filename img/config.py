@@ -124,17 +124,20 @@ def from_dict(cls: type[T], data: dict[str, Any], where: str = "") -> T:
     return cls(**kwargs)
 
 
+def read_toml(path: str | Path) -> dict[str, Any]:
+    """The table in TOML file ``path``; ``UserError`` naming the file when it is missing or not TOML."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"config file {str(p)!r} does not exist. Pass an existing TOML file as `config` (e.g. one under jobs/).")
+    try:
+        return tomllib.loads(p.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"config file {str(p)!r} is not valid TOML: {e}. Fix the file.") from None
+
+
 def load_config(cls: type[T], path: str | Path | None, overrides: dict[str, Any] | None = None) -> T:
     """Read TOML ``path`` (or only defaults when None) into ``cls``, then apply non-None overrides."""
-    data: dict[str, Any] = {}
-    if path is not None:
-        p = Path(path)
-        if not p.is_file():
-            raise UserError(f"config file {str(p)!r} does not exist. Pass an existing TOML file as `config` (e.g. one under jobs/).")
-        try:
-            data = tomllib.loads(p.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"config file {str(p)!r} is not valid TOML: {e}. Fix the file.") from None
+    data: dict[str, Any] = read_toml(path) if path is not None else {}
     for key, value in (overrides or {}).items():
         if value is not None:
             data[key] = value

@@ -45,7 +45,6 @@ import dataclasses
 import json
 import logging
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -55,7 +54,7 @@ import torch.distributed as dist
 from safetensors.torch import load_file
 
 from img.aligner import AlignerConfig, ImplicitAligner
-from img.config import fingerprint, from_dict, project_file
+from img.config import fingerprint, from_dict, project_file, read_toml
 from img.errors import UserError
 from img.models.profiles import get_profile
 from img.objective import DISTANCE_NAMES, ReferenceKeeper, copy_into_reference, iupo_loss, make_reference, sq_dist
@@ -159,12 +158,7 @@ def load_train_config(profile: str | None, config: str | Path | None = None,
     for path in (profile_config(profile), Path(config) if config is not None else None):
         if path is None:
             continue
-        if not path.is_file():
-            raise UserError(f"config file {str(path)!r} does not exist. Pass --config with a TOML file under jobs/.")
-        try:
-            layer = tomllib.loads(path.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise UserError(f"config file {str(path)!r} is not valid TOML: {e}. Fix the file.") from None
+        layer = read_toml(path)
         from_dict(TrainConfig, layer)  # unknown keys and bad values are named per file
         for key, value in layer.items():
             if isinstance(value, dict) and isinstance(data.get(key), dict):
