@@ -319,7 +319,7 @@ def reconcile(lake: str, storage_options) -> tuple[set[str], int]:
         log.info("removing %d features rows from an interrupted commit; they will be redone", len(orphans))
         for i in range(0, len(orphans), 1000):
             chunk = orphans[i: i + 1000]
-            feats.delete("pair_id IN (" + ", ".join("'" + p.replace("'", "''") + "'" for p in chunk) + ")")
+            feats.delete("pair_id IN (" + ", ".join(lake_mod.sql_str(p) for p in chunk) + ")")
     return pairs | quarantined, len(orphans)
 
 

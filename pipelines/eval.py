@@ -172,15 +172,11 @@ def _set_rows(table: pa.Table) -> dict[str, tuple[str, str]]:
     return {r["prompt_id"]: (r["prompt"], r["category"]) for r in table.to_pylist()}
 
 
-def _sql_str(value: str) -> str:
-    return "'" + value.replace("'", "''") + "'"
-
-
 def _stored_set(lake: str, name: str, storage_options: Optional[dict]) -> Optional[dict[str, tuple[str, str]]]:
     ds = lake_mod.open_table(lake, "prompts", storage_options)
     if ds is None:
         return None
-    table = ds.to_table(filter=f"set = {_sql_str(name)}")
+    table = ds.to_table(filter=f"set = {lake_mod.sql_str(name)}")
     return _set_rows(table) if table.num_rows else None
 
 
@@ -415,17 +411,17 @@ class EvalSummary:
 
 
 def _unit_filter(run: str, units: list[tuple[str, int]]) -> str:
-    ors = " OR ".join(f"(prompt_id = {_sql_str(p)} AND seed = {int(s)})" for p, s in units)
-    return f"run = {_sql_str(run)} AND ({ors})"
+    ors = " OR ".join(f"(prompt_id = {lake_mod.sql_str(p)} AND seed = {int(s)})" for p, s in units)
+    return f"run = {lake_mod.sql_str(run)} AND ({ors})"
 
 
 def reconcile(lake: str, run: str, storage_options: Optional[dict]) -> tuple[set[tuple[str, int]], int]:
     """Delete ``eval_images`` rows of units without scores (a kill between commits); return the done units."""
     scores = lake_mod.open_table(lake, "scores", storage_options)
-    t = scores.to_table(columns=["prompt_id", "seed"], filter=f"run = {_sql_str(run)}")
+    t = scores.to_table(columns=["prompt_id", "seed"], filter=f"run = {lake_mod.sql_str(run)}")
     done = set(zip(t.column("prompt_id").to_pylist(), t.column("seed").to_pylist()))
     images = lake_mod.open_table(lake, "eval_images", storage_options)
-    t = images.to_table(columns=["prompt_id", "seed"], filter=f"run = {_sql_str(run)}")
+    t = images.to_table(columns=["prompt_id", "seed"], filter=f"run = {lake_mod.sql_str(run)}")
     orphans = sorted(set(zip(t.column("prompt_id").to_pylist(), t.column("seed").to_pylist())) - done)
     for i in range(0, len(orphans), 200):
         images.delete(_unit_filter(run, orphans[i: i + 200]))
@@ -444,7 +440,7 @@ def record_prompts_and_run(plan: EvalPlan, storage_options: Optional[dict]) -> N
         raise UserError(f"prompt set {plan.prompt_set.name!r} in {lake} now holds other prompts than "
                         f"{plan.prompt_set.source}. Pass a new `set_name` for these prompts.")
     runs = lake_mod.open_table(lake, "eval_runs", storage_options)
-    if runs.count_rows(filter=f"run = {_sql_str(plan.run)}") == 0:
+    if runs.count_rows(filter=f"run = {lake_mod.sql_str(plan.run)}") == 0:
         now = datetime.now(timezone.utc)
         rows = [{"run": plan.run, "set": plan.prompt_set.name, "prompt_id": pid, "category": cat, "rank": i,
                  "sample_sql": plan.sample.sql, "config": plan.config_json(), "created_at": now}

@@ -248,6 +248,11 @@ def test_metrics_writer_takes_run_ids_with_quotes(tmp_path):
     w.add(3, "loss", 4.0)
     w.flush()
     assert MetricsWriter(root, run_id, after_step=0).seen == {(1, "loss"), (2, "loss"), (3, "loss")}
+    # the notebooks' report reads one run's loss back by that id (a quoted SQL literal, not a broken query)
+    from img.eval.report import loss_parts
+
+    assert [(r["step"], r["value"]) for r in loss_parts(root, run_id)] == [(1, 1.0), (2, 2.0), (3, 4.0)]  # step 2 was already there
+    assert lake_mod.sql_str(run_id) == "'o''brien''s run-1234abcd'"
 
 
 def test_library_checks_name_the_value():

@@ -100,7 +100,7 @@ def loss_parts(lake: str, run_id: Optional[str] = None) -> list[dict]:
     ``z``)."""
     if not _has(lake, "metrics"):
         return []
-    where = f" and run_id = '{run_id}'" if run_id else ""
+    where = f" and run_id = {lake_mod.sql_str(run_id)}" if run_id else ""
     return query(lake, "select run_id, step, name, value from metrics where (name like 'loss%' or name like 'd\\_%' "
                        f"escape '\\' or name = 'z'){where} order by run_id, name, step")
 
@@ -138,7 +138,7 @@ def win_rates(lake: str, run: Optional[str] = None) -> list[dict]:
     """``win_rates`` rows (of one run when given)."""
     if not _has(lake, "win_rates"):
         return []
-    where = f" where run = '{run}'" if run else ""
+    where = f" where run = {lake_mod.sql_str(run)}" if run else ""
     return query(lake, f"select * from win_rates{where} order by run, system, scorer, scorer_version, "
                        f"category = '{OVERALL}' desc, category")
 
@@ -147,7 +147,7 @@ def mean_scores(lake: str, run: Optional[str] = None) -> list[dict]:
     """Mean score per system (base included) per scorer and version: the paper's Pick Score criterion."""
     if not _has(lake, "scores"):
         return []
-    where = f" where run = '{run}'" if run else ""
+    where = f" where run = {lake_mod.sql_str(run)}" if run else ""
     return query(lake, f"select run, scorer, scorer_version, system, count(*) as images, avg(score) as mean_score "
                        f"from scores{where} group by run, scorer, scorer_version, system "
                        f"order by run, scorer, scorer_version, system <> 'base', system")
@@ -162,13 +162,13 @@ def image_rows(lake: str, run: Optional[str] = None, prompts: int = 4, seed: int
         return []
     run = run or runs[-1]["run"]
     picked = query(lake, f"select e.prompt_id, p.prompt, e.category from eval_runs e join prompts p "
-                         f"on p.set = e.set and p.prompt_id = e.prompt_id where e.run = '{run}' "
+                         f"on p.set = e.set and p.prompt_id = e.prompt_id where e.run = {lake_mod.sql_str(run)} "
                          f"order by e.rank limit {int(prompts)}")
     ds = lake_mod.open_table(str(lake), "eval_images")
     out = []
     for p in picked:
-        pid = p["prompt_id"].replace("'", "''")
-        t = ds.to_table(columns=["system", "png"], filter=f"run = '{run}' and prompt_id = '{pid}' and seed = {seed}")
+        t = ds.to_table(columns=["system", "png"], filter=f"run = {lake_mod.sql_str(run)} and "
+                                                          f"prompt_id = {lake_mod.sql_str(p['prompt_id'])} and seed = {int(seed)}")
         images = dict(zip(t.column("system").to_pylist(), t.column("png").to_pylist()))
         out.append({**p, "images": images})
     return out

@@ -26,6 +26,7 @@ from typing import Optional
 import pyarrow as pa
 
 from img.errors import UserError
+from img.lake.tables import sql_str
 
 DEFAULT_SAMPLE_SQL = """\
 SELECT prompt_id, category
@@ -56,7 +57,7 @@ def _inline(sql: str, seed: int, n: Optional[int], set_name: str) -> str:
         if m.group(1) == "seed":
             return f"'{int(seed)}'"
         if m.group(1) == "set":
-            return "'" + set_name.replace("'", "''") + "'"
+            return sql_str(set_name)
         if n is None:
             raise UserError("the sample query uses $n but no `n` was given. Pass `n`.")
         return str(int(n))

@@ -136,6 +136,11 @@ def append_rows(lake: str, name: str, table: pa.Table, schema: pa.Schema,
     lance.write_dataset(table.cast(schema), uri, schema=schema, mode=mode, storage_options=storage_options)
 
 
+def sql_str(value: str) -> str:
+    """``value`` as a quoted SQL string literal (DuckDB and Lance filters): ``sql_str("o'b")`` -> ``'o''b'``."""
+    return "'" + value.replace("'", "''") + "'"
+
+
 def column_values(ds: Any, column: str, filter: str | None = None) -> list[Any]:
     """All values of one (small) column, e.g. every committed ``pair_id``."""
     if ds is None:
