@@ -30,7 +30,7 @@ from typing import Any
 
 import torch
 
-from img.aligner import AlignerConfig
+from img.aligner import AlignerConfig, param_count
 from img.app.bench_loader import FULL, write_bench_lake
 from img.config import load_config, project_file
 from img.errors import UserError
@@ -139,7 +139,7 @@ def _build(root: Path, batch_size: int, num_workers: int) -> tuple:
     acfg = resolve_aligner_config(PROFILE, loader.dims, cfg.guidance, str(root))
     device, bf16, dtype = init_distributed(local_rank, cfg.precision)
     model, ref = init_aligners(acfg, cfg)
-    params = sum(p.numel() for p in model.parameters())
+    params = param_count(model)
     engine = aligner_engine(model, cfg, world, bf16)
     ref.to(device=device, dtype=dtype)
     return cfg, loader, acfg, engine, ref, device, dtype, params
