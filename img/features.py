@@ -1,8 +1,10 @@
 """The features IMG conditions on, computed by ONE implementation for the embed job and ``img infer``.
 
 Callable classes, so Ray Data actors wrap them as they are (load once, call per
-batch). Inputs are lists; outputs are CPU tensors in the encoder's compute
-dtype (float32 on CPU; the profile's ``tensor_dtype`` on GPU); no randomness::
+batch), also from several threads at once (tokenizers, which keep state between
+calls, run under a lock). Inputs are lists; outputs are CPU tensors in the
+encoder's compute dtype (float32 on CPU; the profile's ``tensor_dtype`` on GPU);
+no randomness::
 
     from img.models.profiles import get_profile
     from img.features import IPTokenEncoder, GuidanceEncoder, TextGuidanceEncoder
@@ -25,6 +27,7 @@ The text the MLLM reads is ``format_mllm_prompt(question, profile.mllm_template)
 """
 from __future__ import annotations
 
+import threading
 from typing import Any, Sequence
 
 import torch
@@ -175,6 +178,7 @@ class GuidanceEncoder:
         self.device = torch.device(device)
         self.dtype = compute_dtype(self.profile, device, dtype)
         self.model, self.processor = load_mllm(self.profile, self.device, self.dtype)
+        self._text_lock = threading.Lock()  # a fast tokenizer's padding state is not safe across threads
         if self.template == "chat_template" and not getattr(self.processor, "chat_template", None):
             raise UserError(f"the MLLM processor at {self.profile.mllm.id} has no chat template, which "
                             f"mllm_template = \"chat_template\" needs. Use \"llava_v0\" or \"llava_hf\" for LLaVA.")
@@ -198,10 +202,13 @@ class GuidanceEncoder:
             raise ValueError(f"{len(images)} images but {len(questions)} questions; pass one question per image")
         texts = [self.prompt(q) for q in questions]
         if self.template != "llava_v0":
-            return self.processor(images=self.images(images), text=texts, padding=True, return_tensors="pt")
+            with self._text_lock:
+                return self.processor(images=self.images(images), text=texts, padding=True, return_tensors="pt")
         pixels = self.processor.image_processor(images=self.images(images), return_tensors="pt")["pixel_values"]
         cfg = self.model.config
-        rows = [llava_input_ids(t, self.processor.tokenizer, cfg.image_token_id, cfg.image_seq_length) for t in texts]
+        with self._text_lock:
+            rows = [llava_input_ids(t, self.processor.tokenizer, cfg.image_token_id, cfg.image_seq_length)
+                    for t in texts]
         pad = self.processor.tokenizer.pad_token_id or 0  # masked out; the value does not matter
         ids = torch.full((len(rows), max(map(len, rows))), pad, dtype=torch.long)
         mask = torch.zeros_like(ids)
@@ -238,6 +245,7 @@ class TextGuidanceEncoder:
         self.device = torch.device(device)
         self.dtype = compute_dtype(self.profile, device, dtype)
         self.encoders = load_text_encoders(self.profile, self.device, self.dtype)
+        self._text_lock = threading.Lock()
 
     @torch.inference_mode()
     def __call__(self, captions: Sequence[str]) -> list[torch.Tensor]:
@@ -245,10 +253,11 @@ class TextGuidanceEncoder:
             return []
         parts = []
         for tokenizer, encoder in self.encoders:
-            ids = tokenizer(
-                list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.device)
+            with self._text_lock:
+                ids = tokenizer(
+                    list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                    return_tensors="pt",
+                ).input_ids.to(self.device)
             parts.append(encoder(ids, output_hidden_states=True).hidden_states[-2])
         states = torch.cat(parts, dim=-1).cpu()
         return list(states.unbind(0))

@@ -26,6 +26,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Sequence
@@ -45,7 +46,7 @@ from img.models.tiny import tiny_dir
 from img.paths import check_lake_folder
 from img.questions import questions_id, resolve_questions
 from pipelines.common import JobProgress, check_cluster_fits, init_ray
-from pipelines.embed_config import ActorPool, EmbedConfig
+from pipelines.embed_config import EmbedConfig, ModelPool
 from pipelines.embed_io import (  # noqa: F401 (Decode, read_unit(s) are re-exported for callers of this module)
     TIMERS,
     Decode,
@@ -116,7 +117,8 @@ class _ModelStage:
     """Base of the model actors: loads its encoder once per actor, runs only on good rows.
 
     Each actor records its start-up (process start -> ``__init__`` = spawn and imports; ``__init__`` = model
-    load) and sends it once, in the ``startup`` column, to the driver's start-up split.
+    load) and sends it once, in the ``startup`` column, to the driver's start-up split. Safe to call from
+    several threads at once (the pool's ``calls``): each call sets its own thread's torch thread count.
     """
 
     timer = ""
@@ -127,8 +129,10 @@ class _ModelStage:
         t_init = time.time()
         import torch
 
+        self.threads = threads
         if threads:
             torch.set_num_threads(threads)  # one actor per core share; Ray's OMP default may differ
+        self._startup_lock = threading.Lock()
         self.profile = with_mllm_adapter(get_profile(profile_name), mllm_adapter)
         if mllm_adapter and self.profile.mllm_adapter_id != mllm_adapter_id:  # the driver's fingerprint names this id
             raise UserError(f"the MLLM adapter {mllm_adapter!r} changed since the embed job started "
@@ -147,12 +151,19 @@ class _ModelStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         t0 = time.perf_counter()
+        if self.threads:
+            import torch
+
+            # torch's thread count is per calling thread: Ray may run this call on a thread other than
+            # __init__'s (always with ``calls`` > 1), which would otherwise use every core
+            torch.set_num_threads(self.threads)
         good = np.array([e == "" for e in batch["error"]], dtype=bool)
         out = dict(batch)
         out.update(self.compute(batch, good))
         out[self.timer] = np.full(len(good), (time.perf_counter() - t0) / max(len(good), 1))
-        add_startup(batch, out, self.startup)
-        self.startup = None  # sent once
+        with self._startup_lock:  # sent once, even when calls run side by side
+            entry, self.startup = self.startup, None
+        add_startup(batch, out, entry)
         return out
 
 
@@ -329,7 +340,7 @@ def check_reservations(cfg: EmbedConfig) -> None:
                        f"decode + {cfg.writers} writer(s) x {cfg.decode_cpus:g}", "[ip]/[mllm]/[text]")
 
 
-def model_plan(cfg: EmbedConfig, classes: dict[str, type] | None = None) -> list[tuple[type, ActorPool, dict]]:
+def model_plan(cfg: EmbedConfig, classes: dict[str, type] | None = None) -> list[tuple[type, ModelPool, dict]]:
     """The model actor pools as (stage class, pool settings, constructor kwargs), in pipeline order.
 
     ``classes`` replaces stage classes by role ("ip", "mllm", "text", "fused"), e.g. with the stand-ins of
@@ -337,7 +348,7 @@ def model_plan(cfg: EmbedConfig, classes: dict[str, type] | None = None) -> list
     """
     c = {"ip": IPTokens, "mllm": Guidance, "text": TextGuidance, "fused": FusedModels, **(classes or {})}
     if cfg.fuse_models:
-        pool = ActorPool(batch_size=cfg.ip.batch_size, concurrency=cfg.mllm.concurrency,
+        pool = ModelPool(batch_size=cfg.ip.batch_size, concurrency=cfg.mllm.concurrency, calls=cfg.mllm.calls,
                          num_gpus=max(cfg.ip.num_gpus, cfg.mllm.num_gpus), num_cpus=cfg.ip.num_cpus + cfg.mllm.num_cpus)
         plan = [(c["fused"], pool, {"guidance_dtype": cfg.guidance_dtype, "mllm_batch_size": cfg.mllm.batch_size})]
     else:
@@ -347,7 +358,7 @@ def model_plan(cfg: EmbedConfig, classes: dict[str, type] | None = None) -> list
     return plan
 
 
-def model_pools(cfg: EmbedConfig) -> list[ActorPool]:
+def model_pools(cfg: EmbedConfig) -> list[ModelPool]:
     return [pool for _, pool, _ in model_plan(cfg)]
 
 
@@ -364,11 +375,14 @@ def build_dataset(units: list[dict], lake: str, profile_name: str, cfg: EmbedCon
                         fn_kwargs={"min_side": cfg.min_side, "max_pixels": cfg.max_pixels,
                                    "question_seed": cfg.question_seed, "questions": questions})
     for stage, pool, kwargs in model_plan(cfg, classes):
-        threads = max(1, int(round(pool.num_cpus)))
+        threads = max(1, int(round(pool.num_cpus / pool.calls)))  # torch threads per call
+        # calls > 1: that many batches at once per actor, each on its own thread (Ray Data runs one by default)
+        calls = {"enable_true_multi_threading": True, "max_concurrent_calls_per_actor": pool.calls} \
+            if pool.calls > 1 else {}
         if mllm_adapter:  # every model stage loads the profile with the adapter (and checks its id)
             kwargs = {**kwargs, "mllm_adapter": mllm_adapter, "mllm_adapter_id": mllm_adapter_id}
         ds = ds.map_batches(stage, fn_constructor_args=(profile_name, "auto", threads), fn_constructor_kwargs=kwargs,
-                            batch_size=pool.batch_size, compute=ray.data.ActorPoolStrategy(size=pool.concurrency),
+                            batch_size=pool.batch_size, compute=ray.data.ActorPoolStrategy(size=pool.concurrency, **calls),
                             num_gpus=pool.num_gpus or None, num_cpus=pool.num_cpus)
     ds = ds.map_batches(WriteFragments, fn_constructor_args=(lake, schemas, cfg.storage_options),
                         batch_size=cfg.rows_per_fragment, num_cpus=cfg.decode_cpus, batch_format="pyarrow",
@@ -388,6 +402,24 @@ def _disk_bytes(path: str) -> int:
     return total
 
 
+def check_config(cfg: EmbedConfig) -> None:
+    """``UserError`` for a setting no run can use (named as in the embed TOML); nothing is touched before this."""
+    if cfg.limit is not None and cfg.limit < 1:
+        raise UserError(f"`limit` must be >= 1, got {cfg.limit}. Omit it to embed everything.")
+    if cfg.guidance_dtype not in features_schema.GUIDANCE_DTYPES:
+        raise UserError(f"`guidance_dtype` = {cfg.guidance_dtype!r} is not one of "
+                        f"{list(features_schema.GUIDANCE_DTYPES)}. Set guidance_dtype = \"fp16\" or \"fp8\" in the "
+                        "embed TOML.")
+    if cfg.writers < 1 or cfg.rows_per_fragment < 1 or cfg.read_rows < 1:
+        raise UserError(f"`writers` ({cfg.writers}), `rows_per_fragment` ({cfg.rows_per_fragment}) and `read_rows` "
+                        f"({cfg.read_rows}) must be >= 1. Fix them in the embed TOML.")
+    for name in ("ip", "mllm", "text"):
+        pool = getattr(cfg, name)
+        for key in ("batch_size", "concurrency", "calls"):
+            if getattr(pool, key) < 1:
+                raise UserError(f"`[{name}] {key}` must be >= 1, got {getattr(pool, key)}. Fix it in the embed TOML.")
+
+
 def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_table: bool = False,
               progress: bool = True, break_lock: bool = False, mllm_adapter: str | os.PathLike | None = None,
               classes: dict[str, type] | None = None) -> EmbedSummary:
@@ -400,16 +432,7 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
     ``classes`` replaces model stages by role (see ``model_plan``; benchmarks only).
     """
     t_start, wall_start = time.perf_counter(), time.time()
-    # everything a user can get wrong, before the lake is touched
-    if cfg.limit is not None and cfg.limit < 1:
-        raise UserError(f"`limit` must be >= 1, got {cfg.limit}. Omit it to embed everything.")
-    if cfg.guidance_dtype not in features_schema.GUIDANCE_DTYPES:
-        raise UserError(f"`guidance_dtype` = {cfg.guidance_dtype!r} is not one of "
-                        f"{list(features_schema.GUIDANCE_DTYPES)}. Set guidance_dtype = \"fp16\" or \"fp8\" in the "
-                        "embed TOML.")
-    if cfg.writers < 1 or cfg.rows_per_fragment < 1 or cfg.read_rows < 1:
-        raise UserError(f"`writers` ({cfg.writers}), `rows_per_fragment` ({cfg.rows_per_fragment}) and `read_rows` "
-                        f"({cfg.read_rows}) must be >= 1. Fix them in the embed TOML.")
+    check_config(cfg)  # everything a user can get wrong, before the lake is touched
     profile = with_mllm_adapter(get_profile(profile_name), mllm_adapter)
     questions = resolve_questions(cfg.questions)  # a bad file fails here, before anything is written
     lake = _abs_lake(lake)

@@ -24,6 +24,16 @@ class ActorPool:
 
 
 @dataclass
+class ModelPool(ActorPool):
+    """An actor pool of an embed model stage: an ``ActorPool`` whose actors may run several batches at once."""
+
+    # batches each actor runs at once, each in its own thread with round(num_cpus / calls) torch threads (min 1):
+    # one process (one set of imports, one copy of the models) keeps several cores busy with 1-thread kernels,
+    # which waste less than one batch on several threads. With fuse_models the [mllm] value applies.
+    calls: int = 1
+
+
+@dataclass
 class EmbedConfig:
     question_seed: int = 0  # picks each pair's paraphrased MLLM question (deterministic per pair_id)
     # JSON list of question templates with "{prompt}" (e.g. the authors' 100 questions); None = our own pool
@@ -45,9 +55,9 @@ class EmbedConfig:
     min_side: int = 16  # images smaller than this (px) are quarantined as impossible
     max_pixels: int = 60_000_000  # larger images are quarantined (decompression bombs)
     limit: Optional[int] = None  # embed at most this many input rows (first rows in shard order)
-    ip: ActorPool = field(default_factory=lambda: ActorPool(batch_size=16))
-    mllm: ActorPool = field(default_factory=lambda: ActorPool(batch_size=8))
-    text: ActorPool = field(default_factory=lambda: ActorPool(num_cpus=0.25))
+    ip: ModelPool = field(default_factory=lambda: ModelPool(batch_size=16))
+    mllm: ModelPool = field(default_factory=lambda: ModelPool(batch_size=8))
+    text: ModelPool = field(default_factory=lambda: ModelPool(num_cpus=0.25))
     storage_options: dict = field(default_factory=dict)  # passed to Lance for object stores (s3://, gs://, az://)
 
     # keys left out of the fingerprint: they change speed, not content

@@ -14,7 +14,7 @@ from img.lake import tables as lake_mod
 from img.models.profiles import get_profile
 from img.training.loader import TrainLoader
 from pipelines.embed import run_embed
-from pipelines.embed_config import ActorPool, EmbedConfig
+from pipelines.embed_config import EmbedConfig, ModelPool
 from schemas import features as features_schema
 from schemas.meta import read_provenance
 
@@ -26,7 +26,7 @@ def lakes(tmp_path_factory):
     write_sample(data, pairs=40, seed=7, corrupt=0.05, ties=0.1)
     out = {}
     fused = {"fuse_models": True, "writers": 2, "commit_seconds": 3600.0,  # 0.5 + 0.5 + 0.25 + 2 x 0.25 CPUs
-             "ip": ActorPool(batch_size=16, num_cpus=0.5), "mllm": ActorPool(batch_size=8, num_cpus=0.5)}
+             "ip": ModelPool(batch_size=16, num_cpus=0.5), "mllm": ModelPool(batch_size=8, num_cpus=0.5)}
     for dt, kw in (("fp16", {}), ("fp8", fused)):
         lake = str(root / dt)
         out[dt] = (lake, run_embed(data, lake, "tiny", EmbedConfig(rows_per_fragment=8, guidance_dtype=dt, **kw),
@@ -95,7 +95,57 @@ def test_bad_guidance_dtype_and_writers_are_user_errors(lakes, tmp_path):
         run_embed(data, str(tmp_path / "x"), "tiny", EmbedConfig(guidance_dtype="int4"), progress=False)
     with pytest.raises(UserError, match="writers"):
         run_embed(data, str(tmp_path / "x"), "tiny", EmbedConfig(writers=0), progress=False)
+    with pytest.raises(UserError, match=r"`\[mllm\] calls` must be >= 1, got 0"):
+        run_embed(data, str(tmp_path / "x"), "tiny", EmbedConfig(mllm=ModelPool(calls=0)), progress=False)
     assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def _features(lake: str) -> dict[str, tuple]:
+    """pair_id -> (tokens, guidance bytes, guidance length) of a lake's features table."""
+    ds = lance.dataset(lake_mod.table_uri(lake, "features"))
+    rows = ds.to_table(columns=["pair_id", "winner_tokens", "loser_tokens", "guidance_len"],
+                       with_row_id=True).to_pylist()
+    blobs = ds.take_blobs("guidance", ids=[r["_rowid"] for r in rows])
+    return {r["pair_id"]: (r["winner_tokens"], r["loser_tokens"], b.readall(), r["guidance_len"])
+            for r, b in zip(rows, blobs)}
+
+
+def test_two_calls_per_actor_write_the_same_tensors(lakes, tmp_path):
+    """One fused actor running 2 batches at once (``calls = 2``, 1 torch thread each) writes exactly the bytes
+    the two 1-thread actors of the default plan wrote, and reports its start-up once."""
+    data, out = lakes
+    cfg = EmbedConfig(rows_per_fragment=8, fuse_models=True,  # the fp16 lake's batches: padding shapes match
+                      ip=ModelPool(batch_size=16, num_cpus=0.5), mllm=ModelPool(batch_size=8, num_cpus=0.5, calls=2))
+    summary = run_embed(data, str(tmp_path / "calls"), "tiny", cfg, progress=False)
+    assert summary.fingerprint == out["fp16"][1].fingerprint  # calls is a run knob, not content
+    assert summary.written == out["fp16"][1].written
+    assert _features(str(tmp_path / "calls")) == _features(out["fp16"][0])
+    stages = [a["stage"] for a in summary.startup["actors"]]
+    assert sorted(stages) == ["Guidance", "IPTokens", "WriteFragments"]  # one actor, each stage reported once
+
+
+def test_fused_stage_called_from_two_threads_at_once_matches_one_at_a_time(lakes):
+    """What ``calls = 2`` does inside one actor: two threads call the same fused stage (one torch thread each);
+    every result equals the sequential one, byte for byte."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+
+    from pipelines.embed import FusedModels
+    from pipelines.embed_io import Decode, read_units
+    from pipelines.source import list_shards, plan_units
+
+    data, _ = lakes
+    units, _, _ = plan_units(list_shards(data), set(), None, unit_rows=8)
+    batches = [Decode(16, 60_000_000, 0)(read_units({k: np.array([u[k]], dtype=object) for k in u})) for u in units]
+    stage = FusedModels("tiny", "cpu", 1, mllm_batch_size=4)
+    cols = ("winner_tokens", "loser_tokens", "guidance", "guidance_len")
+    alone = [stage(dict(b)) for b in batches]
+    with ThreadPoolExecutor(2) as pool:
+        together = list(pool.map(lambda b: stage(dict(b)), batches + batches))
+    for got, want in zip(together, alone + alone):
+        for c in cols:
+            assert [bytes(np.asarray(x).tobytes()) for x in got[c]] == [bytes(np.asarray(x).tobytes()) for x in want[c]]
 
 
 @pytest.mark.slow

@@ -318,12 +318,12 @@ def bench_config(row_size: str, config: str | None, guidance_dtype: str, rows_pe
         gpu = load_config(EmbedConfig, project_file("embed_gpu.toml"))
         # the stand-ins need no model threads: their pools reserve a quarter CPU each, and the writers take
         # what the machine has left (up to the GPU file's count)
-        pools = {"num_cpus": 0.25, "num_gpus": 0.0, "concurrency": 1}
+        pools = {"num_cpus": 0.25, "num_gpus": 0.0, "concurrency": 1, "calls": 1}
         ip, mllm = replace(cfg.ip, **pools), replace(cfg.mllm, **pools)
         free = (os.cpu_count() or 1) - ip.num_cpus - mllm.num_cpus - cfg.decode_cpus
         writers = max(1, min(gpu.writers, int(free / cfg.decode_cpus + 1e-9)))
         cfg = replace(cfg, rows_per_fragment=gpu.rows_per_fragment, read_rows=gpu.read_rows, writers=writers,
-                      ip=ip, mllm=mllm)
+                      fuse_models=gpu.fuse_models, ip=ip, mllm=mllm)  # one stand-in per pool, as on a GPU cluster
     cfg = replace(cfg, guidance_dtype=guidance_dtype)
     return replace(cfg, rows_per_fragment=rows_per_fragment, read_rows=rows_per_fragment) if rows_per_fragment else cfg
 
