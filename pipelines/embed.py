@@ -18,8 +18,8 @@ planning the same pairs or reconciling between this run's commits.
 The stages are callable classes so the tiny profile runs the same code as the
 real one; read, decode and the fragment writers are in ``pipelines/embed_io.py``
 (no torch import). Ray starts embedded unless ``RAY_ADDRESS`` points at a cluster.
-``summary.startup`` splits the start-up: Ray, per actor process its imports and
-model load, and the first batch.
+``summary.startup`` splits the start-up: Ray, per actor process when Ray Data
+created it, its imports and model load, and the first batch.
 """
 from __future__ import annotations
 
@@ -45,6 +45,7 @@ from img.models.profiles import get_profile
 from img.models.tiny import tiny_dir
 from img.paths import check_lake_folder
 from img.questions import questions_id, resolve_questions
+from pipelines import IMPORT_STARTED_AT
 from pipelines.common import JobProgress, check_cluster_fits, init_ray
 from pipelines.embed_config import EmbedConfig, ModelPool
 from pipelines.embed_io import (  # noqa: F401 (Decode, read_unit(s) are re-exported for callers of this module)
@@ -141,6 +142,7 @@ class _ModelStage:
         self.guidance_dtype, self.batch_size = guidance_dtype, batch_size
         self.encoder = self.load()
         self.startup: dict | None = {"stage": self.name, "pid": os.getpid(), "process_start": _process_start(),
+                                     "import_start": IMPORT_STARTED_AT,
                                      "imported": IMPORTED_AT, "init_start": t_init, "ready": time.time()}
 
     def load(self):
@@ -540,8 +542,9 @@ def _startup_report(summary: EmbedSummary, actors: list[dict], wall_start: float
     """Per actor: spawn, imports and model loading, relative to the job's start; the first batch's latency."""
     summary.startup["actors"] = [
         {"stage": a["stage"], "pid": a["pid"], "spawn_at": round(a["process_start"] - wall_start, 2),
-         # process spawn (or the job's start, for a worker Ray started earlier) -> this module imported
-         "imports_s": round(a["imported"] - max(a["process_start"], wall_start), 2),
+         # Ray Data created the actor: its process (spawned then, or idle since Ray's start) began our imports
+         "scheduled_at": round(a["import_start"] - wall_start, 2),
+         "imports_s": round(a["imported"] - max(a["import_start"], wall_start), 2),  # torch etc. in model actors
          "load_s": round(a["ready"] - a["init_start"], 2), "ready_at": round(a["ready"] - wall_start, 2)}
         for a in actors]
     # actors up before the first commit (writers added later by autoscaling do not count)

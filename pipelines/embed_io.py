@@ -22,6 +22,7 @@ import pyarrow.compute as pc
 
 from img.lake import tables as lake_mod
 from img.questions import question_for
+from pipelines import IMPORT_STARTED_AT
 from pipelines.source import READ_ERRORS, SourceShard, describe_error
 from schemas.pickapic import REQUIRED
 from schemas.pickapic import SCHEMA as PUBLISHED
@@ -222,6 +223,7 @@ class WriteFragments:
         t_init = time.time()
         self.lake, self.schemas, self.storage_options = lake, schemas, storage_options or None
         self.startup: dict | None = {"stage": "WriteFragments", "pid": os.getpid(), "process_start": _process_start(),
+                                     "import_start": IMPORT_STARTED_AT,
                                      "imported": IMPORTED_AT, "init_start": t_init, "ready": time.time()}
 
     def __call__(self, batch: "pa.Table | dict[str, np.ndarray]") -> dict[str, np.ndarray]:

@@ -78,6 +78,8 @@ def test_startup_split_and_grouped_commits(lakes):
         stages = {a["stage"] for a in st["actors"]}
         assert {"IPTokens", "Guidance", "WriteFragments"} <= stages
         assert all(a["imports_s"] >= 0 and a["load_s"] >= 0 for a in st["actors"])
+        # the process exists, then Ray Data hands it the stage (our imports start), then it is ready
+        assert all(a["spawn_at"] - 0.02 <= a["scheduled_at"] <= a["ready_at"] for a in st["actors"])
     pids = {a["stage"]: a["pid"] for a in s8.startup["actors"]}
     assert pids["IPTokens"] == pids["Guidance"]  # fuse_models: one process holds both models
     pids16 = {a["stage"]: a["pid"] for a in s16.startup["actors"]}
