@@ -202,7 +202,7 @@ class GuidanceEncoder:
             raise ValueError(f"{len(images)} images but {len(questions)} questions; pass one question per image")
         texts = [self.prompt(q) for q in questions]
         if self.template != "llava_v0":
-            with self._text_lock:
+            with self._text_lock:  # the processor tokenizes and expands image tokens in one call (images too)
                 return self.processor(images=self.images(images), text=texts, padding=True, return_tensors="pt")
         pixels = self.processor.image_processor(images=self.images(images), return_tensors="pt")["pixel_values"]
         cfg = self.model.config

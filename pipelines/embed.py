@@ -156,8 +156,9 @@ class _ModelStage:
         if self.threads:
             import torch
 
-            # torch's thread count is per calling thread: Ray may run this call on a thread other than
-            # __init__'s (always with ``calls`` > 1), which would otherwise use every core
+            # per calling thread: Ray may run this call on a thread other than __init__'s (always with
+            # ``calls`` > 1). There torch.get_num_threads() already says 1, yet a matmul used 1.97 cores
+            # until the thread set it itself (torch 2.13, measured)
             torch.set_num_threads(self.threads)
         good = np.array([e == "" for e in batch["error"]], dtype=bool)
         out = dict(batch)
@@ -267,7 +268,8 @@ class EmbedSummary:
     time_split: dict[str, float] = field(default_factory=dict)
     fingerprint: str = ""
     # start-up split (seconds from the job's start): ray_init, plan, and per actor process
-    # {stage, pid, spawn_at, imports_s, load_s, ready_at}; first_batch_s = first commit - last actor ready
+    # {stage, pid, spawn_at, scheduled_at, imports_s, load_s, ready_at}; first_batch_s = first commit - last actor
+    # ready
     startup: dict[str, Any] = field(default_factory=dict)
 
     def render(self) -> str:
@@ -415,6 +417,9 @@ def check_config(cfg: EmbedConfig) -> None:
     if cfg.writers < 1 or cfg.rows_per_fragment < 1 or cfg.read_rows < 1:
         raise UserError(f"`writers` ({cfg.writers}), `rows_per_fragment` ({cfg.rows_per_fragment}) and `read_rows` "
                         f"({cfg.read_rows}) must be >= 1. Fix them in the embed TOML.")
+    if cfg.fuse_models and cfg.ip.calls != 1:
+        raise UserError(f"`[ip] calls` = {cfg.ip.calls} does nothing with fuse_models = true: the fused actor takes "
+                        "`[mllm] calls`. Set calls in [mllm] and leave [ip] at 1.")
     for name in ("ip", "mllm", "text"):
         pool = getattr(cfg, name)
         for key in ("batch_size", "concurrency", "calls"):

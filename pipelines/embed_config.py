@@ -20,7 +20,9 @@ class ActorPool:
     batch_size: int = 8  # rows per model call; bigger batches use the GPU better
     concurrency: int = 1  # actors in the pool (one per GPU on a cluster)
     num_gpus: float = 0.0  # GPUs per actor (1 on a GPU cluster)
-    num_cpus: float = 0.75  # CPUs reserved per actor (held for the whole job); torch uses round(num_cpus) threads, min 1
+    # CPUs reserved per actor (held for the whole job); torch uses round(num_cpus) threads, min 1 (model pools:
+    # per call, see ModelPool.calls, so calls x threads may exceed the reservation, e.g. 2 x 1 on 1.5 CPUs)
+    num_cpus: float = 0.75
 
 
 @dataclass
@@ -29,7 +31,8 @@ class ModelPool(ActorPool):
 
     # batches each actor runs at once, each in its own thread with round(num_cpus / calls) torch threads (min 1):
     # one process (one set of imports, one copy of the models) keeps several cores busy with 1-thread kernels,
-    # which waste less than one batch on several threads. With fuse_models the [mllm] value applies.
+    # which waste less than one batch on several threads. With fuse_models the [mllm] value applies ([ip] must
+    # keep 1). Meant for CPU actors: on a GPU each call holds its own activations.
     calls: int = 1
 
 

@@ -99,6 +99,9 @@ def test_bad_guidance_dtype_and_writers_are_user_errors(lakes, tmp_path):
         run_embed(data, str(tmp_path / "x"), "tiny", EmbedConfig(writers=0), progress=False)
     with pytest.raises(UserError, match=r"`\[mllm\] calls` must be >= 1, got 0"):
         run_embed(data, str(tmp_path / "x"), "tiny", EmbedConfig(mllm=ModelPool(calls=0)), progress=False)
+    with pytest.raises(UserError, match=r"`\[ip\] calls` = 2 does nothing with fuse_models"):
+        run_embed(data, str(tmp_path / "x"), "tiny", EmbedConfig(fuse_models=True, ip=ModelPool(calls=2)),
+                  progress=False)
     assert not (tmp_path / "x").exists()  # refused before anything was written
 
 
