@@ -39,7 +39,10 @@ def init_ray() -> float:
     for name in ("ray", "ray.data", "ray.data._internal.execution.streaming_executor"):
         logging.getLogger(name).setLevel(logging.ERROR)
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False
+    ctx.enable_progress_bars = False  # the job draws its own (JobProgress)
+    from ray.util.debug import log_once
+
+    log_once("ray_data_progress_manager_disabled")  # spends Ray Data's one "Progress bars disabled" warning
     ctx.print_on_execution_start = False
     ctx.verbose_stats_logs = False
     return time.perf_counter() - t0

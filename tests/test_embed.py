@@ -171,6 +171,7 @@ def test_sigkill_then_resume_is_exactly_once(tmp_path, fmt):
     assert 0 < committed < exp["decisive"] - exp["corrupt"]
     r = subprocess.run(_embed_cmd(data, lake), env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
+    assert "Progress bars disabled" not in r.stderr  # the job turns Ray Data's bars off on purpose
     pairs = lance.dataset(lake_mod.table_uri(lake, "pairs")).to_table(columns=["pair_id"]).column(0).to_pylist()
     feats = lance.dataset(lake_mod.table_uri(lake, "features")).to_table(columns=["pair_id"]).column(0).to_pylist()
     quar = lance.dataset(lake_mod.table_uri(lake, "quarantine")).to_table(columns=["pair_id"]).column(0).to_pylist()
