@@ -379,13 +379,12 @@ def build_dataset(units: list[dict], lake: str, profile_name: str, cfg: EmbedCon
                         fn_kwargs={"min_side": cfg.min_side, "max_pixels": cfg.max_pixels,
                                    "question_seed": cfg.question_seed, "questions": questions})
     for stage, pool, kwargs in model_plan(cfg, classes):
-        threads = max(1, int(round(pool.num_cpus / pool.calls)))  # torch threads per call
         # calls > 1: that many batches at once per actor, each on its own thread (Ray Data runs one by default)
         calls = {"enable_true_multi_threading": True, "max_concurrent_calls_per_actor": pool.calls} \
             if pool.calls > 1 else {}
         if mllm_adapter:  # every model stage loads the profile with the adapter (and checks its id)
             kwargs = {**kwargs, "mllm_adapter": mllm_adapter, "mllm_adapter_id": mllm_adapter_id}
-        ds = ds.map_batches(stage, fn_constructor_args=(profile_name, "auto", threads), fn_constructor_kwargs=kwargs,
+        ds = ds.map_batches(stage, fn_constructor_args=(profile_name, "auto", pool.threads), fn_constructor_kwargs=kwargs,
                             batch_size=pool.batch_size, compute=ray.data.ActorPoolStrategy(size=pool.concurrency, **calls),
                             num_gpus=pool.num_gpus or None, num_cpus=pool.num_cpus)
     ds = ds.map_batches(WriteFragments, fn_constructor_args=(lake, schemas, cfg.storage_options),

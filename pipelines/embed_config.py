@@ -20,20 +20,30 @@ class ActorPool:
     batch_size: int = 8  # rows per model call; bigger batches use the GPU better
     concurrency: int = 1  # actors in the pool (one per GPU on a cluster)
     num_gpus: float = 0.0  # GPUs per actor (1 on a GPU cluster)
-    # CPUs reserved per actor (held for the whole job); torch uses round(num_cpus) threads, min 1 (model pools:
-    # per call, see ModelPool.calls, so calls x threads may exceed the reservation, e.g. 2 x 1 on 1.5 CPUs)
+    # CPUs reserved per actor (held for the whole job); torch uses ``threads`` of them (model pools: per call, see
+    # ModelPool.calls, so calls x threads may exceed the reservation, e.g. 2 x 1 on 1.5 CPUs)
     num_cpus: float = 0.75
+
+    @property
+    def threads(self) -> int:
+        """Torch threads per actor: round(num_cpus), at least 1."""
+        return max(1, int(round(self.num_cpus)))
 
 
 @dataclass
 class ModelPool(ActorPool):
     """An actor pool of an embed model stage: an ``ActorPool`` whose actors may run several batches at once."""
 
-    # batches each actor runs at once, each in its own thread with round(num_cpus / calls) torch threads (min 1):
+    # batches each actor runs at once, each in its own thread with ``threads`` torch threads:
     # one process (one set of imports, one copy of the models) keeps several cores busy with 1-thread kernels,
     # which waste less than one batch on several threads. With fuse_models the [mllm] value applies ([ip] must
     # keep 1). Meant for CPU actors: on a GPU each call holds its own activations.
     calls: int = 1
+
+    @property
+    def threads(self) -> int:
+        """Torch threads per call: round(num_cpus / calls), at least 1."""
+        return max(1, int(round(self.num_cpus / self.calls)))
 
 
 @dataclass

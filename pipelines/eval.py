@@ -465,13 +465,13 @@ def build_dataset(units: list[dict], plan: EvalPlan, cfg: EvalConfig):
     ds = ds.map_batches(Generate, batch_size=g.batch_size, num_cpus=g.num_cpus, num_gpus=g.num_gpus or None,
                         compute=ray.data.ActorPoolStrategy(size=g.concurrency),
                         fn_constructor_args=(plan.profile, systems_json, json.dumps(plan.settings), plan.resampler,
-                                             cfg.device, g.num_gpus, int(round(g.num_cpus)), plan.mllm_adapter))
+                                             cfg.device, g.num_gpus, g.threads, plan.mllm_adapter))
     sc = cfg.scorer
     for k, spec in enumerate(plan.scorers):
         ds = ds.map_batches(Score, batch_size=sc.batch_size, num_cpus=sc.num_cpus, num_gpus=sc.num_gpus or None,
                             compute=ray.data.ActorPoolStrategy(size=sc.concurrency),
                             fn_constructor_args=(spec.to_json(), k, 1 + len(plan.systems), cfg.device, sc.num_gpus,
-                                                 int(round(sc.num_cpus))))
+                                                 sc.threads))
     ds = ds.map_batches(WriteFragments, batch_size=cfg.units_per_fragment, num_cpus=cfg.writer_cpus,
                         compute=ray.data.ActorPoolStrategy(size=1),
                         fn_constructor_args=(plan.lake, plan.run, systems_json,
