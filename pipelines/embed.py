@@ -45,18 +45,17 @@ from img.models.profiles import get_profile
 from img.models.tiny import tiny_dir
 from img.paths import check_lake_folder
 from img.questions import questions_id, resolve_questions
-from pipelines import IMPORT_STARTED_AT
 from pipelines.common import JobProgress, check_cluster_fits, init_ray
 from pipelines.embed_config import EmbedConfig, ModelPool
 from pipelines.embed_io import (  # noqa: F401 (Decode, read_unit(s) are re-exported for callers of this module)
     TIMERS,
     Decode,
     WriteFragments,
-    _process_start,
     _ragged,
     read_and_decode,
     read_unit,
     read_units,
+    startup_record,
 )
 from pipelines.source import list_shards, plan_units
 from schemas import features as features_schema
@@ -141,9 +140,7 @@ class _ModelStage:
         self.device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
         self.guidance_dtype, self.batch_size = guidance_dtype, batch_size
         self.encoder = self.load()
-        self.startup: dict | None = {"stage": self.name, "pid": os.getpid(), "process_start": _process_start(),
-                                     "import_start": IMPORT_STARTED_AT,
-                                     "imported": IMPORTED_AT, "init_start": t_init, "ready": time.time()}
+        self.startup: dict | None = startup_record(self.name, IMPORTED_AT, t_init)
 
     def load(self):
         raise NotImplementedError

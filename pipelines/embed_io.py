@@ -200,6 +200,13 @@ def _process_start() -> float:
     return psutil.Process().create_time()
 
 
+def startup_record(stage: str, imported: float, init_start: float) -> dict[str, Any]:
+    """One actor's start-up times, taken at the end of its ``__init__``: process start, when its imports began
+    (``pipelines.IMPORT_STARTED_AT``) and ended (``imported``), ``__init__``'s start, and now (ready)."""
+    return {"stage": stage, "pid": os.getpid(), "process_start": _process_start(), "import_start": IMPORT_STARTED_AT,
+            "imported": imported, "init_start": init_start, "ready": time.time()}
+
+
 def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
     out = np.empty(len(arrays), dtype=object)
     for i, a in enumerate(arrays):
@@ -222,9 +229,7 @@ class WriteFragments:
     def __init__(self, lake: str, schemas: dict[str, pa.Schema], storage_options: dict[str, str]):
         t_init = time.time()
         self.lake, self.schemas, self.storage_options = lake, schemas, storage_options or None
-        self.startup: dict | None = {"stage": "WriteFragments", "pid": os.getpid(), "process_start": _process_start(),
-                                     "import_start": IMPORT_STARTED_AT,
-                                     "imported": IMPORTED_AT, "init_start": t_init, "ready": time.time()}
+        self.startup: dict | None = startup_record("WriteFragments", IMPORTED_AT, t_init)
 
     def __call__(self, batch: "pa.Table | dict[str, np.ndarray]") -> dict[str, np.ndarray]:
         t0, c0 = time.perf_counter(), time.process_time()
