@@ -57,7 +57,7 @@ from pipelines.embed_io import (  # noqa: F401 (Decode, read_unit(s) are re-expo
     read_units,
     startup_record,
 )
-from pipelines.source import list_shards, plan_units
+from pipelines.source import check_limit, list_shards, plan_units
 from schemas import features as features_schema
 from schemas import pairs as pairs_schema
 from schemas import quarantine as quarantine_schema
@@ -404,8 +404,7 @@ def _disk_bytes(path: str) -> int:
 
 def check_config(cfg: EmbedConfig) -> None:
     """``UserError`` for a setting no run can use (named as in the embed TOML); nothing is touched before this."""
-    if cfg.limit is not None and cfg.limit < 1:
-        raise UserError(f"`limit` must be >= 1, got {cfg.limit}. Omit it to embed everything.")
+    check_limit(cfg.limit)
     if cfg.guidance_dtype not in features_schema.GUIDANCE_DTYPES:
         raise UserError(f"`guidance_dtype` = {cfg.guidance_dtype!r} is not one of "
                         f"{list(features_schema.GUIDANCE_DTYPES)}. Set guidance_dtype = \"fp16\" or \"fp8\" in the "

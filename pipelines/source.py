@@ -178,6 +178,12 @@ class _Plan:
         self.counts["todo"] += len(rows)
 
 
+def check_limit(limit: int | None) -> None:
+    """``UserError`` unless ``limit`` (rows to embed at most) is None or >= 1."""
+    if limit is not None and limit < 1:
+        raise UserError(f"`limit` must be >= 1, got {limit}. Omit it to embed everything.")
+
+
 def plan_units(shards: list[SourceShard], done: set[str], limit: int | None,
                unit_rows: int = 32) -> tuple[list[dict[str, Any]], dict[str, int], list[dict[str, Any]]]:
     """Work units, counts (rows, ties, done, todo, damaged) and quarantine rows for unreadable input.
@@ -188,8 +194,7 @@ def plan_units(shards: list[SourceShard], done: set[str], limit: int | None,
     """
     import pyarrow.parquet as pq
 
-    if limit is not None and limit < 1:
-        raise UserError(f"`limit` must be >= 1, got {limit}. Omit it to embed everything.")
+    check_limit(limit)
     plan = _Plan(done, unit_rows)
     remaining = limit if limit is not None else float("inf")
     for shard in shards:
