@@ -182,7 +182,6 @@ def checkpoint_tag(step: int) -> str:
     return f"step_{step:08d}"
 
 
-
 def save_rng(path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -199,7 +198,6 @@ def load_rng(path: Path) -> None:
     torch.set_rng_state(state["torch_cpu"])
     if "torch_cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["torch_cuda"])
-
 
 
 def open_run(run_dir: Path, resume: bool, expect: dict[str, Any], fix: str) -> dict[str, Any] | None:
