@@ -1,5 +1,6 @@
 """What the Ray Data jobs (embed, eval) share: starting Ray, checking the cluster fits, progress.
 
+    check_ray_address()                                 # before a job touches its lake: RAY_ADDRESS answers
     init_ray()                                          # local Ray, or the cluster of RAY_ADDRESS
     check_cluster_fits("embed", [cfg.ip, cfg.mllm], 2.0, "decode/writer 2 x 1", "[ip]/[mllm]")
     with JobProgress(todo, label="embed", unit="pairs") as bar:
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import time
 import warnings
 from typing import Any, Sequence
@@ -17,6 +19,27 @@ from img.errors import UserError
 from img.progress import progress_bars
 
 log = logging.getLogger(__name__)
+
+
+def check_ray_address() -> None:
+    """``UserError`` when ``RAY_ADDRESS`` is not ``host:port`` (or ``ray://host:port``) or nothing answers there.
+
+    Ray itself would retry a dead address for minutes. Unset, ``auto`` and ``local`` pass: Ray finds or starts
+    a cluster on this machine.
+    """
+    address = os.environ.get("RAY_ADDRESS", "").strip()
+    if address in ("", "auto", "local"):
+        return
+    host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not (sep and host and port.isdigit()):
+        raise UserError(f"RAY_ADDRESS={address!r} is not host:port (such as 10.0.0.1:6379, or ray://10.0.0.1:10001 "
+                        "for Ray Client). Fix it, or unset RAY_ADDRESS to start Ray on this machine.")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=5).close()
+    except OSError as e:
+        raise UserError(f"RAY_ADDRESS={address!r}: nothing answers at {host}:{port} ({e.strerror or e}). Start the "
+                        "cluster (`ray start --head`), fix RAY_ADDRESS, or unset it to start Ray on this "
+                        "machine.") from None
 
 
 def init_ray() -> float:
@@ -32,8 +55,13 @@ def init_ray() -> float:
     # Ray starts its processes with fork+exec; no Lance handle is used in a forked child, so the warning is moot.
     warnings.filterwarnings("ignore", message="lance is not fork-safe")
     if os.environ.get("RAY_ADDRESS"):
+        check_ray_address()
         log.info("connecting to Ray cluster at %s", os.environ["RAY_ADDRESS"])
-        ray.init(log_to_driver=False)
+        try:
+            ray.init(log_to_driver=False)
+        except ConnectionError as e:  # e.g. a token-auth cluster this process has no token for
+            raise UserError(f"Ray could not join the cluster at RAY_ADDRESS={os.environ['RAY_ADDRESS']!r}: {e}. "
+                            "Check it with `ray status`, or unset RAY_ADDRESS to start Ray on this machine.") from None
     else:
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     for name in ("ray", "ray.data", "ray.data._internal.execution.streaming_executor"):

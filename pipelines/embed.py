@@ -45,7 +45,7 @@ from img.models.profiles import get_profile
 from img.models.tiny import tiny_dir
 from img.paths import check_lake_folder
 from img.questions import questions_id, resolve_questions
-from pipelines.common import JobProgress, check_cluster_fits, init_ray
+from pipelines.common import JobProgress, check_cluster_fits, check_ray_address, init_ray
 from pipelines.embed_config import EmbedConfig, ModelPool
 from pipelines.embed_io import (  # noqa: F401 (Decode, read_unit(s) are re-exported for callers of this module)
     TIMERS,
@@ -435,6 +435,7 @@ def run_embed(source: str, lake: str, profile_name: str, cfg: EmbedConfig, new_t
     """
     t_start, wall_start = time.perf_counter(), time.time()
     check_config(cfg)  # everything a user can get wrong, before the lake is touched
+    check_ray_address()
     profile = with_mllm_adapter(get_profile(profile_name), mllm_adapter)
     questions = resolve_questions(cfg.questions)  # a bad file fails here, before anything is written
     lake = _abs_lake(lake)

@@ -59,7 +59,7 @@ from img.lake.lock import writer_lock
 from img.models.loading import locate, quiet_loading
 from img.models.profiles import get_profile
 from img.models.tiny import tiny_dir
-from pipelines.common import JobProgress, check_cluster_fits, init_ray
+from pipelines.common import JobProgress, check_cluster_fits, check_ray_address, init_ray
 from pipelines.eval_config import EvalConfig
 from schemas import eval_images as eval_images_schema
 from schemas import eval_runs as eval_runs_schema
@@ -485,6 +485,7 @@ def run_eval(plan: EvalPlan, cfg: EvalConfig, progress: bool = True) -> EvalSumm
     so = cfg.storage_options or None
     if cfg.units_per_fragment < 1:
         raise UserError(f"units_per_fragment must be >= 1, got {cfg.units_per_fragment}. Fix the eval TOML.")
+    check_ray_address()  # before the lake is touched
     units = plan.units
     summary = EvalSummary(run=plan.run, set=plan.prompt_set.name, prompts=len(plan.sample.prompt_ids),
                           seeds=len(plan.seeds), systems=[s.name for s in plan.systems],

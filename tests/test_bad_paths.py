@@ -41,8 +41,8 @@ print("RESULT" + json.dumps(out))
 """
 
 
-def run_img(cases: list[list[str]], cwd: Path | None = None) -> list[dict]:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+def run_img(cases: list[list[str]], cwd: Path | None = None, env: dict[str, str] | None = None) -> list[dict]:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", **(env or {})}
     r = subprocess.run([sys.executable, "-c", _RUNNER, json.dumps(cases)], capture_output=True, text=True,
                        env=env, cwd=cwd, timeout=600)
     assert r.returncode == 0 and "RESULT" in r.stdout, r.stderr[-3000:]
@@ -170,6 +170,41 @@ def test_embed_bad_values_write_nothing(tmp_path, sample_dir, unwritable):
     assert_one_line(res[5], "--lake", str(unwritable), "not writable")
     assert tree(tmp_path) == before and not (tmp_path / "lake").exists()
     assert sorted(p.name for p in unwritable.iterdir()) == ["keep.txt"]
+
+
+def test_a_dead_or_malformed_ray_address_is_refused_before_the_lake(tmp_path, sample_dir):
+    """Ray retries a dead RAY_ADDRESS for minutes; the jobs and the bench say so at once and write nothing."""
+    from img.net import free_port
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n")
+    before = tree(tmp_path)
+    jobs = [["jobs", "embed", "--source", sample_dir, "--profile", "tiny", "--lake", str(tmp_path / "lake")],
+            ["jobs", "eval", "--profile", "tiny", "--scorer", "tiny", "--prompts", str(prompts), "--n", "1",
+             "--lake", str(tmp_path / "lake")],
+            ["bench", "embed", "--pairs", "8", "--json"]]
+    dead = f"127.0.0.1:{free_port()}"  # nothing listens there
+    for res in run_img(jobs, env={"RAY_ADDRESS": dead}):
+        assert_one_line(res, f"RAY_ADDRESS='{dead}'", "nothing answers", "unset it")
+    for res in run_img(jobs[:1], env={"RAY_ADDRESS": "head-node"}):
+        assert_one_line(res, "RAY_ADDRESS='head-node'", "is not host:port")
+    assert tree(tmp_path) == before and not (tmp_path / "lake").exists()
+
+
+def test_ray_address_forms_that_ray_resolves_itself_pass(monkeypatch):
+    from pipelines.common import check_ray_address
+
+    for value in ("", "auto", "local"):
+        monkeypatch.setenv("RAY_ADDRESS", value)
+        check_ray_address()
+    import socket
+
+    with socket.socket() as s:  # something listening: the address passes, with or without ray://
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        for value in (f"127.0.0.1:{s.getsockname()[1]}", f"ray://127.0.0.1:{s.getsockname()[1]}"):
+            monkeypatch.setenv("RAY_ADDRESS", value)
+            check_ray_address()
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ from img.data.sample import FORMATS, write_sample
 from img.errors import UserError
 from img.lake import tables as lake_mod
 from img.models.profiles import get_profile
-from pipelines.common import init_ray
+from pipelines.common import check_ray_address, init_ray
 from pipelines.embed import (
     Decode,
     FusedModels,
@@ -345,6 +345,7 @@ def run_bench(pairs: int = 1024, profile_name: str = "bench", seed: int = 0, wor
     if rows_per_fragment is not None and rows_per_fragment < 1:
         raise UserError(f"--rows-per-fragment must be >= 1, got {rows_per_fragment}.")
     cfg = bench_config(row_size, config, guidance_dtype, rows_per_fragment)
+    check_ray_address()  # before minutes of bare loops
     root = tempfile.mkdtemp(prefix="img-bench-embed-", dir=workdir)
     try:
         return _run(root, pairs, profile_name, seed, fmt, real, cfg)
