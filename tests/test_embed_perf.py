@@ -3,6 +3,7 @@ the start-up split, and `img bench embed --row-size real`."""
 from __future__ import annotations
 
 import json
+import os
 
 import lance
 import pytest
@@ -171,6 +172,7 @@ def test_bench_embed_real_row_size(tmp_path, dtype):
     assert out["fragments"]["count"] >= 1 and out["memory"]["worker_peak_rss_gb"] > 0
     assert out["object_store"]["spilled_gb"] >= 0
     assert out["startup"]["ray_init_s"] >= 0  # 0 when Ray is already up in this process
+    assert out["ray"] == ("RAY_ADDRESS" if os.environ.get("RAY_ADDRESS") else "started")
     if dtype == "fp16":
         assert 0.99 < out["bytes_ratio"] < 1.02 and out["raw_tensor_bytes_per_pair"] == 6_787_072
     else:

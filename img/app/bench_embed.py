@@ -15,6 +15,8 @@ shared machine drifts. ``ratio`` = job / bare over the whole run (Ray's start
 included), ``ratio_steady`` = after the job's first commit, ``bytes_ratio`` =
 bytes on disk per pair / raw fp16 tensor bytes per pair. ``startup`` splits the
 job's start-up: Ray, imports and model loading per actor process, first batch.
+With ``RAY_ADDRESS`` set the job joins that (already running) cluster instead of
+starting Ray; ``ray`` in the JSON says which ("started" or "RAY_ADDRESS").
 
 ``--row-size real`` measures the pipeline at the real system's row size: a
 cheap stand-in stage produces the real profile's tensors (IP tokens 2 x 16 x
@@ -377,6 +379,7 @@ def _run(root: str, pairs: int, profile_name: str, seed: int, fmt: str, real: bo
     bare_rate = (bare["pairs"] / bare["seconds"] + after["pairs"] / after["seconds"]) / 2
     steady = (summary.written - summary.first_commit_pairs) / max(summary.seconds - summary.first_commit_seconds, 1e-9)
     startup = {**summary.startup, "ray_init_s": round(ray_s, 2)}
+    ray_mode = "RAY_ADDRESS" if os.environ.get("RAY_ADDRESS", "").strip() not in ("", "local") else "started"
     out = {
         "profile": profile_name,
         "row_size": "real" if real else "bench",
@@ -391,6 +394,7 @@ def _run(root: str, pairs: int, profile_name: str, seed: int, fmt: str, real: bo
         "ratio_steady": round(steady / bare_rate, 3),
         "job_startup_s": round(summary.first_commit_seconds + ray_s, 2),
         "startup": startup,
+        "ray": ray_mode,
         "job_seconds": round(job_s, 2),
         "bare_seconds": round(bare["pairs"] / bare_rate, 2),
         "bare_threads": best,
