@@ -26,6 +26,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from img.data.shard_files import list_shard_files
 from img.errors import UserError
 from schemas.pickapic import KIND_TYPES, READ_KINDS, REQUIRED, type_fits
 
@@ -83,47 +84,25 @@ def list_shards(source: str, storage_options: dict | None = None) -> list[Source
     warning logged); a readable one with a missing or mistyped column is a
     ``UserError``.
     """
-    import os
-
-    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
-    uri = source if "://" in source else "file://" + os.path.abspath(source)
-    try:
-        fs, root = pafs.FileSystem.from_uri(uri)
-        info = fs.get_file_info(root)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise UserError(f"`source` {source!r} cannot be opened ({e}). Pass a folder or URI of parquet shards.") from None
-    if info.type == pafs.FileType.NotFound:
-        raise UserError(f"`source` {source!r} does not exist. Pass a folder of Pick-a-Pic parquet shards "
-                        "(e.g. one written by `img data sample --out DIR`).")
-    if info.type == pafs.FileType.File:
-        files = [info]
-    else:
-        files = [f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True))
-                 if f.type == pafs.FileType.File and f.path.endswith(".parquet")]
-    if not files:
-        raise UserError(f"`source` {source!r} holds no *.parquet files. Pass the folder of Pick-a-Pic v2 shards.")
-    prefix = uri.split("://", 1)[0]
+    files = list_shard_files(source, "`source`", (".parquet",), "a folder of Pick-a-Pic v2 parquet shards (e.g. one "
+                             "written by `img data sample --out DIR`)")
     shards = []
-    for f in sorted(files, key=lambda f: f.path):
-        full = f.path if prefix == "file" else f"{prefix}://{f.path}"
-        shard = SourceShard(uri=full, name=f.base_name, storage_options=json.dumps(storage_options or {}))
+    for f in files:
+        shard = SourceShard(uri=f.uri, name=f.name, storage_options=json.dumps(storage_options or {}))
         try:
             schema = pq.ParquetFile(shard.open()).schema_arrow
         except READ_ERRORS as e:
             if isinstance(e, NotImplementedError):  # a limit of ours, not damage: fail loudly
                 raise
             why = describe_error(e)
-            log.warning("source shard %s cannot be read (%s); it is quarantined whole as %s", full, why,
+            log.warning("source shard %s cannot be read (%s); it is quarantined whole as %s", f.uri, why,
                         shard.whole_id)
             shards.append(SourceShard(shard.uri, shard.name, shard.storage_options, error=why))
             continue
-        check_columns(schema, full)
+        check_columns(schema, f.uri)
         shards.append(shard)
-    if len({s.name for s in shards}) != len(shards):
-        raise UserError(f"`source` {source!r} holds two shards with the same file name; pair ids would collide. "
-                        "Give every shard a unique name.")
     return shards
 
 

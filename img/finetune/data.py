@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Iterator
 
 import numpy as np
-import pyarrow as pa
 
+from img.data.shard_files import list_shard_files
 from img.errors import UserError
 from pipelines.embed import Decode
 from pipelines.source import SourceShard
@@ -98,32 +98,12 @@ class EditPlan:
 # ----------------------------------------------------------------------------- listing
 def list_edit_shards(data: str | os.PathLike) -> list[EditShard]:
     """All ``*.parquet`` / ``*.jsonl`` files under ``data`` (a folder, a file, or a URI), sorted by path."""
-    import pyarrow.fs as pafs
-
-    data = str(data)
-    uri = data if "://" in data else "file://" + os.path.abspath(os.path.expanduser(data))
-    try:
-        fs, root = pafs.FileSystem.from_uri(uri)
-        info = fs.get_file_info(root)
-    except (pa.ArrowInvalid, OSError) as e:
-        raise UserError(f"`data` {data!r} cannot be opened ({e}). Pass a folder of InstructPix2Pix shards.") from None
-    if info.type == pafs.FileType.NotFound:
-        raise UserError(f"`data` {data!r} does not exist. Pass a folder of InstructPix2Pix parquet or JSONL shards "
-                        "(e.g. one written by `img data sample --kind edits --out DIR`).")
-    files = [info] if info.type == pafs.FileType.File else [
-        f for f in fs.get_file_info(pafs.FileSelector(root, recursive=True)) if f.type == pafs.FileType.File]
-    files = [f for f in files if os.path.splitext(f.path)[1] in FORMATS]
-    if not files:
-        raise UserError(f"`data` {data!r} holds no *.parquet or *.jsonl files. Pass a folder of InstructPix2Pix "
-                        "shards (original_prompt, original_image, edit_prompt, edited_prompt, edited_image).")
-    prefix = uri.split("://", 1)[0]
-    shards = [EditShard(uri=f.path if prefix == "file" else f"{prefix}://{f.path}", name=f.base_name,
-                        format=FORMATS[os.path.splitext(f.path)[1]], size=int(f.size or 0),
-                        mtime_ns=int(f.mtime_ns or 0)) for f in sorted(files, key=lambda f: f.path)]
-    if len({s.name for s in shards}) != len(shards):
-        raise UserError(f"`data` {data!r} holds two shards with the same file name; record ids would collide. "
-                        "Give every shard a unique name.")
-    return shards
+    files = list_shard_files(data, "`data`", tuple(FORMATS),
+                             "a folder of InstructPix2Pix parquet or JSONL shards (original_prompt, original_image, "
+                             "edit_prompt, edited_prompt, edited_image), e.g. one written by "
+                             "`img data sample --kind edits --out DIR`")
+    return [EditShard(uri=f.uri, name=f.name, format=FORMATS[os.path.splitext(f.name)[1]], size=f.size,
+                      mtime_ns=f.mtime_ns) for f in files]
 
 
 # ----------------------------------------------------------------------------- reading
