@@ -229,3 +229,26 @@ def test_a_plan_larger_than_the_cluster_is_refused(monkeypatch, repo_root):
     monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 512.0, "GPU": 8.0})
     with pytest.raises(UserError, match="reserves 64 GPUs but the Ray cluster has 8"):
         check_reservations(gpu_plan)
+
+
+def test_shard_listing_sorts_filters_and_refuses_clashing_names(tmp_path, monkeypatch):
+    """The one listing the embed job and fine-tuning share: recursive, sorted by path, only the given suffixes,
+    ``~`` expanded, and two shards with one file name refused (their record ids would collide)."""
+    from img.data.shard_files import list_shard_files
+
+    for rel in ("b/train-1.parquet", "a/train-0.parquet", "a/notes.txt", "c/part.jsonl"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x" * 3)
+    files = list_shard_files(tmp_path, "`source`", (".parquet",), "a folder of shards")
+    assert [(os.path.relpath(f.uri, tmp_path), f.name, f.size) for f in files] == [
+        ("a/train-0.parquet", "train-0.parquet", 3), ("b/train-1.parquet", "train-1.parquet", 3)]
+    assert [f.name for f in list_shard_files(tmp_path, "`data`", (".parquet", ".jsonl"), "x")] == [
+        "train-0.parquet", "train-1.parquet", "part.jsonl"]
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert [f.name for f in list_shard_files("~/a/train-0.parquet", "`source`", (".parquet",), "x")] == [
+        "train-0.parquet"]
+    (tmp_path / "b" / "train-0.parquet").write_bytes(b"y")
+    with pytest.raises(UserError, match="'.*' holds two shards with the same file name"):
+        list_shard_files(tmp_path, "`source`", (".parquet",), "x")
+    with pytest.raises(UserError, match=r"`source` '.*empty' does not exist\. Pass a folder of shards\."):
+        list_shard_files(tmp_path / "empty", "`source`", (".parquet",), "a folder of shards")
