@@ -484,13 +484,21 @@ def _torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
 
 
+def _ranks_stderr(err: str) -> str:
+    """Each rank's last lines, then the launcher's: a failing rank's own traceback, not only its peers' report."""
+    lines = err.splitlines()
+    parts = [f"--- rank {r}:\n" + "\n".join([ln for ln in lines if ln.startswith(f"[rank{r}]")][-30:])
+             for r in range(2)]
+    return "\n".join(parts + ["--- launcher:\n" + "\n".join(ln for ln in lines[-15:] if not ln.startswith("[rank"))])
+
+
 @pytest.mark.slow
 def test_two_ranks_match_one_rank_with_the_global_batch(tmp_path, train_lake):
     """2 ranks x batch 8 see the same pairs per step as 1 rank x batch 16; DeepSpeed averages the gradients."""
     two, one = tmp_path / "two", tmp_path / "one"
     proc = _torchrun(["--lake", train_lake, "--profile", "tiny", "--steps", "12", "--run-dir", str(two),
                       "--config", str(_toml(tmp_path, batch=8))])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.returncode == 0, _ranks_stderr(proc.stderr)
     assert proc.stdout.count("trained") == 1  # only rank 0 prints the summary
     _train(["--lake", train_lake, "--profile", "tiny", "--steps", "12", "--run-dir", str(one),
             "--config", str(_toml(tmp_path, batch=16))])
